@@ -1,0 +1,31 @@
+# make demo: the toy pipeline end to end on CPU; make test: the whole test suite, notebooks included.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test notebooks clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m ipykernel install --sys-prefix --name python3 > /dev/null
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m minicwac demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+
+# re-run the notebooks in place (commits their outputs): the same code the tests execute
+notebooks: $(VENV)/.installed-test
+	$(PY) tests/run_notebooks.py notebooks/*.ipynb
+
+clean:
+	rm -rf $(VENV) runs
