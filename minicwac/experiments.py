@@ -114,7 +114,7 @@ def plot_pipeline(rows: list[dict], path: str | Path) -> None:
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
     ax.set_title(f"toy pipeline, task {rows[0]['task']}, seed {rows[0]['seed']}")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

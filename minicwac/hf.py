@@ -92,6 +92,7 @@ def save_pretrained(model: GPT, tokenizer: ChatTokenizer | None, path: str | Pat
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as e:
         raise OSError(f"cannot write a checkpoint at {path}: {e.strerror or e}") from None
+    old = path.with_name(f".{path.name}.old")
     try:
         sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
@@ -105,7 +106,6 @@ def save_pretrained(model: GPT, tokenizer: ChatTokenizer | None, path: str | Pat
              "pad_token_id": model.config.pad_token_id}, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
-        old = path.with_name(f".{path.name}.old")
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             path.rename(old)
@@ -113,6 +113,8 @@ def save_pretrained(model: GPT, tokenizer: ChatTokenizer | None, path: str | Pat
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():  # interrupted between the two renames: put the old one back
+            old.rename(path)
         raise
     return path
 

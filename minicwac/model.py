@@ -214,6 +214,9 @@ class GPT(nn.Module):
         the activation constraint of CWAC needs nothing above its SAE layer.
         """
         B, T = input_ids.shape
+        L = self.config.num_hidden_layers
+        if stop_at_layer is not None and not 0 <= stop_at_layer <= L:
+            raise ValueError(f"stop_at_layer={stop_at_layer}, expected 0..{L}")
         P = len(cache) if cache is not None else 0  # tokens already in the cache
         dev = input_ids.device
         if position_ids is None:
@@ -237,6 +240,8 @@ class GPT(nn.Module):
             if stop_at_layer is not None and i == stop_at_layer:
                 return x
             x = layer(x, cos, sin, mask, cache, i)
+        if stop_at_layer == L:
+            return x
         return self.lm_head(self.model.norm(x))
 
     @torch.no_grad()
@@ -248,6 +253,8 @@ class GPT(nn.Module):
         temperature 0 is greedy; otherwise sample (optionally from the top_k) with the explicit `generator`,
         so a sample is reproducible. Rows that emitted `eos_token_id` are padded with it afterwards.
         """
+        if max_new_tokens <= 0:
+            return input_ids.new_empty((input_ids.shape[0], 0))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         am, cache = attention_mask, KVCache(self.config.num_hidden_layers)

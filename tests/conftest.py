@@ -1,0 +1,52 @@
+"""Shared fixtures: one toy world, a small BPE chat tokenizer and tiny model configs (built once per session)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minicwac.model import GPT, Config
+from minicwac.tokenizer import ChatTokenizer, train_bpe
+from minicwac.world import build_world
+
+# Tiny models gain nothing from threads, and on a shared 2-core machine oversubscribed threads make them ~100x
+# slower; one thread keeps the suite fast and deterministic.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def world():
+    """The toy world for seed 0 (cheap: a fraction of a second)."""
+    return build_world(0)
+
+
+@pytest.fixture(scope="session")
+def small_texts(world):
+    """A small sample of the world's text, shaped like what the pipeline trains its tokenizer on."""
+    texts = [" " + d for d in world.pretrain_docs[:300]]
+    texts += [f" {e.prompt} {e.answer}" for e in world.align[:600] + world.pretrain_chats[:300]]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tok(small_texts):
+    """A 512-token byte-level BPE chat tokenizer with the toy chat template."""
+    return ChatTokenizer(train_bpe(small_texts, vocab_size=512))
+
+
+def tiny_config(**kw) -> Config:
+    """A tiny Llama-style config: hidden 32, 2 layers, 4 query heads sharing 2 key/value heads."""
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+    base.update(kw)
+    return Config(**base)
+
+
+@pytest.fixture
+def make_model():
+    """Factory: a seeded tiny GPT in eval mode; keyword arguments override the config (dtype= sets the dtype)."""
+
+    def make(seed: int = 0, dtype: torch.dtype | None = None, **kw) -> GPT:
+        torch.manual_seed(seed)
+        return GPT(tiny_config(**kw), dtype=dtype).eval()
+
+    return make

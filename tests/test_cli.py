@@ -1,0 +1,117 @@
+"""`python -m minicwac`: every user error exits non-zero with exactly one `minicwac: error:` line on stderr.
+
+The required cases run the real command in a subprocess; further cases call `main()` in-process (same code,
+without paying a torch import per case)."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minicwac.__main__ import main
+from minicwac.hf import save_pretrained
+from minicwac.model import GPT
+
+from conftest import tiny_config
+
+
+def run_cli(args, cwd, timeout=120):
+    """Run the CLI in a subprocess (one thread, model cache inside the test's folder)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINICWAC_CACHE": str(cwd / "cache"), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "minicwac", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_error_line(proc, match: str) -> str:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("minicwac: error:"), lines[0]
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def main_error(argv) -> str:
+    """The message `main(argv)` exits with (it must exit with a one-line `minicwac: error:` message)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("minicwac: error:") and "\n" not in msg, msg
+    return msg
+
+
+@pytest.fixture
+def ckpt(tok, tmp_path):
+    torch.manual_seed(0)
+    return save_pretrained(GPT(tiny_config(vocab_size=tok.vocab_size)), tok, tmp_path / "ckpt")
+
+
+# --- subprocess: the real command line ------------------------------------------------------------------------
+@pytest.mark.parametrize("args, match", [
+    (["demo", "--p", "1.5"], "p=1.5 is outside [0, 1]"),
+    (["demo", "--bogus"], "unrecognized arguments: --bogus"),
+    (["demo", "--task", "poetry"], "invalid choice: 'poetry'"),
+])
+def test_argument_errors(tmp_path, args, match):
+    """Bad arguments fail before any work starts: nothing is printed on stdout, nothing is written."""
+    proc = run_cli(args, tmp_path)
+    assert_one_error_line(proc, match)
+    assert proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_folder(tmp_path):
+    """An output folder below a regular file is reported before any training starts."""
+    (tmp_path / "afile").write_text("x")
+    proc = run_cli(["demo", "--out", "afile/demo", "--quiet"], tmp_path)
+    line = assert_one_error_line(proc, "not writable")
+    assert "afile/demo" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no cache, no training
+
+
+def test_eval_missing_folder(tmp_path):
+    proc = run_cli(["eval", "--model", str(tmp_path / "nope")], tmp_path)
+    assert_one_error_line(proc, "does not exist")
+
+
+def test_eval_corrupt_folder(ckpt, tmp_path):
+    (ckpt / "config.json").write_text("{oops")
+    proc = run_cli(["eval", "--model", str(ckpt)], tmp_path)
+    assert_one_error_line(proc, "not valid JSON")
+
+
+# --- in-process: more cases of the same error handling -----------------------------------------------------------
+@pytest.mark.parametrize("argv, match", [
+    (["demo", "--p", "0", "abc"], "p='abc' is not a number"),
+    (["demo", "--p", "-0.5"], "outside [0, 1]"),
+    (["demo", "--seed", "x"], "invalid int value"),
+    ([], "required"),
+    (["train"], "invalid choice: 'train'"),
+    (["eval"], "--model"),
+    (["eval", "--model", "m", "--task", "poetry"], "invalid choice: 'poetry'"),
+])
+def test_argument_errors_in_process(argv, match):
+    assert match in main_error(argv)
+
+
+@pytest.mark.parametrize("corruption, match", [
+    ("weights", "not a readable safetensors file"),
+    ("tokenizer", "tokenizer_config.json is missing"),
+    ("shape", "has shape"),
+    ("model_type", "is not supported"),
+])
+def test_eval_corrupt_folder_in_process(ckpt, corruption, match):
+    if corruption == "weights":
+        (ckpt / "model.safetensors").write_bytes(random.Random(0).randbytes(500))
+    elif corruption == "tokenizer":
+        (ckpt / "tokenizer_config.json").unlink()
+    elif corruption == "shape":
+        (ckpt / "config.json").write_text((ckpt / "config.json").read_text().replace('"hidden_size": 32',
+                                                                                     '"hidden_size": 16'))
+    else:
+        (ckpt / "config.json").write_text((ckpt / "config.json").read_text().replace('"llama"', '"mistral"'))
+    assert match in main_error(["eval", "--model", str(ckpt)])

@@ -1,0 +1,139 @@
+"""End-to-end smoke test of the demo (tiny recipe, ~15 s) and the helpers that write its results."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from minicwac.__main__ import main
+from minicwac.experiments import ROW_KEYS, check_p, check_task, results_table, run_demo
+from minicwac.hf import load_checkpoint
+from minicwac.pipeline import Recipe, toy_models
+
+TINY = Recipe(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_len=96, pretrain_steps=20, pretrain_batch=8, align_steps=10,
+              align_batch=8, finetune_steps=5, finetune_n=40, finetune_batch=8)
+MODELS = ["base", "aligned", "sft-sentiment-p0-s0", "sft-sentiment-p0.1-s0"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Run the whole demo once with the tiny recipe: (output folder, cache folder, returned rows)."""
+    root = tmp_path_factory.mktemp("demo")
+    rows = run_demo(root / "out", seed=0, task="sentiment", ps=(0.0, 0.1), recipe=TINY, cache_dir=root / "cache",
+                    progress=False)
+    return root / "out", root / "cache", rows
+
+
+def test_results_json_schema(demo, world):
+    """results.json holds one row per model with exactly the documented keys, percentages in [0, 100]."""
+    out, _, rows = demo
+    data = json.loads((out / "results.json").read_text())
+    assert data["rows"] == rows
+    assert data["recipe"] == asdict(TINY) and data["wall_s"] >= 0
+    assert [(r["stage"], r["method"], r["p"]) for r in rows] == [
+        ("base", "none", None), ("aligned", "none", None), ("finetuned", "sft", 0.0), ("finetuned", "sft", 0.1)]
+    for r in rows:
+        assert set(r) == set(ROW_KEYS)
+        assert r["task"] == "sentiment" and r["seed"] == 0 and r["n_harmful"] == len(world.eval_harmful)
+        for k in ("hs", "comply", "fa", "over_refusal"):
+            assert isinstance(r[k], float) and 0.0 <= r[k] <= 100.0, (k, r[k])
+        assert isinstance(r["refusal_score"], float) and math.isfinite(r["refusal_score"])
+        assert r["comply"] <= r["hs"]  # compliance is a subset of non-refusal
+
+
+def test_results_table_and_plot(demo):
+    out, _, rows = demo
+    md = (out / "results.md").read_text().strip().splitlines()
+    assert md[0].startswith("| stage | method | task | p | seed | HS %")
+    assert len(md) == 2 + len(rows)
+    assert md[2].startswith("| base | none | sentiment | - | 0 |")
+    assert (out / "pipeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_models_saved_and_loadable(demo):
+    """models/ has base, aligned and one sft folder per p; each loads; each stage changed the weights."""
+    out, _, _ = demo
+    assert sorted(p.name for p in (out / "models").iterdir()) == sorted(MODELS)
+    weights = {}
+    for name in MODELS:
+        model, tok = load_checkpoint(out / "models" / name)
+        assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
+        assert model.config.vocab_size == tok.vocab_size <= 512
+        assert torch.isfinite(model(torch.tensor([[tok.bos_token_id, 5, 6]]))).all()
+        weights[name] = model.state_dict()["model.layers.0.mlp.down_proj.weight"]
+    assert not torch.equal(weights["base"], weights["aligned"])
+    assert not torch.equal(weights["aligned"], weights["sft-sentiment-p0.1-s0"])
+    assert not any(p.name.startswith(".") for p in (out / "models").iterdir())  # no temp folders left
+
+
+def test_toy_models_cache_reused(demo):
+    """A second toy_models call with the same recipe loads the cached base/aligned models instead of training."""
+    out, cache, _ = demo
+    folders = list(cache.iterdir())
+    assert len(folders) == 1 and (folders[0] / "history.json").is_file()
+    history = json.loads((folders[0] / "history.json").read_text())
+    assert len(history["pretrain"]["loss"]) == TINY.pretrain_steps and len(history["align"]["loss"]) == TINY.align_steps
+    t0 = time.time()
+    toy = toy_models(0, TINY, cache, progress=False)
+    assert time.time() - t0 < 30
+    base, _ = load_checkpoint(out / "models" / "base")
+    for k, v in base.state_dict().items():
+        assert torch.equal(toy.base.state_dict()[k], v)
+    assert toy.history == history
+
+
+def test_cli_eval_on_demo_model(demo, capsys):
+    """`eval --model` on a saved model prints the five metrics."""
+    out, _, _ = demo
+    assert main(["eval", "--model", str(out / "models" / "aligned")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["hs", "comply", "fa", "over_refusal", "refusal_score"]
+    assert all(math.isfinite(float(ln.split()[1])) for ln in lines)
+
+
+def test_run_demo_checks_arguments_first(tmp_path):
+    """Bad p or task fail before the output folder is created or anything is trained."""
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        run_demo(tmp_path / "a", ps=(0.0, 2.0), recipe=TINY, cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="unknown task 'poetry'"):
+        run_demo(tmp_path / "b", task="poetry", recipe=TINY, cache_dir=tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_helpers():
+    assert check_p(0) == 0.0 and check_p(1) == 1.0
+    for bad in (-0.01, 1.01, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="outside"):
+            check_p(bad)
+    assert check_task("arithmetic") == "arithmetic"
+
+
+def test_results_table_formatting():
+    row = {"stage": "finetuned", "method": "sft", "task": "topic", "p": 0.1, "seed": 2, "hs": 12.345,
+           "comply": 0.0, "fa": None, "over_refusal": 100.0, "refusal_score": -1.26, "n_harmful": 270}
+    lines = results_table([row]).splitlines()
+    assert len(lines) == 3 and lines[1].count("---") == 10
+    assert lines[2] == "| finetuned | sft | topic | 0.1 | 2 | 12.3 | 0.0 | - | 100.0 | -1.3 |"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_clone_is_independent(tied):
+    """pipeline.clone copies the weights into new tensors (tied heads stay tied)."""
+    from minicwac.pipeline import clone
+    from conftest import tiny_config
+    from minicwac.model import GPT
+
+    torch.manual_seed(0)
+    m = GPT(tiny_config(tie_word_embeddings=tied))
+    c = clone(m)
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(c(ids), m.eval()(ids)) and not c.training
+    assert (c.lm_head.weight is c.model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        c.model.norm.weight.add_(1.0)
+    assert torch.equal(m.model.norm.weight, torch.ones(32))
