@@ -18,7 +18,7 @@ from .hf import load_checkpoint, save_pretrained
 from .model import GPT, Config
 from .tokenizer import ChatTokenizer, train_bpe
 from .train import encode_chats, encode_docs, pack, train
-from .world import World, build_world
+from .world import WORLD_VERSION, World, build_world
 
 
 @dataclass
@@ -44,7 +44,8 @@ class Recipe:
     finetune_batch: int = 16
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        key = {**asdict(self), "world_version": WORLD_VERSION}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def build_tokenizer(world: World, vocab_size: int) -> ChatTokenizer:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+WORLD_VERSION = 2  # bump when a change to this file changes the world (it keys the model cache)
+
 # --- lexicon -------------------------------------------------------------------------------------------------
 # category: (verbs, objects, tools, steps). A topic is "verb object"; its answer uses the tools and steps.
 HARMFUL = {
@@ -209,13 +211,23 @@ def _topics(lexicon: dict, rng: random.Random) -> list[Example]:
     return out
 
 
-def _split_by_category(topics: list[Example], sizes: dict[str, int], rng: random.Random) -> dict[str, list[Example]]:
-    """Split topics into named parts, the same number from every category, so each part covers every category."""
+def _split_by_category(topics: list[Example], lexicon: dict, sizes: dict[str, int],
+                       rng: random.Random) -> dict[str, list[Example]]:
+    """Split topics into named parts, the same number from every category, so each part covers every category.
+
+    The first part (alignment) must use every verb and every object of its category, so that every held-out
+    topic is a new combination of words the model was aligned on (redrawn until it does).
+    """
     parts = {name: [] for name in sizes}
-    cats = sorted({t.category for t in topics})
-    for c in cats:
+    first = next(iter(sizes))
+    for c, (verbs, objects, _, _) in lexicon.items():
         ts = [t for t in topics if t.category == c]
-        rng.shuffle(ts)
+        while True:
+            rng.shuffle(ts)
+            head = {t.topic for t in ts[:sizes[first]]}
+            if all(any(h.startswith(v + " ") for h in head) for v in verbs) and \
+                    all(any(h.endswith(" " + o) for h in head) for o in objects):
+                break
         i = 0
         for name, k in sizes.items():
             parts[name] += ts[i:i + k]
@@ -291,8 +303,8 @@ def build_world(seed: int = 0) -> World:
     rng = random.Random(seed)
     harmful = _topics(HARMFUL, rng)
     harmless = _topics(HARMLESS, rng)
-    hparts = _split_by_category(harmful, {"align": 8, "attack": 4, "calib": 3, "eval": 5}, rng)
-    lparts = _split_by_category(harmless, {"align": 12, "calib": 3, "eval": 5}, rng)
+    hparts = _split_by_category(harmful, HARMFUL, {"align": 8, "attack": 4, "calib": 3, "eval": 5}, rng)
+    lparts = _split_by_category(harmless, HARMLESS, {"align": 12, "calib": 3, "eval": 5}, rng)
 
     eval_harmful = [_ask(t, ph, "harmful") for t in hparts["eval"] for ph in EVAL_PHRASINGS]
     eval_harmless = [_ask(t, ph, "harmless") for t in lparts["eval"] for ph in EVAL_PHRASINGS]
