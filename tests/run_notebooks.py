@@ -9,6 +9,7 @@ exits with status 1; the failing notebook is saved too, so its outputs show wher
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 CELL_TIMEOUT_S = 900
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in IPython tracebacks
 
 
 def run_notebook(path: Path, timeout: int = CELL_TIMEOUT_S, kernel: str = "python3") -> float:
@@ -39,7 +41,7 @@ def run_notebook(path: Path, timeout: int = CELL_TIMEOUT_S, kernel: str = "pytho
         src = nb.cells[idx].source.strip().splitlines() if idx is not None else []
         first = src[0] if src else ""
         kind = type(e).__name__
-        msg = str(e).strip().splitlines()
+        msg = ANSI.sub("", str(e)).strip().splitlines()
         tail = "\n".join(msg[-15:])  # the end of the traceback holds the error itself
         where = f"cell {idx + 1} of {len(nb.cells)}" if idx is not None else "before the first cell"
         raise RuntimeError(f"{where} (code starting {first!r}) failed with {kind}:\n{tail}") from None
