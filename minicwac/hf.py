@@ -7,6 +7,7 @@ place at the end, so an interrupted save never leaves a half-written checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -106,6 +107,9 @@ def save_pretrained(model: GPT, tokenizer: ChatTokenizer | None, path: str | Pat
              "pad_token_id": model.config.pad_token_id}, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; a checkpoint is meant to be shared
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             path.rename(old)

@@ -63,6 +63,8 @@ def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tenso
     Right padding needs no attention mask: with causal attention no real token ever sees a pad after it.
     """
     logits = model(input_ids)  # (B, T, V)
+    if not (labels[:, 1:] != -100).any():  # no target at all (e.g. answers cut off by max_len): a zero loss, not NaN
+        return logits.sum() * 0.0
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 

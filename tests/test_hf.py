@@ -253,3 +253,11 @@ def test_save_to_unwritable_location(model, tmp_path):
     blocker.write_text("x")
     with pytest.raises(OSError, match="cannot write a checkpoint"):
         save_pretrained(model, None, blocker / "ckpt")
+
+
+def test_checkpoint_is_readable_by_others(ckpt):
+    """The folder is 755 and its files 644 (a temporary folder is private until it is renamed into place)."""
+    import stat
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o755
+    for f in ckpt.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name

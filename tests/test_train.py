@@ -176,3 +176,13 @@ def test_training_is_reproducible(tok, world):
     (m1, h1), (m2, h2) = run(), run()
     assert h1["loss"] == h2["loss"]
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
+def test_lm_loss_without_targets_is_zero_not_nan():
+    """A batch whose answers were all cut off has no target: the loss is 0 (with a gradient path), never NaN."""
+    torch.manual_seed(0)
+    m = GPT(tiny_config())
+    ids = torch.randint(0, 97, (2, 6))
+    loss = lm_loss(m, ids, torch.full_like(ids, -100))
+    assert loss.item() == 0.0
+    loss.backward()  # still differentiable
