@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 
 from minicwac.hooks import capture
-from conftest import tiny_config
 from minicwac.model import GPT
 
 
