@@ -29,7 +29,8 @@ def capture(model: torch.nn.Module, names: list[str], what: str = "output", deta
     if what not in ("input", "output"):
         raise ValueError(f"what={what!r}, expected 'input' or 'output'")
     modules = dict(model.named_modules())
-    unknown = [n for n in names + ([stop_after] if stop_after else []) if n not in modules]
+    hooked = list(dict.fromkeys(names + ([stop_after] if stop_after else [])))  # unique, in order
+    unknown = [n for n in hooked if n not in modules]
     if unknown:
         raise ValueError(f"no module named {unknown[0]!r} in {type(model).__name__} "
                          f"(e.g. {next(n for n in modules if n)!r})")
@@ -45,7 +46,7 @@ def capture(model: torch.nn.Module, names: list[str], what: str = "output", deta
         return hook
 
     try:
-        for n in dict.fromkeys(names + ([stop_after] if stop_after else [])):
+        for n in hooked:
             handles.append(modules[n].register_forward_hook(hook_for(n)))
         try:
             yield acts
