@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,28 +86,19 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     return model.eval()
 
 
-def save_pretrained(model: GPT, tokenizer: ChatTokenizer | None, path: str | Path) -> Path:
-    """Write model (and tokenizer) as a Hugging Face folder at `path`, replacing it atomically if it exists."""
+@contextmanager
+def atomic_folder(path: str | Path):
+    """Yield a temporary folder beside `path`; on success it replaces `path` (an old one is removed only after
+    the new one is in place), on any error it is deleted and `path` is left as it was."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as e:
-        raise OSError(f"cannot write a checkpoint at {path}: {e.strerror or e}") from None
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
     old = path.with_name(f".{path.name}.old")
     try:
-        sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            sd.pop("lm_head.weight")  # HF convention: the tied head is not stored
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(
-            {**model.config.to_dict(), "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
-            indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
-             "pad_token_id": model.config.pad_token_id}, indent=2))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+        yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; a checkpoint is meant to be shared
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
@@ -120,7 +112,24 @@ def save_pretrained(model: GPT, tokenizer: ChatTokenizer | None, path: str | Pat
         if old.exists() and not path.exists():  # interrupted between the two renames: put the old one back
             old.rename(path)
         raise
-    return path
+
+
+def save_pretrained(model: GPT, tokenizer: ChatTokenizer | None, path: str | Path) -> Path:
+    """Write model (and tokenizer) as a Hugging Face folder at `path`, replacing it atomically if it exists."""
+    with atomic_folder(path) as tmp:
+        sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            sd.pop("lm_head.weight")  # HF convention: the tied head is not stored
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(
+            {**model.config.to_dict(), "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
+            indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
+             "pad_token_id": model.config.pad_token_id}, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",

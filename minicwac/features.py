@@ -1,0 +1,139 @@
+"""The activation side of CWAC: pick safety-critical SAE latents, cache their baseline values z0, and the loss
+
+    L_safety = mean over harmful prompt tokens of  sum over selected latents  (z - z0)^2
+
+where z comes from the *current* model run only up to the SAE layer, and z0 from the aligned model, computed
+once. The squared norm is summed over the latents, not averaged (averaging divides the constraint by m).
+
+Readouts (what z is), all of shape (..., m):
+  "pre"        ReLU encoder values of the selected latents before TopK (default: a latent that leaves the TopK
+               still has a gradient pulling it back)
+  "post"       the sparse post-TopK latents (needs the full encoder)
+  "directions" projections on difference-of-means directions (harmful minus harmless), no SAE at all
+  "residual"   the whole residual vector at that layer (a reference point, not the method)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sae import SAE
+from .subspace import pad_right, token_mask
+
+READOUTS = ("pre", "post", "directions", "residual")
+
+
+@torch.no_grad()
+def latent_means(model, sae: SAE, seqs: list[list[int]], pad_id: int, skip_ids=(), values: str = "pre",
+                 batch_size: int = 32) -> torch.Tensor:
+    """Mean (over kept tokens of `seqs`) of every latent's pre-TopK ("pre") or post-TopK ("post") value: (d_sae,)."""
+    total, n = 0.0, 0
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model.device)
+        x = model(ids, stop_at_layer=sae.cfg.layer)[token_mask(ids, mask, skip_ids)]
+        z = sae.pre_acts(x) if values == "pre" else sae.encode(x)
+        total = total + z.sum(0)
+        n += len(z)
+    return total / n
+
+
+def score_latents(model, sae: SAE, harmful: list[list[int]], harmless: list[list[int]] | None, pad_id: int,
+                  skip_ids=(), how: str = "harmful", values: str = "post") -> torch.Tensor:
+    """Score each latent: its mean activation on harmful prompts ("harmful"), or that minus its mean on
+    harmless prompts ("contrast"). Means of post-TopK values by default: a latent scores only where it fires."""
+    if how not in ("harmful", "contrast"):
+        raise ValueError(f"how={how!r}, expected 'harmful' or 'contrast'")
+    s = latent_means(model, sae, harmful, pad_id, skip_ids, values)
+    if how == "contrast":
+        if not harmless:
+            raise ValueError("how='contrast' needs harmless prompts")
+        s = s - latent_means(model, sae, harmless, pad_id, skip_ids, values)
+    return s
+
+
+def select_latents(scores: torch.Tensor, m: int | str = 100) -> torch.Tensor:
+    """Indices of the top-m latents by score, or with m="firing" every latent with a positive score."""
+    if m == "firing":
+        idx = (scores > 0).nonzero().flatten()
+        return idx[scores[idx].argsort(descending=True)]
+    if not isinstance(m, int) or m < 1:
+        raise ValueError(f"m={m!r}, expected a positive number of latents or 'firing'")
+    return scores.topk(min(m, len(scores))).indices
+
+
+@torch.no_grad()
+def mean_diff_directions(model, layer: int, groups: list[list[list[int]]], harmless: list[list[int]], pad_id: int,
+                         skip_ids=()) -> torch.Tensor:
+    """Unit difference-of-means directions, one per group of harmful prompts (e.g. one per category):
+    mean residual of the group minus the mean residual on harmless prompts. Returns (hidden, n_groups)."""
+    def mean_act(seqs):
+        ids, mask = pad_right(seqs, pad_id, model.device)
+        return model(ids, stop_at_layer=layer)[token_mask(ids, mask, skip_ids)].float().mean(0)
+
+    base = mean_act(harmless)
+    D = torch.stack([mean_act(g) - base for g in groups], 1)
+    return D / D.norm(dim=0, keepdim=True)
+
+
+@dataclass
+class SafetyFeatures:
+    """Selected features, their baseline values z0 on a fixed harmful set, and the L_safety regulariser."""
+
+    layer: int  # residual stream after this many blocks
+    readout: str  # one of READOUTS
+    ids: torch.Tensor  # (N, T) right-padded harmful prompts (the calibration set)
+    keep: torch.Tensor  # (N, T) bool: tokens the loss averages over
+    z0: torch.Tensor  # (N, T, m) the aligned model's values
+    sae: SAE | None = None
+    idx: torch.Tensor | None = None  # selected latents (readout pre/post)
+    directions: torch.Tensor | None = None  # (hidden, m) (readout directions)
+
+    def readout_of(self, x: torch.Tensor) -> torch.Tensor:
+        """z for residual activations x (..., hidden) -> (..., m)."""
+        if self.readout == "pre":
+            return self.sae.pre_acts(x, self.idx)  # only the m selected encoder columns
+        if self.readout == "post":
+            return self.sae.encode(x)[..., self.idx]
+        if self.readout == "directions":
+            return x.float() @ self.directions
+        return x.float()
+
+    def loss(self, model, batch: torch.Tensor | None = None) -> torch.Tensor:
+        """L_safety on the prompts `batch` (indices into the fixed set; all of them if None)."""
+        ids, keep, z0 = (self.ids, self.keep, self.z0) if batch is None else \
+            (self.ids[batch], self.keep[batch], self.z0[batch])
+        x = model(ids, stop_at_layer=self.layer)  # (B, T, hidden): nothing above the SAE layer runs
+        z = self.readout_of(x)
+        return ((z - z0) ** 2).sum(-1)[keep].mean()  # summed over features, averaged over tokens
+
+    def to(self, device) -> "SafetyFeatures":
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SafetyFeatures(self.layer, self.readout, mv(self.ids), mv(self.keep), mv(self.z0),
+                              None if self.sae is None else self.sae.to(device), mv(self.idx), mv(self.directions))
+
+    @property
+    def m(self) -> int:
+        return self.z0.shape[-1]
+
+
+@torch.no_grad()
+def safety_features(model, seqs: list[list[int]], pad_id: int, *, readout: str = "pre", sae: SAE | None = None,
+                    idx: torch.Tensor | None = None, directions: torch.Tensor | None = None, layer: int | None = None,
+                    skip_ids=()) -> SafetyFeatures:
+    """Cache z0 = the readout of `model` (the aligned model) on the harmful prompts `seqs`."""
+    if readout not in READOUTS:
+        raise ValueError(f"readout={readout!r}, expected one of {READOUTS}")
+    if readout in ("pre", "post") and (sae is None or idx is None):
+        raise ValueError(f"readout={readout!r} needs an SAE and selected latents idx")
+    if readout == "directions" and directions is None:
+        raise ValueError("readout='directions' needs directions (hidden, m)")
+    if layer is None:
+        if sae is None:
+            raise ValueError("give the layer (or an SAE, whose layer is used)")
+        layer = sae.cfg.layer
+    ids, mask = pad_right(seqs, pad_id, model.device)
+    keep = token_mask(ids, mask, skip_ids)
+    sf = SafetyFeatures(layer, readout, ids, keep, torch.empty(0), sae, idx, directions)
+    sf.z0 = sf.readout_of(model(ids, stop_at_layer=layer)).detach()
+    return sf

@@ -1,0 +1,286 @@
+"""A TopK sparse autoencoder (SAE) on one residual-stream layer: the activation side of CWAC reads its latents.
+
+    pre   = ReLU((s x - b_dec) W_enc + b_enc)       (d_sae,)  s: one scalar so that E||s x||^2 = d_in
+    z     = TopK(pre)                               keep the k largest, zero the rest
+    x_hat = (z W_dec + b_dec) / s                   W_dec rows have unit norm
+
+Recipe (field practice, see METHOD.md section 4): MSE loss plus an AuxK loss that lets dead latents
+reconstruct the residual error; decoder rows renormalised after each step with the gradient component parallel
+to them removed before it; b_dec initialised at the data mean or geometric median; parameters and loss in fp32.
+At save the scale s is folded into the weights, so a saved SAE takes raw activations.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .hf import atomic_folder
+from .hooks import capture
+from .subspace import pad_right, token_mask
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    d_sae: int
+    k: int  # latents kept per token (L0 = k)
+    layer: int  # the SAE reads the residual stream after this many blocks: model(ids, stop_at_layer=layer)
+    aux_k: int | None = None  # dead latents used by the AuxK loss (default d_in // 2, at most d_sae)
+    aux_coef: float = 1 / 32
+    dead_tokens: int = 20_000  # a latent that has not fired for this many tokens is dead
+
+    def __post_init__(self):
+        if not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k={self.k}, expected 1..d_sae={self.d_sae}")
+        if self.d_in < 1 or self.layer < 0:
+            raise ValueError(f"d_in={self.d_in} and layer={self.layer} must be >= 1 and >= 0")
+
+
+class SAE(nn.Module):
+    """TopK SAE with SAELens names: W_enc (d_in, d_sae), b_enc (d_sae), W_dec (d_sae, d_in), b_dec (d_in)."""
+
+    def __init__(self, cfg: SAEConfig, device=None, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(seed)
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
+        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec.to(device))
+        self.W_enc = nn.Parameter(W_dec.T.clone().to(device))  # encoder starts as the decoder's transpose
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device))
+        self.register_buffer("scale", torch.ones((), device=device))  # the input normalisation s
+
+    def pre_acts(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """ReLU encoder values before TopK, (..., d_sae) or only the latents `idx` (..., len(idx))."""
+        h = x.float() * self.scale - self.b_dec
+        if idx is None:
+            return torch.relu(h @ self.W_enc + self.b_enc)
+        return torch.relu(h @ self.W_enc[:, idx] + self.b_enc[idx])  # only the columns the loss needs
+
+    def topk(self, pre: torch.Tensor) -> torch.Tensor:
+        v, i = pre.topk(self.cfg.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, i, v)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The sparse latents z (feature_acts), (..., d_sae)."""
+        return self.topk(self.pre_acts(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return (z @ self.W_dec + self.b_dec) / self.scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encode(x)
+        return self.decode(z), z
+
+    @torch.no_grad()
+    def fold_scale_(self) -> "SAE":
+        """Fold s into the weights: afterwards the SAE takes raw activations with scale 1 (same outputs)."""
+        s = self.scale.clone()
+        self.W_enc.mul_(s)
+        self.b_dec.div_(s)
+        self.W_dec.div_(s)
+        self.scale.fill_(1.0)
+        return self
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """`sae.safetensors` (scale folded in) + `cfg.json`, written atomically."""
+        folded = SAE(self.cfg, device="cpu")
+        folded.load_state_dict({k: v.detach().cpu() for k, v in self.state_dict().items()})
+        folded.fold_scale_()
+        tensors = {k: v.contiguous() for k, v in folded.state_dict().items() if k != "scale"}
+        with atomic_folder(path) as tmp:
+            save_file(tensors, str(tmp / "sae.safetensors"))
+            (tmp / "cfg.json").write_text(json.dumps({**asdict(self.cfg), **(extra or {})}, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path, device="cpu") -> "SAE":
+        path = Path(path)
+        for f in ("sae.safetensors", "cfg.json"):
+            if not (path / f).is_file():
+                raise FileNotFoundError(f"{path / f} not found: an SAE folder has sae.safetensors and cfg.json")
+        try:
+            d = json.loads((path / "cfg.json").read_text())
+            cfg = SAEConfig(**{k: d[k] for k in SAEConfig.__dataclass_fields__ if k in d})
+            tensors = load_file(str(path / "sae.safetensors"))
+        except Exception as e:  # noqa: BLE001 -- bad JSON, missing fields, corrupt safetensors
+            raise ValueError(f"{path} is not a readable SAE folder ({type(e).__name__}: {e})") from None
+        sae = cls(cfg)
+        want = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
+                "b_dec": (cfg.d_in,)}
+        for k, shape in want.items():
+            if k not in tensors or tuple(tensors[k].shape) != shape:
+                got = tuple(tensors[k].shape) if k in tensors else "missing"
+                raise ValueError(f"{path}/sae.safetensors: {k} is {got}, expected {shape} from cfg.json")
+        sae.load_state_dict({**tensors, "scale": torch.ones(())})
+        return sae.to(device)
+
+
+# ---------------------------------------------------------------- data
+
+
+@torch.no_grad()
+def harvest(model, seqs: list[list[int]], layer: int, pad_id: int, skip_ids=(), batch_size: int = 32,
+            progress: bool = False) -> torch.Tensor:
+    """Residual-stream activations after `layer` blocks for every kept token of `seqs`: (n_tokens, hidden), fp32 on CPU.
+
+    Padding and `skip_ids` (pass the BOS id: its activation is an outlier) are dropped."""
+    model.eval()
+    out = []
+    for i in tqdm(range(0, len(seqs), batch_size), desc="harvest", disable=not progress):
+        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model.device)
+        x = model(ids, stop_at_layer=layer)  # (B, T, hidden)
+        out.append(x[token_mask(ids, mask, skip_ids)].float().cpu())
+    return torch.cat(out)
+
+
+def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-8) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows of x."""
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=1).clamp(min=eps)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - m).norm() < 1e-6 * m.norm().clamp(min=1.0):
+            return new
+        m = new
+    return m
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+    return float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+def l0(z: torch.Tensor) -> float:
+    """Mean number of non-zero latents per token."""
+    return float((z != 0).float().sum(-1).mean())
+
+
+def dead_fraction(z: torch.Tensor) -> float:
+    """Share of latents that never fire on the tokens of z (n_tokens, d_sae)."""
+    return float(((z != 0).sum(0) == 0).float().mean())
+
+
+@torch.no_grad()
+def sae_metrics(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> dict:
+    """L0, FVU and dead fraction of `sae` on activations x (n, d_in), plus each latent's firing frequency."""
+    dev = sae.W_dec.device
+    x_hat, fired, nz = [], torch.zeros(sae.cfg.d_sae, device=dev), 0.0
+    for xb in x.split(batch_size):
+        xh, z = sae(xb.to(dev))
+        x_hat.append(xh.cpu())
+        fired += (z != 0).float().sum(0)
+        nz += float((z != 0).float().sum())
+    return {"l0": nz / len(x), "fvu": fvu(x.float(), torch.cat(x_hat)),
+            "dead_fraction": float((fired == 0).float().mean()), "density": (fired / len(x)).cpu()}
+
+
+@torch.no_grad()
+def ce_recovered(model, sae: SAE, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> dict:
+    """LM loss with the SAE's reconstruction spliced into the residual stream after `sae.cfg.layer` blocks.
+
+    recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), where CE_zero replaces that residual by zeros.
+    Every next-token target of the sequences counts (padding excluded)."""
+    name = f"model.layers.{sae.cfg.layer - 1}"
+    modules = dict(model.named_modules())
+    if sae.cfg.layer < 1 or name not in modules:
+        raise ValueError(f"SAE layer {sae.cfg.layer}: expected 1..{model.config.num_hidden_layers}")
+    mode = {"v": "clean"}
+
+    def splice(module, inputs, output):
+        if mode["v"] == "sae":
+            return sae(output)[0].to(output.dtype)
+        if mode["v"] == "zero":
+            return torch.zeros_like(output)
+        return None
+
+    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    n = 0
+    h = modules[name].register_forward_hook(splice)
+    try:
+        model.eval()
+        for i in range(0, len(seqs), batch_size):
+            ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model.device)
+            tgt = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            for m in totals:
+                mode["v"] = m
+                logits = model(ids)[:, :-1].float()
+                totals[m] += float(torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="sum"))
+            n += int((tgt != -100).sum())
+    finally:
+        h.remove()
+    ce = {k: v / n for k, v in totals.items()}
+    ce["recovered"] = (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"])
+    return ce
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_sae(x: torch.Tensor, d_sae: int, k: int, layer: int, *, steps: int = 3000, batch_size: int = 1024,
+              lr: float = 1e-3, b_dec_init: str = "median", aux_k: int | None = None, dead_tokens: int = 20_000,
+              eval_every: int = 100, seed: int = 0, device="cpu", progress: bool = True) -> tuple[SAE, dict]:
+    """Train a TopK SAE on activations x (n, d_in). Returns (sae with scale set, history of loss/l0/fvu/dead)."""
+    if b_dec_init not in ("mean", "median"):
+        raise ValueError(f"b_dec_init={b_dec_init!r}, expected 'mean' or 'median'")
+    x = x.float()
+    d_in = x.shape[1]
+    cfg = SAEConfig(d_in, d_sae, k, layer, aux_k=aux_k if aux_k is not None else min(d_sae, max(k, d_in // 2)),
+                    dead_tokens=dead_tokens)
+    sae = SAE(cfg, device, seed)
+    with torch.no_grad():
+        scale = math.sqrt(d_in / float((x ** 2).sum(1).mean()))
+        sae.scale.fill_(scale)
+        sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:8192]] * scale
+        sae.b_dec.copy_((sample.mean(0) if b_dec_init == "mean" else geometric_median(sample)).to(device))
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+    since_fired = torch.zeros(d_sae, device=device)  # tokens since each latent last fired
+    g = torch.Generator().manual_seed(seed + 1)
+    hist = {"step": [], "loss": [], "l0": [], "fvu": [], "dead_fraction": []}
+    bar = tqdm(range(steps), desc="sae", disable=not progress, mininterval=1.0)
+    for step in bar:
+        xb = x[torch.randint(len(x), (batch_size,), generator=g)].to(device)
+        xn = xb * sae.scale  # train in the normalised space
+        pre = torch.relu((xn - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        z = sae.topk(pre)
+        recon = z @ sae.W_dec + sae.b_dec
+        err = xn - recon
+        mse = (err ** 2).sum(-1).mean()
+        var = ((xn - xn.mean(0)) ** 2).sum(-1).mean()
+        loss = mse / var  # the batch FVU: scale-free, so lr does not depend on d_in
+        since_fired = torch.where((z != 0).any(0), torch.zeros_like(since_fired), since_fired + batch_size)
+        dead = since_fired > cfg.dead_tokens
+        if cfg.aux_coef > 0 and dead.any():  # AuxK: the dead latents try to explain what the live ones missed
+            ka = min(cfg.aux_k, int(dead.sum()))
+            v, i = pre.masked_fill(~dead, 0.0).topk(ka, dim=-1)
+            e_hat = torch.zeros_like(pre).scatter_(-1, i, v) @ sae.W_dec
+            e = err.detach()
+            aux = ((e - e_hat) ** 2).sum(-1).mean() / ((e - e.mean(0)) ** 2).sum(-1).mean().clamp(min=1e-12)
+            loss = loss + cfg.aux_coef * aux
+        loss.backward()
+        with torch.no_grad():  # keep ||W_dec[i]|| = 1: drop the radial part of the gradient, renormalise after
+            W, gW = sae.W_dec, sae.W_dec.grad
+            gW -= (gW * W).sum(1, keepdim=True) * W
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+        if step % eval_every == 0 or step == steps - 1:
+            hist["step"].append(step)
+            hist["loss"].append(loss.item())
+            hist["l0"].append(l0(z))
+            hist["fvu"].append((mse / var).item())
+            hist["dead_fraction"].append(float(dead.float().mean()))
+            bar.set_postfix(fvu=f"{hist['fvu'][-1]:.3f}", dead=f"{hist['dead_fraction'][-1]:.2f}")
+    return sae.eval(), hist

@@ -1,0 +1,250 @@
+"""The weight side of CWAC: the safety subspace of each target linear layer, and the exact constraint W S = W0 S.
+
+    X  = inputs of a target linear (e.g. model.layers.3.mlp.down_proj) while the aligned model reads harmful prompts
+    C  = X^T X / n                      (in x in, accumulated in float64 batch by batch)
+    S  = top-k eigenvectors of C        (in x k): the directions harmful prompts use; k holds `energy` of trace(C)
+    after every optimizer step:  W <- W - (W S - W0S) S^T     with W0S = W0 S stored (out x k), not W0
+
+The projection removes exactly the part of the update that acts on S, whatever the optimizer did (AdamW's
+per-coordinate scaling and weight decay included), so (W - W0) S = 0 after every step. Projecting only the
+gradient is not enough under Adam: see `project_grad_` and notebook 04.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .hf import atomic_folder
+from .hooks import capture
+
+DEFAULT_TARGETS = (r"model\.layers\.\d+\.mlp\.down_proj",)  # [paper]: every MLP down-projection
+ALL_LINEARS = (r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",)
+
+
+def target_names(model: torch.nn.Module, patterns=DEFAULT_TARGETS) -> list[str]:
+    """Names of the nn.Linear modules whose full name matches one of the regex `patterns`."""
+    rx = [re.compile(p) for p in patterns]
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and any(r.fullmatch(n) for r in rx)]
+    if not names:
+        raise ValueError(f"no linear layer matches {list(patterns)} (e.g. 'model.layers.0.mlp.down_proj')")
+    return names
+
+
+def pad_right(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and a (B, T) 0/1 mask of real tokens. Right padding needs no attention mask under causal
+    attention: no real token ever sees a pad."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def token_mask(ids: torch.Tensor, mask: torch.Tensor, skip_ids=()) -> torch.Tensor:
+    """Boolean (B, T): real tokens that are not in `skip_ids` (BOS: its activations are outliers on real models)."""
+    keep = mask.bool()
+    for t in skip_ids:
+        if t is not None:
+            keep &= ids != t
+    return keep
+
+
+@torch.no_grad()
+def input_covariance(model, seqs: list[list[int]], names: list[str], pad_id: int, skip_ids=(),
+                     batch_size: int = 32, progress: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """C = X^T X / n (float64) of the inputs of each module in `names`, over every kept token of `seqs`.
+
+    Streams: only one batch of activations is alive at a time. The forward stops after the last target.
+    Returns ({name: C}, n tokens)."""
+    model.eval()
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    last = max(names, key=order.__getitem__)
+    C: dict[str, torch.Tensor] = {}
+    n = 0
+    for i in tqdm(range(0, len(seqs), batch_size), desc="covariance", disable=not progress):
+        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model.device)
+        keep = token_mask(ids, mask, skip_ids)
+        with capture(model, names, what="input", stop_after=last) as acts:
+            model(ids)
+        for name in names:
+            x = acts[name][keep].double()  # (tokens, in)
+            C[name] = C[name] + x.T @ x if name in C else x.T @ x
+        n += int(keep.sum())
+    if n == 0:
+        raise ValueError("no tokens to compute the covariance on (every sequence empty or skipped)")
+    return {k: v / n for k, v in C.items()}, n
+
+
+def eigh_desc(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors (columns) of a symmetric PSD matrix."""
+    evals, evecs = torch.linalg.eigh(C)
+    return evals.flip(0).clamp(min=0), evecs.flip(1)
+
+
+def svd_basis(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SVD view of the same thing: right singular vectors of X (n x in) are C's eigenvectors and
+    s^2 / n its eigenvalues. Returns (s^2 / n, V) in descending order."""
+    _, s, Vh = torch.linalg.svd(X.double(), full_matrices=False)
+    return s ** 2 / X.shape[0], Vh.T
+
+
+def randomized_eigh(C: torch.Tensor, r: int, q: int | None = None, niter: int = 4,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-r eigenpairs of a PSD matrix by a randomized range finder (q >= 2r probes, niter >= 4 power steps).
+
+    For big layers (a 14336-wide down_proj) where a full eigh per layer is too slow."""
+    q = max(2 * r, q or 0)
+    if niter < 4:
+        raise ValueError(f"niter={niter}, expected >= 4 (fewer power steps miss the tail of slow spectra)")
+    q = min(q, C.shape[0])
+    Q = torch.randn(C.shape[0], q, dtype=C.dtype, device=C.device, generator=generator)
+    Q, _ = torch.linalg.qr(C @ Q)
+    for _ in range(niter):
+        Q, _ = torch.linalg.qr(C @ Q)
+    evals, V = eigh_desc(Q.T @ C @ Q)  # q x q: the Rayleigh-Ritz step
+    return evals[:r], (Q @ V)[:, :r]
+
+
+def rank_for_energy(evals: torch.Tensor, energy: float, total: float | None = None) -> int:
+    """Smallest k whose top-k eigenvalues hold `energy` of the total (trace(C) unless given)."""
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy={energy}, expected a fraction in (0, 1]")
+    total = float(evals.sum()) if total is None else total
+    if total <= 0:
+        return 0
+    cum = torch.cumsum(evals, 0) / total
+    hit = (cum >= energy - 1e-12).nonzero()
+    return int(hit[0]) + 1 if len(hit) else len(evals)
+
+
+@dataclass
+class Subspace:
+    """Per target weight: S (in x k, orthonormal columns) and W0S = W0 S (out x k); `cfg` says how it was made."""
+
+    S: dict[str, torch.Tensor]  # keyed by module name, e.g. "model.layers.0.mlp.down_proj"
+    W0S: dict[str, torch.Tensor]
+    cfg: dict = field(default_factory=dict)
+
+    def to(self, device) -> "Subspace":
+        return Subspace({k: v.to(device) for k, v in self.S.items()}, {k: v.to(device) for k, v in self.W0S.items()},
+                        dict(self.cfg))
+
+    def _weights(self, model):
+        modules = dict(model.named_modules())
+        for name, S in self.S.items():
+            if name not in modules:
+                raise ValueError(f"subspace layer {name!r} is not in the model")
+            W = modules[name].weight
+            if W.shape[1] != S.shape[0] or W.shape[0] != self.W0S[name].shape[0]:
+                raise ValueError(f"{name}.weight {tuple(W.shape)}, subspace expects "
+                                 f"({self.W0S[name].shape[0]}, {S.shape[0]})")
+            yield name, W, S
+
+    @torch.no_grad()
+    def project_(self, model) -> None:
+        """The weight constraint: W <- W - (W S - W0S) S^T for every target (in the subspace's float dtype)."""
+        for name, W, S in self._weights(model):
+            Wf = W.to(S.dtype)
+            W.copy_(Wf - (Wf @ S - self.W0S[name]) @ S.T)
+
+    @torch.no_grad()
+    def project_grad_(self, model) -> None:
+        """Remove the gradient's component on S: g <- g - (g S) S^T (what the paper does; not exact under Adam)."""
+        for _, W, S in self._weights(model):
+            if W.grad is not None:
+                g = W.grad.to(S.dtype)
+                W.grad.copy_(g - (g @ S) @ S.T)
+
+    @torch.no_grad()
+    def leak(self, model, reference) -> dict[str, float]:
+        """||(W - W0) S|| / ||W - W0|| per target: the share of the update that reached the safety subspace."""
+        ref = dict(reference.named_modules())
+        out = {}
+        for name, W, S in self._weights(model):
+            dW = (W - ref[name].weight).to(S.dtype)
+            out[name] = float((dW @ S).norm() / dW.norm().clamp(min=1e-30))
+        return out
+
+    def ranks(self) -> dict[str, tuple[int, int]]:
+        """{name: (k, in)}."""
+        return {n: (S.shape[1], S.shape[0]) for n, S in self.S.items()}
+
+    def save(self, path: str | Path) -> None:
+        """`subspace.safetensors` (name.weight.S, name.weight.W0S) + `cfg.json`, written to a temporary folder first."""
+        tensors = {}
+        for n in self.S:
+            tensors[f"{n}.weight.S"] = self.S[n].contiguous().cpu()
+            tensors[f"{n}.weight.W0S"] = self.W0S[n].contiguous().cpu()
+        with atomic_folder(path) as tmp:
+            save_file(tensors, str(tmp / "subspace.safetensors"))
+            (tmp / "cfg.json").write_text(json.dumps(self.cfg, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path, device="cpu") -> "Subspace":
+        path = Path(path)
+        for f in ("subspace.safetensors", "cfg.json"):
+            if not (path / f).is_file():
+                raise FileNotFoundError(f"{path / f} not found: a subspace folder has subspace.safetensors and cfg.json")
+        try:
+            cfg = json.loads((path / "cfg.json").read_text())
+            tensors = load_file(str(path / "subspace.safetensors"), device=str(device))
+        except Exception as e:  # noqa: BLE001 -- safetensors raises several types for a corrupt file
+            raise ValueError(f"{path} is not a readable subspace folder ({type(e).__name__}: {e})") from None
+        S = {k[:-len(".weight.S")]: v for k, v in tensors.items() if k.endswith(".weight.S")}
+        W0S = {k[:-len(".weight.W0S")]: v for k, v in tensors.items() if k.endswith(".weight.W0S")}
+        if set(S) != set(W0S) or not S:
+            raise ValueError(f"{path}/subspace.safetensors: expected a .weight.S and a .weight.W0S per layer, "
+                             f"got {sorted(tensors)[:4]}")
+        return cls(S, W0S, cfg)
+
+
+def prompts_hash(seqs: list[list[int]]) -> str:
+    return hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16]
+
+
+def compute_subspace(model, seqs: list[list[int]], pad_id: int, *, patterns=DEFAULT_TARGETS,
+                     energy: float = 0.99, k: int | None = None, skip_ids=(), batch_size: int = 32,
+                     randomized_above: int = 8192, dtype: torch.dtype = torch.float32, model_folder: str | None = None,
+                     progress: bool = False) -> Subspace:
+    """The safety subspace of `model` (the aligned model) on token sequences `seqs` (chat-formatted harmful prompts).
+
+    Rank: a fixed `k`, else the smallest k holding `energy` of trace(C). Layers wider than `randomized_above`
+    use `randomized_eigh` (doubling the probe count until the energy is reached)."""
+    if k is not None and k < 0:
+        raise ValueError(f"k={k}, expected >= 0")
+    names = target_names(model, patterns)
+    C, n = input_covariance(model, seqs, names, pad_id, skip_ids, batch_size, progress)
+    modules = dict(model.named_modules())
+    S, W0S, ranks = {}, {}, {}
+    for name in names:
+        Cn = C[name]
+        d = Cn.shape[0]
+        if d > randomized_above:
+            total, r = float(Cn.diagonal().sum()), min(d, k or 256)
+            while True:
+                evals, evecs = randomized_eigh(Cn, r, generator=torch.Generator(Cn.device).manual_seed(0))
+                kk = k if k is not None else rank_for_energy(evals, energy, total)
+                if k is not None or float(evals[:kk].sum()) >= (energy - 1e-12) * total or r >= d:
+                    break
+                r = min(d, 2 * r)
+        else:
+            evals, evecs = eigh_desc(Cn)
+            kk = k if k is not None else rank_for_energy(evals, energy)
+        kk = min(kk, d)
+        Sk = evecs[:, :kk].to(dtype)
+        S[name] = Sk
+        W0S[name] = modules[name].weight.detach().to(dtype) @ Sk
+        ranks[name] = [kk, d]
+    cfg = {"energy": None if k is not None else energy, "k": k, "targets": list(patterns), "ranks": ranks,
+           "n_tokens": n, "n_prompts": len(seqs), "prompts_sha256": prompts_hash(seqs), "model": model_folder}
+    return Subspace(S, W0S, cfg)
