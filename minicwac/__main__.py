@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .experiments import METHOD_SWITCHES, PRESETS
 from .world import TASKS
 
 
@@ -20,6 +21,16 @@ def _p_value(s: str) -> float:
     if not 0.0 <= p <= 1.0:
         raise argparse.ArgumentTypeError(f"p={p} is outside [0, 1]")
     return p
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +50,25 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--task", default="sentiment", choices=TASKS)
     e.add_argument("--seed", type=int, default=0, help="seed of the toy world")
 
+    x = sub.add_parser("experiment", help="methods x tasks x p x seeds with the constraints and baselines")
+    x.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                   help="quick: 1 seed, sentiment, p=0.1, every main method; full: 3 seeds, 3 tasks, 5 p")
+    x.add_argument("--out", default=None, help="output folder (default runs/experiment-<preset>); a rerun resumes")
+    x.add_argument("--seeds", type=int, nargs="+", default=None)
+    x.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
+    x.add_argument("--p", type=_p_value, nargs="+", default=None, help="harmful ratios")
+    x.add_argument("--methods", nargs="+", choices=list(METHOD_SWITCHES), default=None, metavar="METHOD",
+                   help=f"any of {', '.join(METHOD_SWITCHES)}")
+    x.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default: the recipe's 100)")
+    x.add_argument("--cache", default=None, help="cache of base/aligned models and SAEs")
+    x.add_argument("--no-models", action="store_true", help="do not save the fine-tuned models")
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    b = sub.add_parser("bench", help="benchmarks (timings reported, not asserted)")
+    b.add_argument("--what", required=True, choices=["step"], help="step: CWAC step / SFT step on the toy model")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--repeats", type=_positive_int, default=30)
+
     args = ap.parse_args(argv)
     try:
         if args.cmd == "demo":
@@ -54,6 +84,20 @@ def main(argv: list[str] | None = None) -> int:
             res = evaluate(model, tok, build_world(args.seed), args.task)
             for k in ("hs", "comply", "fa", "over_refusal", "refusal_score"):
                 print(f"{k:14s} {res[k]:.2f}")
+        elif args.cmd == "experiment":
+            from dataclasses import replace
+
+            from .experiments import run_experiment
+            from .pipeline import Recipe
+            r = Recipe() if args.steps is None else replace(Recipe(), finetune_steps=args.steps)
+            out = args.out or f"runs/experiment-{args.preset}"
+            run_experiment(out, args.preset, args.seeds, args.tasks, args.p, args.methods, recipe=r,
+                           cache_dir=args.cache, save_models=not args.no_models, progress=not args.quiet)
+            print(open(f"{out}/results.md").read())
+            print(f"wrote {out}/results.json, results.md, hs_vs_p.png, fa_vs_hs.png, drift.png, models/, subspace/, sae/")
+        elif args.cmd == "bench":
+            from .bench import bench_step, format_step
+            print(format_step(bench_step(args.device, args.repeats)))
     except (ValueError, OSError) as ex:  # FileNotFoundError is an OSError
         raise SystemExit(f"minicwac: error: {ex}") from None
     return 0

@@ -103,6 +103,8 @@ class SafetyFeatures:
         """L_safety on the prompts `batch` (indices into the fixed set; all of them if None)."""
         ids, keep, z0 = (self.ids, self.keep, self.z0) if batch is None else \
             (self.ids[batch], self.keep[batch], self.z0[batch])
+        T = int(keep.any(0).nonzero().max()) + 1  # drop the padding columns this batch does not need
+        ids, keep, z0 = ids[:, :T], keep[:, :T], z0[:, :T]
         x = model(ids, stop_at_layer=self.layer)  # (B, T, hidden): nothing above the SAE layer runs
         z = self.readout_of(x)
         return ((z - z0) ** 2).sum(-1)[keep].mean()  # summed over features, averaged over tokens
