@@ -75,7 +75,7 @@ def finetune_cwac(model, seqs: list[Seq], *, steps: int, batch_size: int = 16, l
         hist["task"].append(task.item())
         hist["safety"].append(safety.item())
         hist["lr"].append(opt.param_groups[0]["lr"])
-        bar.set_postfix(task=f"{float(task):.3f}", safety=f"{float(safety):.3f}")
+        bar.set_postfix(task=f"{hist['task'][-1]:.3f}", safety=f"{hist['safety'][-1]:.3f}")
         if eval_fn is not None and eval_every and (step + 1) % eval_every == 0:
             model.eval()
             hist["curve"].append({"step": step + 1, **eval_fn(model)})

@@ -229,7 +229,8 @@ def ce_recovered(model, sae: SAE, seqs: list[list[int]], pad_id: int, batch_size
 
 
 def train_sae(x: torch.Tensor, d_sae: int, k: int, layer: int, *, steps: int = 3000, batch_size: int = 1024,
-              lr: float = 1e-3, b_dec_init: str = "median", aux_k: int | None = None, dead_tokens: int = 20_000,
+              lr: float = 1e-3, b_dec_init: str = "median", aux_k: int | None = None, aux_coef: float = 1 / 32,
+              dead_tokens: int = 20_000,
               eval_every: int = 100, seed: int = 0, device="cpu", progress: bool = True) -> tuple[SAE, dict]:
     """Train a TopK SAE on activations x (n, d_in). Returns (sae with scale set, history of loss/l0/fvu/dead)."""
     if b_dec_init not in ("mean", "median"):
@@ -237,7 +238,7 @@ def train_sae(x: torch.Tensor, d_sae: int, k: int, layer: int, *, steps: int = 3
     x = x.float()
     d_in = x.shape[1]
     cfg = SAEConfig(d_in, d_sae, k, layer, aux_k=aux_k if aux_k is not None else min(d_sae, max(k, d_in // 2)),
-                    dead_tokens=dead_tokens)
+                    aux_coef=aux_coef, dead_tokens=dead_tokens)
     sae = SAE(cfg, device, seed)
     with torch.no_grad():
         scale = math.sqrt(d_in / float((x ** 2).sum(1).mean()))

@@ -55,6 +55,10 @@ def ckpt(tok, tmp_path):
     (["demo", "--p", "1.5"], "p=1.5 is outside [0, 1]"),
     (["demo", "--bogus"], "unrecognized arguments: --bogus"),
     (["demo", "--task", "poetry"], "invalid choice: 'poetry'"),
+    (["experiment", "--methods", "magic"], "invalid choice: 'magic'"),
+    (["experiment", "--preset", "huge"], "invalid choice: 'huge'"),
+    (["experiment", "--steps", "0"], "0 must be >= 1"),
+    (["bench", "--what", "everything"], "invalid choice: 'everything'"),
 ])
 def test_argument_errors(tmp_path, args, match):
     """Bad arguments fail before any work starts: nothing is printed on stdout, nothing is written."""
@@ -93,6 +97,9 @@ def test_eval_corrupt_folder(ckpt, tmp_path):
     (["train"], "invalid choice: 'train'"),
     (["eval"], "--model"),
     (["eval", "--model", "m", "--task", "poetry"], "invalid choice: 'poetry'"),
+    (["experiment", "--p", "2"], "outside [0, 1]"),
+    (["experiment", "--steps", "ten"], "'ten' is not an integer"),
+    (["bench"], "--what"),
 ])
 def test_argument_errors_in_process(argv, match):
     assert match in main_error(argv)

@@ -137,3 +137,69 @@ def test_clone_is_independent(tied):
     with torch.no_grad():
         c.model.norm.weight.add_(1.0)
     assert torch.equal(m.model.norm.weight, torch.ones(32))
+
+
+# ---------------------------------------------------------------- the method experiment (tiny smoke run)
+
+from minicwac.experiments import MAIN_METHODS, SafetyRecipe, run_experiment  # noqa: E402
+from minicwac.sae import SAE  # noqa: E402
+from minicwac.subspace import Subspace  # noqa: E402
+
+TINY_SAFETY = SafetyRecipe(d_sae=64, sae_k=4, sae_steps=30, m=10, eval_every=2)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiment")
+    data = run_experiment(root / "out", "quick", ps=[0.1], methods=list(MAIN_METHODS) + ["cwac-all"], recipe=TINY,
+                          safety=TINY_SAFETY, cache_dir=root / "cache", progress=False)
+    return root, data
+
+
+def test_experiment_writes_every_artefact(experiment):
+    root, data = experiment
+    out = root / "out"
+    runs = [x for x in data["rows"] if x["stage"] == "finetuned"]
+    assert sorted(x["method"] for x in runs) == sorted(list(MAIN_METHODS) + ["cwac-all"])
+    for x in data["rows"]:
+        assert set(x) == set(ROW_KEYS)
+    for m in MAIN_METHODS:
+        model, _ = load_checkpoint(out / "models" / f"{m}-sentiment-p0.1-s0")
+        curve = data["curves"][f"{m}-sentiment-p0.1-s0"]
+        assert [c["step"] for c in curve] == [0, 2, 4] and all(0 <= c["hs"] <= 100 for c in curve)
+    sub = Subspace.load(out / "subspace" / "s0")
+    assert sorted(sub.S) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert SAE.load(out / "sae" / "s0").cfg.d_sae == 64
+    md = (out / "results.md").read_text()
+    for section in ("HS and FA by p", "Component ablation", "Checks", "Safety artefacts"):
+        assert section in md
+    for png in ("hs_vs_p.png", "fa_vs_hs.png", "drift.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_experiment_constraints_hold_in_the_saved_models(experiment):
+    """The weight-constrained runs kept W S = W0 S for the saved subspace; SFT did not."""
+    root, _ = experiment
+    out = root / "out"
+    sub = Subspace.load(out / "subspace" / "s0")
+    for method, holds in (("weight", True), ("cwac", True), ("sft", False)):
+        model, _ = load_checkpoint(out / "models" / f"{method}-sentiment-p0.1-s0")
+        mods = dict(model.named_modules())
+        err = max(float((mods[n].weight @ S - sub.W0S[n]).abs().max()) for n, S in sub.S.items())
+        assert (err < 1e-5) == holds, (method, err)
+
+
+def test_experiment_resumes_and_refuses_other_settings(experiment):
+    root, data = experiment
+    stamp = (root / "out" / "models" / "sft-sentiment-p0.1-s0" / "model.safetensors").stat().st_mtime_ns
+    again = run_experiment(root / "out", "quick", ps=[0.1], methods=["sft"], recipe=TINY, safety=TINY_SAFETY,
+                           cache_dir=root / "cache", progress=False)
+    assert again["rows"] == data["rows"]  # nothing re-run, nothing rewritten
+    assert (root / "out" / "models" / "sft-sentiment-p0.1-s0" / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="other settings"):
+        run_experiment(root / "out", "quick", recipe=TINY, safety=SafetyRecipe(lam=1.0), cache_dir=root / "cache",
+                       progress=False)
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        run_experiment(root / "other", "quick", methods=["magic"], recipe=TINY, progress=False)
+    with pytest.raises(ValueError, match="unknown preset"):
+        run_experiment(root / "other", "huge", recipe=TINY, progress=False)

@@ -1,0 +1,145 @@
+"""minicwac.cwac: one CWAC step against a hand computation (AdamW written out), the switches, and the baselines."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from minicwac.cwac import AsFTPenalty, alignment_projectors, finetune_cwac, safeinstr_mix, safelora_project_
+from minicwac.features import safety_features
+from minicwac.model import GPT
+from minicwac.sae import SAE, SAEConfig
+from minicwac.subspace import ALL_LINEARS, compute_subspace
+from minicwac.train import batches, collate, lm_loss
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    return GPT(tiny_config()).eval()
+
+
+def copy_of(model):
+    m = GPT(model.config)
+    m.load_state_dict(model.state_dict())
+    return m.eval()
+
+
+def task_seqs(n=12, T=9):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randint(3, 97, (T,), generator=g).tolist(), [0] * 3 + [1] * (T - 3)) for _ in range(n)]
+
+
+def harmful(n=10):
+    g = torch.Generator().manual_seed(6)
+    return [torch.randint(3, 97, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.fixture
+def parts():
+    model = make()
+    sub = compute_subspace(model, harmful(), pad_id=0, energy=0.9)
+    torch.manual_seed(2)
+    sae = SAE(SAEConfig(32, 64, 4, layer=1))
+    with torch.no_grad():
+        sae.b_enc.fill_(0.2)
+    feats = safety_features(model, harmful(), 0, readout="pre", sae=sae, idx=torch.arange(10))
+    return model, sub, feats
+
+
+def test_one_cwac_step_equals_a_hand_computation(parts):
+    """First AdamW step by hand: m = (1-b1) g, v = (1-b2) g^2, bias-corrected -> g / (|g| + eps); decoupled weight
+    decay on matrices; then W <- W - (W S - W0S) S^T."""
+    model, sub, feats = parts
+    lr, wd, lam, eps, seed, sb = 1e-2, 0.1, 0.5, 1e-8, 3, 4
+    pkg = copy_of(model)
+    finetune_cwac(pkg, task_seqs(), steps=1, batch_size=4, lr=lr, weight_decay=wd, warmup=1, grad_clip=1e9,
+                  subspace=sub, features=feats, lam=lam, safety_batch=sb, seed=seed, progress=False)
+
+    hand = copy_of(model).train()
+    ids, labels = collate(next(batches(task_seqs(), 4, seed)), 0)
+    pick = torch.randint(len(feats.ids), (sb,), generator=torch.Generator().manual_seed(seed + 7))
+    x = hand(feats.ids[pick], stop_at_layer=1)
+    z = feats.sae.pre_acts(x, feats.idx)
+    keep = feats.keep[pick]
+    safety = ((z - feats.z0[pick]) ** 2).sum(-1)[keep].mean()
+    (lm_loss(hand, ids, labels) + lam * safety).backward()
+    with torch.no_grad():
+        for name, p in hand.named_parameters():
+            g = p.grad
+            step = g / (g.abs() + eps)  # m_hat / (sqrt(v_hat) + eps) at step 1
+            decay = wd if p.dim() >= 2 else 0.0
+            p.mul_(1 - lr * decay).sub_(lr * step)
+        mods = dict(hand.named_modules())
+        for name, S in sub.S.items():
+            W = mods[name].weight
+            W.sub_((W @ S - sub.W0S[name]) @ S.T)
+    for (name, a), b in zip(pkg.named_parameters(), hand.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5, msg=f"{name} differs from the hand-computed step")
+
+
+def test_switches_give_sft_weight_activation_cwac(parts):
+    """With no constraint the run equals plain SFT; lam = 0 turns the activation side off; the weight side holds
+    W S = W0 S; the activation side lowers L_safety relative to SFT on the same data."""
+    model, sub, feats = parts
+    runs = {}
+    for name, kw in {"sft": {}, "lam0": {"features": feats, "lam": 0.0}, "weight": {"subspace": sub},
+                     "activation": {"features": feats, "lam": 5.0}}.items():
+        m = copy_of(model)
+        h = finetune_cwac(m, task_seqs(), steps=15, batch_size=4, lr=3e-3, seed=1, progress=False, **kw)
+        runs[name] = (m, h)
+    for a, b in zip(runs["sft"][0].parameters(), runs["lam0"][0].parameters()):
+        assert torch.equal(a, b)
+    w = dict(runs["weight"][0].named_modules())
+    for n, S in sub.S.items():
+        torch.testing.assert_close(w[n].weight @ S, sub.W0S[n], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert feats.loss(runs["activation"][0]) < feats.loss(runs["sft"][0])
+    assert set(runs["sft"][1]) >= {"step", "loss", "task", "safety", "lr", "curve"}
+    assert runs["activation"][1]["safety"][0] == pytest.approx(0.0, abs=1e-9)  # z0 came from this very model
+
+
+def test_drift_curve_and_argument_checks(parts):
+    model, _, _ = parts
+    calls = []
+    h = finetune_cwac(copy_of(model), task_seqs(), steps=6, batch_size=4, eval_every=3,
+                      eval_fn=lambda m: calls.append(1) or {"hs": float(len(calls))}, progress=False)
+    assert [c["step"] for c in h["curve"]] == [0, 3, 6] and [c["hs"] for c in h["curve"]] == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="lam"):
+        finetune_cwac(copy_of(model), task_seqs(), steps=1, lam=-1.0, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        finetune_cwac(copy_of(model), task_seqs(), steps=0, progress=False)
+
+
+def test_safeinstr_mix_counts():
+    seqs = [([i], [1]) for i in range(100)]
+    refusals = [([1000 + i], [1]) for i in range(5)]
+    mixed = safeinstr_mix(seqs, refusals, 0.1, seed=0)
+    assert len(mixed) == 100 and sum(s[0][0] >= 1000 for s in mixed) == 10
+    assert safeinstr_mix(seqs, refusals, 0.0) and len(safeinstr_mix(seqs, refusals, 0.0)) == 100
+    with pytest.raises(ValueError, match="frac"):
+        safeinstr_mix(seqs, refusals, 1.0)
+
+
+def test_asft_and_safelora_by_hand():
+    base, aligned = make(0), make(1)
+    C = alignment_projectors(base, aligned, [r"model\.layers\.0\.mlp\.down_proj"])
+    name = "model.layers.0.mlp.down_proj"
+    V = aligned.model.layers[0].mlp.down_proj.weight - base.model.layers[0].mlp.down_proj.weight
+    torch.testing.assert_close(C[name], V @ V.T / V.norm())
+    tuned = copy_of(aligned)
+    with torch.no_grad():
+        tuned.model.layers[0].mlp.down_proj.weight.add_(0.01 * torch.randn(32, 64))
+    dW = tuned.model.layers[0].mlp.down_proj.weight - aligned.model.layers[0].mlp.down_proj.weight
+    pen = AsFTPenalty(aligned, C, lam=2.0)
+    assert pen(tuned).item() == pytest.approx(2.0 * ((dW - C[name] @ dW) ** 2).sum().item(), rel=1e-5)
+    assert pen(aligned).item() == 0.0
+    P = C[name] @ dW
+    cos = ((P * dW).sum() / (P.norm() * dW.norm())).item()
+    got = safelora_project_(copy_of(tuned), aligned, C, threshold=-1.0)  # below no threshold: nothing changes
+    assert got[name] == pytest.approx(cos, rel=1e-5)
+    projected = copy_of(tuned)
+    safelora_project_(projected, aligned, C, threshold=cos + 0.01)
+    torch.testing.assert_close(projected.model.layers[0].mlp.down_proj.weight,
+                               aligned.model.layers[0].mlp.down_proj.weight + P)
+    assert len(alignment_projectors(base, aligned, ALL_LINEARS)) == 14

@@ -1,0 +1,159 @@
+"""minicwac.subspace: covariance, eigen/SVD/randomized bases, rank by energy, the exact weight constraint, folders."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from minicwac.cwac import finetune_cwac
+from minicwac.hooks import capture
+from minicwac.model import GPT
+from minicwac.subspace import (ALL_LINEARS, Subspace, compute_subspace, eigh_desc, input_covariance, randomized_eigh,
+                               rank_for_energy, svd_basis, target_names)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT(tiny_config()).eval()
+
+
+def prompts(n=12, seed=0, vocab=97):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def test_target_names_by_pattern(model):
+    assert target_names(model) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert len(target_names(model, ALL_LINEARS)) == 2 * 7
+    with pytest.raises(ValueError, match="no linear layer matches"):
+        target_names(model, [r"model\.layers\.\d+\.mlp\.nope"])
+
+
+def test_covariance_matches_hand_computation(model):
+    """Streaming in float64 over batches = X^T X / n on the concatenated kept tokens (skipped id dropped)."""
+    seqs = prompts()
+    name = "model.layers.1.mlp.down_proj"
+    C, n = input_covariance(model, seqs, [name], pad_id=0, skip_ids=[5], batch_size=5)
+    rows = []
+    for s in seqs:
+        with capture(model, [name], what="input") as acts:
+            model(torch.tensor([s]))
+        keep = torch.tensor(s) != 5
+        rows.append(acts[name][0][keep])
+    X = torch.cat(rows).double()
+    assert n == len(X)
+    torch.testing.assert_close(C[name], X.T @ X / len(X))
+
+
+def test_eigh_and_svd_views_agree():
+    X = torch.randn(200, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
+    evals, V = eigh_desc(X.T @ X / 200)
+    s2, W = svd_basis(X)
+    torch.testing.assert_close(evals, s2)
+    torch.testing.assert_close((V.T @ W).abs(), torch.eye(16, dtype=torch.float64), atol=1e-6, rtol=0)  # up to sign
+    assert (evals[:-1] >= evals[1:]).all()
+
+
+def test_randomized_eigh_finds_the_top_eigenpairs():
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64, generator=g))
+    lam = torch.logspace(2, -4, 300, dtype=torch.float64)
+    C = Q @ torch.diag(lam) @ Q.T
+    evals, V = randomized_eigh(C, 20, generator=g)
+    # a slowly decaying spectrum (ratio 0.955 per index): the last pairs converge slowest
+    torch.testing.assert_close(evals, lam[:20], rtol=1e-3, atol=0)
+    torch.testing.assert_close((V.T @ Q[:, :10]).abs().diagonal()[:10], torch.ones(10, dtype=torch.float64),
+                               atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="niter"):
+        randomized_eigh(C, 5, niter=2)
+
+
+def test_rank_for_energy_by_hand():
+    ev = torch.tensor([6.0, 3.0, 0.9, 0.1])  # cumulative share 0.6, 0.9, 0.99, 1.0
+    assert [rank_for_energy(ev, e) for e in (0.5, 0.6, 0.61, 0.9, 0.95, 0.99, 1.0)] == [1, 1, 2, 2, 3, 3, 4]
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="energy"):
+            rank_for_energy(ev, bad)
+
+
+def test_subspace_basis_is_orthonormal_and_projector_idempotent(model):
+    sub = compute_subspace(model, prompts(), pad_id=0, energy=0.9)
+    for name, S in sub.S.items():
+        k, d = sub.ranks()[name]
+        assert 0 < k < d
+        torch.testing.assert_close(S.T @ S, torch.eye(k), atol=1e-5, rtol=0)
+        P = S @ S.T
+        torch.testing.assert_close(P, P.T)
+        torch.testing.assert_close(P @ P, P, atol=1e-5, rtol=0)
+        torch.testing.assert_close(sub.W0S[name], dict(model.named_modules())[name].weight @ S)
+    assert sub.cfg["energy"] == 0.9 and sub.cfg["n_prompts"] == 12 and len(sub.cfg["prompts_sha256"]) == 16
+
+
+def test_randomized_path_gives_the_same_subspace(model):
+    exact = compute_subspace(model, prompts(), pad_id=0, energy=0.95)
+    rand = compute_subspace(model, prompts(), pad_id=0, energy=0.95, randomized_above=8)
+    for name in exact.S:
+        assert exact.ranks()[name] == rand.ranks()[name]
+        torch.testing.assert_close(rand.S[name] @ rand.S[name].T, exact.S[name] @ exact.S[name].T, atol=1e-4, rtol=0)
+
+
+def _drift_set(n=32, T=10):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(3, 97, (T,), generator=g).tolist(), [1] * T) for _ in range(n)]
+
+
+def test_update_projection_is_exact_under_adamw_with_weight_decay(model):
+    """After many AdamW steps with weight decay, (W - W0) S = 0 to float precision and the leak is <= 1e-5."""
+    ref = GPT(model.config)
+    ref.load_state_dict(model.state_dict())
+    sub = compute_subspace(model, prompts(), pad_id=0, energy=0.99)
+    finetune_cwac(model, _drift_set(), steps=40, batch_size=8, lr=1e-2, weight_decay=0.1, subspace=sub, progress=False)
+    mods, refm = dict(model.named_modules()), dict(ref.named_modules())
+    for name, S in sub.S.items():
+        dW = mods[name].weight - refm[name].weight
+        assert dW.norm() > 1e-2, "the weights did not move: the test would prove nothing"
+        torch.testing.assert_close(mods[name].weight @ S, sub.W0S[name], atol=1e-5, rtol=0)
+    assert max(sub.leak(model, ref).values()) <= 1e-5
+
+
+def test_gradient_projection_alone_leaks_under_adam(model):
+    """Projecting only the gradient lets AdamW's per-coordinate scaling and weight decay move W S."""
+    ref = GPT(model.config)
+    ref.load_state_dict(model.state_dict())
+    sub = compute_subspace(model, prompts(), pad_id=0, energy=0.99)
+    finetune_cwac(model, _drift_set(), steps=40, batch_size=8, lr=1e-2, weight_decay=0.1, subspace=sub,
+                  project_grad=True, project_update=False, progress=False)
+    assert min(sub.leak(model, ref).values()) > 0.05
+
+
+def test_save_load_round_trip_and_errors(model, tmp_path):
+    sub = compute_subspace(model, prompts(), pad_id=0, k=5, model_folder="some/model")
+    sub.save(tmp_path / "sub")
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["cfg.json", "subspace.safetensors"]
+    back = Subspace.load(tmp_path / "sub")
+    assert back.cfg == sub.cfg and back.cfg["k"] == 5 and back.cfg["model"] == "some/model"
+    for n in sub.S:
+        assert torch.equal(back.S[n], sub.S[n]) and torch.equal(back.W0S[n], sub.W0S[n])
+    with pytest.raises(FileNotFoundError, match="subspace.safetensors"):
+        Subspace.load(tmp_path / "nowhere")
+    (tmp_path / "sub" / "subspace.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable subspace folder"):
+        Subspace.load(tmp_path / "sub")
+
+
+def test_projection_rejects_a_model_of_another_shape(model):
+    sub = compute_subspace(model, prompts(), pad_id=0, k=3)
+    other = GPT(tiny_config(intermediate_size=48))
+    with pytest.raises(ValueError, match="subspace expects"):
+        sub.project_(other)
+
+
+def test_leak_on_unconstrained_training_is_large(model):
+    """Sanity check of the metric: plain fine-tuning moves W S (so a zero leak above is the constraint's doing)."""
+    ref = GPT(model.config)
+    ref.load_state_dict(model.state_dict())
+    sub = compute_subspace(model, prompts(), pad_id=0, energy=0.99)
+    finetune_cwac(model, _drift_set(), steps=20, batch_size=8, lr=1e-2, progress=False)
+    assert min(sub.leak(model, ref).values()) > 0.3
