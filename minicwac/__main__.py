@@ -65,9 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--quiet", action="store_true", help="no progress bars")
 
     b = sub.add_parser("bench", help="benchmarks (timings reported, not asserted)")
-    b.add_argument("--what", required=True, choices=["step"], help="step: CWAC step / SFT step on the toy model")
+    b.add_argument("--what", required=True, choices=["step", "model"],
+                   help="step: CWAC step / SFT step on the toy model; model: minicwac vs transformers on a real shape")
     b.add_argument("--device", default="cpu")
-    b.add_argument("--repeats", type=_positive_int, default=30)
+    b.add_argument("--repeats", type=_positive_int, default=None, help="timed steps (default: step 30, model 10)")
+    b.add_argument("--shape", default="tiny", choices=["tiny", "llama-1b", "llama-8b"], help="model shape (--what model)")
+    b.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    b.add_argument("--batch", type=_positive_int, default=None, help="default: 8 on cuda, 4 on cpu")
+    b.add_argument("--seq", type=_positive_int, default=None, help="default: 1024 on cuda, 256 on cpu")
+    b.add_argument("--compile", action="store_true", help="torch.compile both models (--what model)")
+    b.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
 
     args = ap.parse_args(argv)
     try:
@@ -96,8 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             print(open(f"{out}/results.md").read())
             print(f"wrote {out}/results.json, results.md, hs_vs_p.png, fa_vs_hs.png, drift.png, models/, subspace/, sae/")
         elif args.cmd == "bench":
-            from .bench import bench_step, format_step
-            print(format_step(bench_step(args.device, args.repeats)))
+            from . import bench
+            if args.what == "step":
+                print(bench.format_step(bench.bench_step(args.device, args.repeats or 30)))
+            else:
+                print(bench.format_model(bench.bench_model(args.shape, args.device, args.dtype, args.batch, args.seq,
+                                                           args.repeats or 10, compile=args.compile,
+                                                           hf=not args.no_hf)))
     except (ValueError, OSError) as ex:  # FileNotFoundError is an OSError
         raise SystemExit(f"minicwac: error: {ex}") from None
     return 0

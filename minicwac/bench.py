@@ -1,13 +1,16 @@
-"""Benchmarks (`python -m minicwac bench --what step`): timings are reported, never asserted in tests.
+"""Benchmarks (`python -m minicwac bench --what step|model`): timings are reported, never asserted in tests.
 
 step: the CWAC step against the SFT step on the toy model's shapes, in the same loop, and where the extra time
 goes (the safety forward up to the SAE layer, the encoding of the selected latents, the projection).
+model: on a real model shape (llama-1b, llama-8b, or tiny for CPU), minicwac's SFT step against transformers'
+LlamaForCausalLM, the CWAC step against the SFT step, and the subspace extraction time.
 """
 from __future__ import annotations
 
 import time
 
 import torch
+import torch.nn.functional as F
 
 from .evals import prompt_ids
 from .features import safety_features
@@ -116,3 +119,157 @@ def format_step(res: dict) -> str:
         f"|   - of which the SAE encode of the selected latents (+ backward) | {res['sae_encode_ms']:.2f} |",
         f"| - projection W <- W - (W S - W0S) S^T | {res['projection_ms']:.2f} |",
         f"| ratio CWAC / SFT | {res['ratio']:.2f} (goal <= 1.30) |"])
+
+
+# ---------------------------------------------------------------- model: minicwac vs transformers on real shapes
+
+# Published shapes (random init: speed does not depend on the weights). `tiny` is for CPU runs.
+SHAPES = {
+    "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                     rope_theta=500000.0, max_position_embeddings=8192),
+    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                     max_position_embeddings=8192),
+}
+# dense bf16 peak FLOP/s by device name (no sparsity), for MFU
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def step_flops(cfg, tokens: int, seq: int) -> float:
+    """6 N per token for the matrices (forward + backward) + 12 L d T for attention scores (PaLM's count)."""
+    d, L = cfg.hidden_size, cfg.num_hidden_layers
+    hd = cfg.head_dim
+    per_layer = d * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + 3 * d * cfg.intermediate_size
+    n = L * per_layer + d * cfg.vocab_size  # + lm_head; the embedding lookup is not a matmul
+    return tokens * (6 * n + 12 * L * d * seq)
+
+
+def peak_flops(device) -> float | None:
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _sft_step_fn(model, opt, ids, loss_fn):
+    def step():
+        loss_fn(model, ids).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_model(shape: str = "tiny", device: str = "cpu", dtype: str | None = None, batch: int | None = None,
+                seq: int | None = None, repeats: int = 10, warmup: int = 3, compile: bool = False,
+                hf: bool = True, m: int = 100, safety_batch: int = 16, safety_len: int = 32,
+                calib_prompts: int = 256) -> dict:
+    """minicwac's SFT step against transformers' LlamaForCausalLM on the same shape, and the CWAC step against the
+    SFT step (safety prompts of `safety_len` tokens, forward stopped at the SAE layer, only `m` latents encoded),
+    plus the subspace extraction time (every down_proj, `calib_prompts` prompts, energy 0.99).
+
+    Defaults: on CUDA bf16, B=8 x T=1024; on CPU float32, B=4 x T=256."""
+    from .model import GPT, Config
+    if shape not in SHAPES:
+        raise ValueError(f"shape={shape!r}, expected one of {sorted(SHAPES)}")
+    cuda = torch.device(device).type == "cuda"
+    dt = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+          None: torch.bfloat16 if cuda else torch.float32}.get(dtype)
+    if dt is None:
+        raise ValueError(f"dtype={dtype!r}, expected bf16 or fp32")
+    B, T = batch or (8 if cuda else 4), seq or (1024 if cuda else 256)
+    cfg = Config(**SHAPES[shape])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(cfg.vocab_size, (B, T), generator=g).to(device)
+    res = {"shape": shape, "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if cuda else ""),
+           "dtype": str(dt).removeprefix("torch."), "batch": B, "seq": T, "compile": compile, "rows": {}}
+    flops, peak = step_flops(cfg, B * T, T), peak_flops(device)
+
+    def record(name, ms):
+        res["rows"][name] = {"ms": ms, "tokens_s": B * T / ms * 1000,
+                             "mfu": None if peak is None else flops / (ms / 1000) / peak}
+
+    def fused_adamw(model):
+        return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=cuda or None)
+
+    def mc_loss(model, x):
+        logits = model(x)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+
+    # --- minicwac: SFT and CWAC in the same loop
+    torch.manual_seed(0)
+    model = GPT(cfg, device=device, dtype=dt).train()
+    res["params"] = model.num_params()
+    calib = torch.randint(cfg.vocab_size, (calib_prompts, safety_len), generator=g).tolist()
+    _sync(device)
+    t = time.perf_counter()
+    sub = compute_subspace(model, calib, pad_id=0)  # equal lengths: no padding
+    _sync(device)
+    res["subspace_s"] = time.perf_counter() - t
+    res["subspace_k"] = {n: k for n, (k, _) in list(sub.ranks().items())[:1]}
+    layer = cfg.num_hidden_layers // 2
+    sae = SAE(SAEConfig(cfg.hidden_size, 8 * cfg.hidden_size, 64, layer), device=device)
+    feats = safety_features(model, calib, 0, readout="pre", sae=sae, idx=torch.arange(m, device=device), layer=layer)
+    fwd = torch.compile(model) if compile else model
+    opt = fused_adamw(model)
+    sft = _sft_step_fn(fwd, opt, ids, mc_loss)
+
+    def cwac_step():
+        pick = torch.randint(len(feats.ids), (safety_batch,), generator=g).to(device)
+        (mc_loss(fwd, ids) + 0.5 * feats.loss(fwd, pick)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sub.project_(model)
+
+    times = _time({"minicwac SFT": sft, "minicwac CWAC": cwac_step}, device, repeats, warmup)
+    for k, v in times.items():
+        record(k, v)
+    if cuda:
+        res["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    del model, opt, fwd, sft, feats, sub, sae
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # --- transformers' LlamaForCausalLM, same shape (an independent implementation; optional)
+    if hf:
+        try:
+            import transformers
+        except ImportError:
+            res["hf_skipped"] = "transformers is not installed (pip install transformers)"
+        else:
+            hcfg = transformers.LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")
+            torch.manual_seed(0)
+            with torch.device(device):
+                ref = transformers.LlamaForCausalLM(hcfg).to(dt).train()
+            ref.config.use_cache = False
+            fwd = torch.compile(ref) if compile else ref
+            step = _sft_step_fn(fwd, fused_adamw(ref), ids, lambda mdl, x: mdl(input_ids=x, labels=x).loss)
+            record("transformers SFT", _time({"hf": step}, device, repeats, warmup)["hf"])
+            del ref, fwd, step
+    rows = res["rows"]
+    res["cwac_over_sft"] = rows["minicwac CWAC"]["ms"] / rows["minicwac SFT"]["ms"]
+    if "transformers SFT" in rows:
+        res["minicwac_speedup_vs_hf"] = rows["transformers SFT"]["ms"] / rows["minicwac SFT"]["ms"]
+    return res
+
+
+def format_model(res: dict) -> str:
+    lines = [f"{res['shape']} ({res['params'] / 1e6:.1f}M params) on {res['device']}, {res['dtype']}, "
+             f"B={res['batch']} x T={res['seq']}, {'compiled' if res['compile'] else 'eager'}, fused AdamW",
+             "| step | ms | tokens/s | MFU |", "|---|---|---|---|"]
+    for name, r in res["rows"].items():
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {name} | {r['ms']:.1f} | {r['tokens_s']:.0f} | {mfu} |")
+    lines.append(f"CWAC / SFT: {res['cwac_over_sft']:.2f} (goal <= 1.10)")
+    if "minicwac_speedup_vs_hf" in res:
+        lines.append(f"transformers / minicwac step time: {res['minicwac_speedup_vs_hf']:.2f} (goal >= 1.00)")
+    elif "hf_skipped" in res:
+        lines.append(f"transformers: skipped ({res['hf_skipped']})")
+    lines.append(f"subspace extraction (every down_proj, energy 0.99): {res['subspace_s']:.1f} s")
+    if "peak_mem_gb" in res:
+        lines.append(f"peak GPU memory (minicwac SFT + CWAC): {res['peak_mem_gb']:.1f} GiB")
+    return "\n".join(lines)
