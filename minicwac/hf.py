@@ -1,13 +1,18 @@
-"""Checkpoints as Hugging Face folders: config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
+"""Checkpoints as Hugging Face folders: config.json, model.safetensors (or shards listed in
+model.safetensors.index.json), tokenizer.json, tokenizer_config.json.
 
-Because the model's modules carry Hugging Face's names, saving and loading is a key-for-key copy, guarded by
-checks that name what is wrong. Nothing is ever pickled. Writes go to a temporary folder that is renamed into
-place at the end, so an interrupted save never leaves a half-written checkpoint.
+For Llama, Mistral, Qwen2 and Gemma 2 the model's modules carry Hugging Face's names, so loading and saving is a
+key-for-key copy; GPT-2's names and layouts are translated by the one table `GPT2_NAMES` below. Every step is
+guarded by checks that name the file and what is wrong. Nothing is ever pickled. Loading builds the model on
+the meta device and assigns the checkpoint's tensors, so no second (float32) copy of the weights is ever made.
+Writes go to a temporary folder that is renamed into place at the end, so an interrupted save never leaves a
+half-written checkpoint.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -17,10 +22,41 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .model import GPT, Config
+from .model import FAMILIES, GPT, Config
 from .tokenizer import ChatTokenizer
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)  # ("llama", "mistral", "qwen2", "gemma2", "gpt2")
+
+# GPT-2 computes what our modules compute, under other names and in two other layouts: q, k and v are one fused
+# `c_attn` (stacked along the output axis), and its Conv1D weights are stored (in, out), the transpose of
+# nn.Linear's (out, in). One row per checkpoint tensor; {i} is the layer. How a tensor is converted on load
+# (and back on save): "copy"; "t": transpose; "split": cut into q, k, v; "split_t": transpose, then cut.
+GPT2_NAMES = [
+    # Hugging Face GPT-2              minicwac                                               how
+    ("wte.weight",                    "model.embed_tokens.weight",                           "copy"),
+    ("wpe.weight",                    "model.embed_positions.weight",                        "copy"),
+    ("h.{i}.ln_1.weight",             "model.layers.{i}.input_layernorm.weight",             "copy"),
+    ("h.{i}.ln_1.bias",               "model.layers.{i}.input_layernorm.bias",               "copy"),
+    ("h.{i}.attn.c_attn.weight",      "model.layers.{i}.self_attn.{q,k,v}_proj.weight",      "split_t"),
+    ("h.{i}.attn.c_attn.bias",        "model.layers.{i}.self_attn.{q,k,v}_proj.bias",        "split"),
+    ("h.{i}.attn.c_proj.weight",      "model.layers.{i}.self_attn.o_proj.weight",            "t"),
+    ("h.{i}.attn.c_proj.bias",        "model.layers.{i}.self_attn.o_proj.bias",              "copy"),
+    ("h.{i}.ln_2.weight",             "model.layers.{i}.post_attention_layernorm.weight",    "copy"),
+    ("h.{i}.ln_2.bias",               "model.layers.{i}.post_attention_layernorm.bias",      "copy"),
+    ("h.{i}.mlp.c_fc.weight",         "model.layers.{i}.mlp.up_proj.weight",                 "t"),
+    ("h.{i}.mlp.c_fc.bias",           "model.layers.{i}.mlp.up_proj.bias",                   "copy"),
+    ("h.{i}.mlp.c_proj.weight",       "model.layers.{i}.mlp.down_proj.weight",               "t"),
+    ("h.{i}.mlp.c_proj.bias",         "model.layers.{i}.mlp.down_proj.bias",                 "copy"),
+    ("ln_f.weight",                   "model.norm.weight",                                   "copy"),
+    ("ln_f.bias",                     "model.norm.bias",                                     "copy"),
+]
+GPT2_PREFIX = "transformer."  # GPT2LMHeadModel's prefix; GPT2Model checkpoints (e.g. the original gpt2) have none
+
+# Tensors a Hugging Face checkpoint may hold that are not parameters: skipped by name; any other tensor the
+# model has no place for is an error.
+IGNORED_TENSORS = re.compile(
+    r"(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq"  # RoPE frequencies saved by older transformers
+    r"|(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)")  # GPT-2's causal-mask buffers
 
 
 def _read_config(path: Path) -> Config:
@@ -41,43 +77,142 @@ def _read_config(path: Path) -> Config:
         raise ValueError(f"{f}: model_type {mt!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
     try:
         return Config.from_dict(d)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, KeyError) as e:
         raise ValueError(f"{f}: invalid config ({e})") from None
+
+
+# --- checkpoint names <-> model names --------------------------------------------------------------------------
+def _name_plan(model: GPT, prefix: str = "") -> list[tuple[str, list[str], str]]:
+    """(checkpoint name, our parameter names, how) for every tensor the checkpoint must hold."""
+    cfg = model.config
+    ours = [k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    if cfg.model_type != "gpt2":
+        return [(k, [k], "copy") for k in ours]
+    plan = []
+    for hf, mine, how in GPT2_NAMES:
+        for i in map(str, range(cfg.num_hidden_layers)) if "{i}" in hf else [""]:
+            mine_i = mine.replace("{i}", i)
+            names = [mine_i.replace("{q,k,v}", p) for p in "qkv"] if "{q,k,v}" in mine else [mine_i]
+            plan.append((prefix + hf.replace("{i}", i), names, how))
+    if not cfg.tie_word_embeddings:
+        plan.append(("lm_head.weight", ["lm_head.weight"], "copy"))
+    covered = sorted(n for _, names, _ in plan for n in names)
+    assert covered == sorted(ours), "GPT2_NAMES does not cover the model's parameters"
+    return plan
+
+
+def _stored_shape(how: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The checkpoint's shape of a tensor, from our parameters' shapes."""
+    if how == "copy":
+        return shapes[0]
+    if how == "t":
+        return shapes[0][::-1]
+    rows = sum(s[0] for s in shapes)  # q, k, v stacked along the output axis
+    return (rows,) if how == "split" else (shapes[0][1], rows)
+
+
+def _from_stored(t: torch.Tensor, how: str, sizes: list[int]) -> list[torch.Tensor]:
+    """Checkpoint tensor -> our parameter(s); each a contiguous tensor of its own (safetensors refuses to save
+    tensors that share memory)."""
+    if how == "copy":
+        return [t]
+    if how == "t":
+        return [t.t().contiguous()]
+    t = t.t() if how == "split_t" else t
+    return [p.clone(memory_format=torch.contiguous_format) for p in t.split(sizes, dim=0)]
+
+
+def _to_stored(ts: list[torch.Tensor], how: str) -> torch.Tensor:
+    """Our parameter(s) -> the checkpoint tensor (the inverse of _from_stored)."""
+    if how == "copy":
+        return ts[0]
+    if how == "t":
+        return ts[0].t()
+    t = torch.cat(ts, dim=0)
+    return t.t() if how == "split_t" else t
+
+
+# --- reading the weight files ----------------------------------------------------------------------------------
+def _weight_files(path: Path) -> tuple[Path, list[Path]]:
+    """(the file to name in errors, the safetensors files): model.safetensors, else the shards of the index."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return single, [single]
+    if not index.is_file():
+        raise FileNotFoundError(f"{single} is missing; expected the weights as model.safetensors or as shards "
+                                f"listed in {index.name}")
+    try:
+        d = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index} is not valid JSON ({e})") from None
+    wm = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise ValueError(f"{index} has no weight_map; expected {{\"weight_map\": {{tensor name: shard file}}}}")
+    shards = [path / f for f in dict.fromkeys(wm.values())]  # unique, in order
+    for f in shards:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing; {index.name} lists it as a shard of the weights")
+    return index, shards
+
+
+def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Tensor name -> (file, shape) for every tensor in the files, from their headers (no data is read)."""
+    found = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    if k in found:
+                        raise ValueError(f"{f}: tensor {k} is also in {found[k][0]}; expected each tensor once")
+                    found[k] = (f, tuple(h.get_slice(k).get_shape()))
+        except SafetensorError as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
+    return found
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> GPT:
-    """Load a Hugging Face folder into the minicwac model, on `device`, in the checkpoint's dtype unless `dtype`.
+    """Load a Hugging Face folder (llama, mistral, qwen2, gemma2 or gpt2) into the minicwac model, on `device`,
+    in the checkpoint's dtype unless `dtype`.
 
     The model is built on the meta device and the tensors are assigned, so no second (float32) copy of the
-    weights is ever made.
+    weights is ever made. Every check (names, shapes) runs on the file headers before any weight is read.
     """
     path = Path(path)
     cfg = _read_config(path)
-    st = path / "model.safetensors"
-    if not st.is_file():
-        raise FileNotFoundError(f"{st} is missing; expected the weights as model.safetensors")
     with torch.device("meta"):
         model = GPT(cfg, device="meta")
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+    src, files = _weight_files(path)
+    found = _read_headers(files)
+    gpt2_prefix = GPT2_PREFIX if cfg.model_type == "gpt2" and any(k.startswith(GPT2_PREFIX) for k in found) else ""
+    plan = _name_plan(model, gpt2_prefix)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {hf: _stored_shape(how, [ours[n] for n in names]) for hf, names, how in plan}
+    ignored = {k for k in found if IGNORED_TENSORS.fullmatch(k)}
+    if cfg.tie_word_embeddings and "lm_head.weight" in found:
+        ignored.add("lm_head.weight")  # a copy of the tied embedding some exporters store; HF ignores it too
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected) - ignored)
+    if missing:
+        raise ValueError(f"{src}: missing tensor {missing[0]} ({len(missing)} missing in all)")
+    if unexpected:
+        raise ValueError(f"{found[unexpected[0]][0]}: unexpected tensor {unexpected[0]} ({len(unexpected)} "
+                         "unexpected in all)")
+    for hf, shape in expected.items():
+        if found[hf][1] != shape:
+            raise ValueError(f"{found[hf][0]}: {hf} has shape {found[hf][1]}, expected {shape} from config.json")
     sd = {}
-    try:
-        with safe_open(str(st), framework="pt", device=str(device)) as f:
-            keys = set(f.keys())
-            missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
-            if missing:
-                raise ValueError(f"{st}: missing tensor {missing[0]} ({len(missing)} missing in all)")
-            if unexpected:
-                raise ValueError(f"{st}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected in all)")
-            for k in expected:
-                t = f.get_tensor(k)
-                if tuple(t.shape) != expected[k]:
-                    raise ValueError(f"{st}: {k} has shape {tuple(t.shape)}, expected {expected[k]} from config.json")
-                sd[k] = t.to(dtype) if dtype is not None else t
-    except SafetensorError as e:
-        raise ValueError(f"{st} is not a readable safetensors file ({e})") from None
+    for f in files:  # one file open at a time
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as h:
+                for hf, names, how in plan:
+                    if found[hf][0] != f:
+                        continue
+                    t = h.get_tensor(hf)
+                    t = t.to(dtype) if dtype is not None else t
+                    sd.update(zip(names, _from_stored(t, how, [ours[n][0] for n in names])))
+        except SafetensorError as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
     if cfg.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     model.load_state_dict(sd, assign=True)
@@ -115,18 +250,22 @@ def atomic_folder(path: str | Path):
 
 
 def save_pretrained(model: GPT, tokenizer: ChatTokenizer | None, path: str | Path) -> Path:
-    """Write model (and tokenizer) as a Hugging Face folder at `path`, replacing it atomically if it exists."""
+    """Write model (and tokenizer) as a Hugging Face folder at `path`, replacing it atomically if it exists.
+
+    transformers' AutoModelForCausalLM loads the folder as the model's family (GPT-2 names mapped back)."""
+    cfg = model.config
     with atomic_folder(path) as tmp:
-        sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            sd.pop("lm_head.weight")  # HF convention: the tied head is not stored
+        ours = {k: v.detach() for k, v in model.state_dict().items()}
+        # HF convention: a tied head is not stored
+        plan = _name_plan(model, GPT2_PREFIX if cfg.model_type == "gpt2" else "")
+        sd = {hf: _to_stored([ours[n] for n in names], how).contiguous() for hf, names, how in plan}
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(
-            {**model.config.to_dict(), "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
+            {**cfg.to_dict(), "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
             indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
-             "pad_token_id": model.config.pad_token_id}, indent=2))
+            {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+             "pad_token_id": cfg.pad_token_id}, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
     return Path(path)

@@ -120,5 +120,5 @@ def test_eval_corrupt_folder_in_process(ckpt, corruption, match):
         (ckpt / "config.json").write_text((ckpt / "config.json").read_text().replace('"hidden_size": 32',
                                                                                      '"hidden_size": 16'))
     else:
-        (ckpt / "config.json").write_text((ckpt / "config.json").read_text().replace('"llama"', '"mistral"'))
+        (ckpt / "config.json").write_text((ckpt / "config.json").read_text().replace('"llama"', '"mixtral"'))
     assert match in main_error(["eval", "--model", str(ckpt)])

@@ -130,7 +130,7 @@ def _edit_config(ckpt, **kw):
     f.write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("mt", ["gpt2", None])
+@pytest.mark.parametrize("mt", ["mixtral", None])
 def test_unsupported_model_type(ckpt, mt):
     _edit_config(ckpt, model_type=mt)
     with pytest.raises(ValueError, match=f"model_type {mt!r} is not supported"):
