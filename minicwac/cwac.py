@@ -2,7 +2,7 @@
 
     loss = CE(task batch, assistant tokens only) + lam * L_safety(harmful prompt batch)     # activation side
     loss.backward(); optimizer.step(); optimizer.zero_grad()
-    W <- W - (W S - W0S) S^T   for every target layer                                     # weight side
+    W <- W - (W S - W0S) S^T   for every target layer (its bias, if any, frozen)           # weight side
 
 Switches: no subspace and no features = SFT; subspace only = weight-only; features only = activation-only;
 both = CWAC. AsFT adds its penalty to the same loss; SafeInstr changes the data; SafeLoRA acts after training.
@@ -42,6 +42,9 @@ def finetune_cwac(model, seqs: list[Seq], *, steps: int, batch_size: int = 16, l
     device = model.device
     subspace = subspace.to(device) if subspace is not None else None
     warmup = max(1, steps // 20) if warmup is None else warmup
+    frozen = [b for b in subspace.biases(model) if b.requires_grad] if subspace is not None and project_update else []
+    for b in frozen:  # a target's bias would shift its output on the protected inputs: not trained
+        b.requires_grad_(False)
     opt = make_optimizer(model, lr, weight_decay)
     data = batches(seqs, batch_size, seed)
     g = torch.Generator().manual_seed(seed + 7)  # harmful prompt batches for L_safety
@@ -81,6 +84,8 @@ def finetune_cwac(model, seqs: list[Seq], *, steps: int, batch_size: int = 16, l
             hist["curve"].append({"step": step + 1, **eval_fn(model)})
             model.train()
     model.eval()
+    for b in frozen:
+        b.requires_grad_(True)
     return hist
 
 

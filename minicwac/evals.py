@@ -76,8 +76,8 @@ def generate_answers(model, tok: ChatTokenizer, prompts: list[str], max_new_toke
     for i in range(0, len(prompts), batch_size):
         rows = [prompt_ids(tok, p) for p in prompts[i:i + batch_size]]
         ids, mask = _left_pad(rows, tok.pad_token_id, model.device)
-        new = model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=tok.eos_token_id)
-        out += [tok.decode([t for t in row if t != tok.eos_token_id]).strip() for row in new.tolist()]
+        new = model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=tok.eos_token_ids)
+        out += [tok.decode([t for t in row if t not in tok.eos_token_ids]).strip() for row in new.tolist()]
     return out
 
 

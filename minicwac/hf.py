@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .model import FAMILIES, GPT, Config
-from .tokenizer import ChatTokenizer
+from .tokenizer import ChatTokenizer, load_tokenizer  # noqa: F401 -- load_tokenizer is part of this API
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)  # ("llama", "mistral", "qwen2", "gemma2", "gpt2")
 
@@ -274,4 +274,4 @@ def save_pretrained(model: GPT, tokenizer: ChatTokenizer | None, path: str | Pat
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[GPT, ChatTokenizer]:
     """Model and tokenizer from one folder."""
-    return load_pretrained(path, device, dtype), ChatTokenizer.load(path)
+    return load_pretrained(path, device, dtype), load_tokenizer(path)

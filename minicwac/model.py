@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -471,6 +472,9 @@ class GPT(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         if device is None or torch.device(device).type != "meta":
             self.apply(self._init_weights)
+        # recompute each block's activations in the backward pass instead of storing them (training only): about
+        # a third more compute for a memory that no longer grows with the number of layers
+        self.gradient_checkpointing = False
 
     def _init_weights(self, m: nn.Module):
         std = self.config.initializer_range
@@ -522,7 +526,10 @@ class GPT(nn.Module):
         for i, layer in enumerate(self.model.layers):
             if stop_at_layer is not None and i == stop_at_layer:
                 return x
-            x = layer(x, cos, sin, masks[i], cache, i)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, masks[i], cache, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, masks[i], cache, i)
         if stop_at_layer == L:
             return x
         logits = self.lm_head(self.model.norm(x))
@@ -532,13 +539,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
-                 temperature: float = 0.0, top_k: int | None = None, eos_token_id: int | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, eos_token_id: int | list[int] | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue left-padded prompts (B, T); returns only the new tokens (B, <= max_new_tokens).
 
         temperature 0 is greedy; otherwise sample (optionally from the top_k) with the explicit `generator`,
-        so a sample is reproducible. Rows that emitted `eos_token_id` are padded with it afterwards.
+        so a sample is reproducible. `eos_token_id` may list several end tokens (Llama 3 chat models); rows that
+        emitted one are padded with the first afterwards.
         """
+        eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=input_ids.device).reshape(-1)
         if max_new_tokens <= 0:
             return input_ids.new_empty((input_ids.shape[0], 0))
         if attention_mask is None:
@@ -556,11 +565,11 @@ class GPT(nn.Module):
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done = done | (nxt == eos_token_id)
+            if eos is not None:
+                nxt = torch.where(done, eos[0], nxt)
+                done = done | torch.isin(nxt, eos)
             new.append(nxt)
-            if eos_token_id is not None and bool(done.all()) or len(new) == max_new_tokens:
+            if eos is not None and bool(done.all()) or len(new) == max_new_tokens:
                 break
             am = torch.cat([am, torch.ones_like(nxt[:, None])], dim=1)
             logits = self(nxt[:, None], attention_mask=am, cache=cache)[:, -1, :].float()  # (B, vocab)

@@ -150,6 +150,12 @@ class Subspace:
                                  f"({self.W0S[name].shape[0]}, {S.shape[0]})")
             yield name, W, S
 
+    def biases(self, model) -> list[torch.nn.Parameter]:
+        """The biases of the target layers (GPT-2 and Qwen2 have some). (W - W0) S = 0 keeps W x for inputs x in
+        the subspace, but a changed bias would still move those outputs, so CWAC keeps these frozen."""
+        modules = dict(model.named_modules())
+        return [modules[n].bias for n in self.S if getattr(modules.get(n), "bias", None) is not None]
+
     @torch.no_grad()
     def project_(self, model) -> None:
         """The weight constraint: W <- W - (W S - W0S) S^T for every target (in the subspace's float dtype)."""

@@ -1,21 +1,37 @@
-"""Byte-level BPE tokenizer with chat special tokens, and chat rendering with an assistant-only loss mask.
+"""Byte-level BPE tokenizer with chat special tokens, chat rendering with an assistant-only loss mask, and real
+Hugging Face tokenizer folders in and out.
 
 The tokenizer is a `tokenizers.Tokenizer` (saved as tokenizer.json) plus the few fields that Hugging Face keeps
 in tokenizer_config.json: the special tokens and the `chat_template`, a Jinja template rendered the way
-transformers' `apply_chat_template` renders it (sandboxed, trim_blocks, lstrip_blocks).
+transformers' `apply_chat_template` renders it (sandboxed, trim_blocks, lstrip_blocks, the same helpers and
+variables). `load_tokenizer` reads a real Hugging Face folder (tokenizer.json, tokenizer_config.json,
+chat_template.jinja, special_tokens_map.json, generation_config.json, config.json) the way transformers'
+AutoTokenizer does, and `ChatTokenizer.save` writes a folder that AutoTokenizer loads back the same.
 """
 from __future__ import annotations
 
 import json
+import re
+from contextvars import ContextVar
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
+from jinja2 import nodes
+from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, "<|system|>", "<|user|>", "<|assistant|>"]
+
+# The named special tokens of a Hugging Face tokenizer, in transformers' order: `apply_chat_template` passes the
+# ones that are set to the template as variables of these names.
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_OTHER_NAMED = ("unk_token", "sep_token", "cls_token", "mask_token")
 
 # The toy model's own chat template. Each turn is `<|role|> content<|end|>`; the space before the content
 # makes the first word the same token as inside a sentence ("Ġpositive"), as it is in pretraining text.
@@ -28,16 +44,93 @@ TOY_CHAT_TEMPLATE = (
 )
 
 
+class ChatTemplateError(TemplateError, ValueError):
+    """Raised by a chat template's `raise_exception(...)` (a jinja2 TemplateError, as in transformers, and a
+    ValueError)."""
+
+
+# --- The Jinja environment -----------------------------------------------------------------------------------
+# The same options, extensions, filters and globals that transformers gives chat templates, written here so
+# that real templates render identically: trim_blocks/lstrip_blocks, {% break %}/{% continue %},
+# {% generation %}...{% endgeneration %} (marks the text the assistant generates), raise_exception(), tojson
+# (no HTML escaping, non-ASCII kept), strftime_now() (Llama 3.1 writes today's date), dict() and a namespace()
+# that refuses underscore names.
+
+# While a chat is rendered for its assistant mask: (pieces rendered so far, spans of {% generation %} blocks).
+_generation_track: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar(
+    "minicwac_generation_track", default=None)
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class _GenerationBlock(Extension):
+    """`{% generation %}body{% endgeneration %}` renders its body and, while a render is tracked, records the
+    character span of the body in the output."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_record", []), [], [], body).set_lineno(lineno)
+
+    def _record(self, caller):
+        text = caller()
+        track = _generation_track.get()
+        if track is not None:
+            pieces, spans = track  # the pieces yielded so far are exactly the text before this block
+            start = sum(len(p) for p in pieces)
+            spans.append((start, start + len(text)))
+        return text
+
+
+def _raise_exception(message):
+    raise ChatTemplateError(f"chat template error: {message}")
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+class _TemplateDict:
+    """`dict(...)` and `dict.fromkeys(...)` for templates, without exposing the dict type itself."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+def _check_namespace_name(name):
+    if isinstance(name, str) and name.startswith("_"):
+        raise SecurityError(f"chat templates cannot store underscore names on a namespace: {name!r}")
+
+
+class _TemplateNamespace(Namespace):
+    """jinja2's namespace(), refusing names that start with an underscore."""
+
+    def __init__(*args, **kwargs):  # noqa: N805 (jinja2's signature, so that namespace(self=...) works)
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _check_namespace_name(name)
+        Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _check_namespace_name(name)
+        Namespace.__setitem__(self, name, value)
+
+
 @lru_cache(maxsize=32)
 def _compile_template(template: str):
-    def raise_exception(message):
-        raise ValueError(f"chat template error: {message}")
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
-                                                                                 ensure_ascii=ensure_ascii)
-    env.globals["raise_exception"] = raise_exception
+                                        extensions=[_GenerationBlock, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
+                       namespace=_TemplateNamespace)
     return env.from_string(template)
 
 
@@ -54,16 +147,48 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 1024, special_tokens: list
 
 
 class ChatTokenizer:
-    """A `tokenizers.Tokenizer` with bos/eos/pad and a chat template."""
+    """A `tokenizers.Tokenizer` with bos/eos/pad and a chat template.
 
-    def __init__(self, tokenizer: Tokenizer, chat_template: str = TOY_CHAT_TEMPLATE, bos_token: str | None = BOS,
-                 eos_token: str = EOS, pad_token: str | None = PAD):
+    `bos_token`, `eos_token`, `pad_token` (and `other_special_tokens`: unk/sep/cls/mask) are the tokenizer's named
+    special tokens, as transformers sees them: the chat template gets them as variables. The ids a model needs
+    may also come from generation_config.json / config.json: `bos_token_id` and `pad_token_id` (used only when
+    the token is None) and `eos_token_ids` (every id that ends generation; Llama 3 instruct lists several).
+    `add_bos_token`/`add_eos_token` are the tokenizer_config.json flags, kept so that `save` writes them back
+    (None: not set). Plain text is encoded with special tokens by tokenizer.json's post-processor, as
+    transformers does: `encode(text, add_special_tokens=True)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, chat_template: str | None = TOY_CHAT_TEMPLATE,
+                 bos_token: str | None = BOS, eos_token: str | None = EOS, pad_token: str | None = PAD, *,
+                 other_special_tokens: Mapping[str, str | None] | None = None,
+                 bos_token_id: int | None = None, eos_token_ids: Sequence[int] = (), pad_token_id: int | None = None,
+                 add_bos_token: bool | None = False, add_eos_token: bool | None = False):
         self.tok = tokenizer
         self.chat_template = chat_template
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
-        for name in (bos_token, eos_token, pad_token):
+        self.other_special_tokens = {k: v for k, v in (other_special_tokens or {}).items() if v is not None}
+        self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
+        for key in self.other_special_tokens:
+            if key not in _OTHER_NAMED:
+                raise ValueError(f"other_special_tokens: {key!r} is not one of {_OTHER_NAMED}")
+        for name in (bos_token, eos_token, pad_token, *self.other_special_tokens.values()):
             if name is not None and tokenizer.token_to_id(name) is None:
                 raise ValueError(f"special token {name!r} is not in the tokenizer's vocabulary")
+        for what, ids in (("bos_token_id", [bos_token_id]), ("eos_token_ids", list(eos_token_ids)),
+                          ("pad_token_id", [pad_token_id])):
+            for i in ids:
+                bad = isinstance(i, bool) or not isinstance(i, int) or tokenizer.id_to_token(i) is None
+                if i is not None and bad:
+                    raise ValueError(f"{what}: {i!r} is not a token id of the tokenizer "
+                                     f"({tokenizer.get_vocab_size()} tokens)")
+        for token, i, what in ((bos_token, bos_token_id, "bos"), (pad_token, pad_token_id, "pad")):
+            if token is not None and i is not None and tokenizer.token_to_id(token) != i:
+                raise ValueError(f"{what}_token {token!r} has id {tokenizer.token_to_id(token)}, not "
+                                 f"{what}_token_id {i}")
+        if eos_token is None and not list(eos_token_ids):
+            raise ValueError("a ChatTokenizer needs an eos_token or eos_token_ids")
+        self._bos_token_id, self._pad_token_id = bos_token_id, pad_token_id
+        self._eos_token_ids = list(eos_token_ids)
 
     @property
     def vocab_size(self) -> int:
@@ -71,77 +196,271 @@ class ChatTokenizer:
 
     @property
     def bos_token_id(self) -> int | None:
-        return None if self.bos_token is None else self.tok.token_to_id(self.bos_token)
+        return self._bos_token_id if self.bos_token is None else self.tok.token_to_id(self.bos_token)
 
     @property
     def eos_token_id(self) -> int:
-        return self.tok.token_to_id(self.eos_token)
+        """The primary end token: eos_token's id (else the first of eos_token_ids)."""
+        return self._eos_token_ids[0] if self.eos_token is None else self.tok.token_to_id(self.eos_token)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends generation, the primary one first."""
+        return list(dict.fromkeys([self.eos_token_id, *self._eos_token_ids]))
 
     @property
     def pad_token_id(self) -> int:
-        return self.tok.token_to_id(self.pad_token) if self.pad_token is not None else self.eos_token_id
+        if self.pad_token is not None:
+            return self.tok.token_to_id(self.pad_token)
+        return self._pad_token_id if self._pad_token_id is not None else self.eos_token_id
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The named special tokens that are set, as transformers' `tokenizer.special_tokens_map`."""
+        given = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                 **self.other_special_tokens}
+        return {k: given[k] for k in NAMED_SPECIAL_TOKENS if given.get(k) is not None}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of plain text. By default no special token is added (what the toy code needs); with
+        add_special_tokens=True, tokenizer.json's post-processor adds what transformers' `tokenizer(text)` adds
+        (e.g. BOS for Llama and Gemma)."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """The chat as text, rendered by the Jinja chat template exactly as transformers does."""
-        return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token)
+    def _render(self, messages: list[dict], add_generation_prompt: bool, track: bool, template_kwargs: dict):
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template (tokenizer_config.json has no chat_template and "
+                             "there is no chat_template.jinja)")
+        # As transformers: keys whose value is None are dropped; the template sees the special tokens, tools and
+        # documents (None unless given) and any extra variables (which override the special tokens).
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        variables = {"tools": None, "documents": None, **self.special_tokens_map, **template_kwargs}
+        template = _compile_template(self.chat_template)
+        if not track:
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables), []
+        pieces, spans = [], []
+        reset = _generation_track.set((pieces, spans))
+        try:
+            for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                           **variables):
+                pieces.append(piece)
+        finally:
+            _generation_track.reset(reset)
+        return "".join(pieces), spans
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """Token ids of the rendered chat, and a mask that is 1 on assistant tokens (the answer and its end token).
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False, **template_kwargs) -> str:
+        """The chat as text, rendered by the Jinja chat template exactly as transformers'
+        `apply_chat_template(messages, tokenize=False, ...)` renders it. Extra keyword arguments (tools,
+        documents, date_string, ...) are passed to the template."""
+        return self._render(messages, add_generation_prompt, False, template_kwargs)[0]
 
-        The assistant spans are found in the text by rendering growing prefixes of the conversation (the text
-        the template adds for turn i is what render(messages[:i+1]) adds to render(messages[:i])); a token is
-        an assistant token when its characters lie inside such a span.
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False,
+                    **template_kwargs) -> tuple[list[int], list[int]]:
+        """Token ids of the rendered chat (no special token added on top of what the template writes, as
+        transformers' apply_chat_template), and a mask that is 1 on assistant tokens.
+
+        If the template marks the assistant's text with {% generation %} blocks, the mask is 1 on the tokens that
+        overlap a block (transformers' `return_assistant_tokens_mask`). Otherwise the assistant spans are found
+        by rendering growing prefixes of the conversation (the text the template adds for assistant turn i is
+        what render(messages[:i+1]) adds to render(messages[:i], add_generation_prompt=True): the answer and its
+        end token), and a token is an assistant token when its characters lie inside such a span.
         """
-        text = self.render_chat(messages, add_generation_prompt)
-        spans = []
-        for i, m in enumerate(messages):
-            if m["role"] == "assistant":
-                start = len(self.render_chat(messages[:i], add_generation_prompt=True))
-                end = len(self.render_chat(messages[: i + 1]))
-                spans.append((start, end))
+        tracked = bool(self.chat_template) and _GENERATION_TAG.search(self.chat_template) is not None
+        text, spans = self._render(messages, add_generation_prompt, tracked, template_kwargs)
         enc = self.tok.encode(text, add_special_tokens=False)
+        if tracked:
+            mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc.offsets]
+            return enc.ids, mask
+        for i, m in enumerate(messages):
+            if m.get("role") == "assistant":
+                before = self.render_chat(messages[:i], add_generation_prompt=True, **template_kwargs)
+                upto = self.render_chat(messages[: i + 1], **template_kwargs)
+                if not (text.startswith(upto) and upto.startswith(before)):
+                    raise ValueError(
+                        f"cannot find assistant turn {i} in the rendered chat: the chat template does not render a "
+                        "prefix of the conversation as a prefix of the whole; mark the assistant text with "
+                        "{% generation %} ... {% endgeneration %} in the template")
+                spans.append((len(before), len(upto)))
         mask = [int(any(s <= a and b <= e for s, e in spans) and b > a) for a, b in enc.offsets]
         return enc.ids, mask
 
     def save(self, path: str | Path) -> None:
-        """Write tokenizer.json and tokenizer_config.json into the folder `path`."""
+        """Write tokenizer.json and tokenizer_config.json into the folder `path` (created if needed), as
+        transformers' AutoTokenizer reads them. Ids that tokenizer_config.json cannot hold (several eos ids; a bos
+        or pad id without a bos or pad token) go into generation_config.json, merged into the one already there.
+        An existing chat_template.jinja (which would take precedence over tokenizer_config.json) is rewritten
+        with this template."""
         path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(path / "tokenizer.json"))
+        added = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                          "single_word": t.single_word, "special": t.special}
+                 for i, t in sorted(self.tok.get_added_tokens_decoder().items())}
         cfg = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
+            "tokenizer_class": "PreTrainedTokenizerFast",  # reads tokenizer.json as it is
             "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
-            "add_bos_token": False,  # the chat template writes BOS itself
+            **self.other_special_tokens,
+            **({} if self.add_bos_token is None else {"add_bos_token": self.add_bos_token}),
+            **({} if self.add_eos_token is None else {"add_eos_token": self.add_eos_token}),
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000,
-            "chat_template": self.chat_template,
+            **({"split_special_tokens": True} if getattr(self.tok, "encode_special_tokens", False) else {}),
+            "added_tokens_decoder": added,  # as transformers writes it; it also makes special_tokens_map.json unused
         }
-        (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
+            if (path / "chat_template.jinja").is_file():
+                (path / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+        gen = {}
+        if len(self.eos_token_ids) > 1 or self.eos_token is None:
+            gen["eos_token_id"] = self.eos_token_ids if len(self.eos_token_ids) > 1 else self.eos_token_id
+        if self.bos_token is None and self._bos_token_id is not None:
+            gen["bos_token_id"] = self._bos_token_id
+        if self.pad_token is None and self._pad_token_id is not None:
+            gen["pad_token_id"] = self._pad_token_id
+        if gen:
+            f = path / "generation_config.json"
+            old = _read_json(f) if f.is_file() else {}
+            f.write_text(json.dumps({**old, **gen}, indent=2), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> "ChatTokenizer":
-        """Read a folder written by `save` (or a Hugging Face folder with tokenizer.json + tokenizer_config.json)."""
-        path = Path(path)
-        tj, tc = path / "tokenizer.json", path / "tokenizer_config.json"
-        for f in (tj, tc):
-            if not f.is_file():
-                raise FileNotFoundError(f"{f} is missing; expected a tokenizer folder with tokenizer.json and "
-                                        "tokenizer_config.json")
-        try:
-            tok = Tokenizer.from_file(str(tj))
-            cfg = json.loads(tc.read_text())
-        except Exception as e:
-            raise ValueError(f"{path}: unreadable tokenizer files ({e.__class__.__name__}: {e})") from None
+        """Read a folder written by `save`, or any Hugging Face tokenizer folder (see `load_tokenizer`); a folder
+        without a chat template gets the toy template."""
+        tok = load_tokenizer(path)
+        if tok.chat_template is None:
+            tok.chat_template = TOY_CHAT_TEMPLATE
+        return tok
 
-        def name(v):  # tokenizer_config stores a special token as a string or as {"content": ...}
-            return v["content"] if isinstance(v, dict) else v
 
-        return cls(tok, cfg.get("chat_template") or TOY_CHAT_TEMPLATE, bos_token=name(cfg.get("bos_token")),
-                   eos_token=name(cfg["eos_token"]), pad_token=name(cfg.get("pad_token")))
+# --- Reading a Hugging Face tokenizer folder -----------------------------------------------------------------
+
+def _one_line(e: Exception) -> str:
+    return f"{e.__class__.__name__}: " + " ".join(str(e).split())
+
+
+def _read_json(f: Path) -> dict:
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"unreadable tokenizer files: {f} is not valid JSON ({_one_line(e)})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"unreadable tokenizer files: {f} holds a JSON {type(d).__name__}; expected an object")
+    return d
+
+
+def _token_name(value, f: Path, key: str) -> str | None:
+    """A special token of tokenizer_config.json: a string, a {"content": ...} dict, or null."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"{f}: {key} is {value!r}; expected a token string or a {{\"content\": ...}} dict")
+
+
+def _config_ids(sources: list[tuple[Path, dict]], key: str) -> tuple[list[int], Path | None]:
+    """The ids under `key` in the first of generation_config.json / config.json that sets it (int or list)."""
+    for f, d in sources:
+        v = d.get(key)
+        if v is None:
+            continue
+        ids = v if isinstance(v, list) else [v]
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"{f}: {key} is {v!r}; expected a token id or a list of token ids")
+        return ids, f
+    return [], None
+
+
+def _chat_template(path: Path, cfg: dict, tc: Path) -> str | None:
+    """The default chat template. As transformers: a chat_template.jinja file (or chat_templates/default.jinja)
+    takes precedence over tokenizer_config.json's chat_template, which is a string or a list of named templates."""
+    for f in (path / "chat_templates" / "default.jinja", path / "chat_template.jinja"):  # transformers' order
+        if f.is_file():
+            return f.read_text(encoding="utf-8")
+    others = sorted(p.stem for p in (path / "chat_templates").glob("*.jinja"))
+    if others:
+        raise ValueError(f"{path / 'chat_templates'}: named chat templates {others} but no default; expected "
+                         f"{path / 'chat_template.jinja'} or chat_templates/default.jinja")
+    t = cfg.get("chat_template")
+    if t is None or isinstance(t, str):
+        return t
+    if isinstance(t, list) and all(isinstance(x, dict) and "name" in x and "template" in x for x in t):
+        t = {x["name"]: x["template"] for x in t}
+    if isinstance(t, dict):
+        if not isinstance(t.get("default"), str):
+            raise ValueError(f"{tc}: chat_template lists the named templates {sorted(t)} but none is named "
+                             "'default'; expected one named 'default'")
+        return t["default"]
+    raise ValueError(f"{tc}: chat_template is a {type(t).__name__}; expected a string or a list of "
+                     "{\"name\": ..., \"template\": ...} entries")
+
+
+def load_tokenizer(path: str | Path) -> ChatTokenizer:
+    """A Hugging Face tokenizer folder as a ChatTokenizer, read as transformers' AutoTokenizer reads it.
+
+    - tokenizer.json (required): the `tokenizers` tokenizer, with its truncation and padding turned off (as
+      transformers' `tokenizer(text)` does); its post-processor decides which special tokens
+      `encode(text, add_special_tokens=True)` adds.
+    - tokenizer_config.json (optional): the named special tokens (strings or {"content": ...} dicts; null or absent
+      allowed), overridden by a legacy special_tokens_map.json when the config has no added_tokens_decoder;
+      add_bos_token/add_eos_token; split_special_tokens; the chat template (a string, or a list of named templates
+      of which "default" is used), unless a chat_template.jinja file is there, which takes precedence.
+    - generation_config.json, then config.json: eos_token_id (an id or a list) completes eos_token_ids; bos and pad
+      ids are used where the tokenizer config has no bos or pad token; an eos id stands in for a missing eos token.
+    """
+    path = Path(path)
+    tj, tc = path / "tokenizer.json", path / "tokenizer_config.json"
+    if not tj.is_file():
+        raise FileNotFoundError(f"{tj} is missing; expected a Hugging Face tokenizer folder with tokenizer.json "
+                                "(a `tokenizers` file; sentencepiece-only folders are not supported)")
+    try:
+        tok = Tokenizer.from_file(str(tj))
+    except Exception as e:  # tokenizers raises a bare Exception
+        _read_json(tj)  # names a JSON error as such
+        raise ValueError(f"unreadable tokenizer files: {tj} is not a `tokenizers` tokenizer.json ({_one_line(e)})") \
+            from None
+    tok.no_truncation()
+    tok.no_padding()
+    cfg = _read_json(tc) if tc.is_file() else {}
+    source = {k: tc for k in NAMED_SPECIAL_TOKENS}
+    stm = path / "special_tokens_map.json"
+    if "added_tokens_decoder" not in cfg and stm.is_file():  # transformers reads this legacy file only then
+        legacy = _read_json(stm)
+        for k in NAMED_SPECIAL_TOKENS:
+            if k in legacy:
+                cfg[k], source[k] = legacy[k], stm
+    names = {k: _token_name(cfg.get(k), source[k], k) for k in NAMED_SPECIAL_TOKENS}
+    for k, name in names.items():
+        if name is not None and tok.token_to_id(name) is None:
+            raise ValueError(f"{source[k]}: {k} {name!r} is not in the vocabulary of {tj}")
+
+    sources = [(f, _read_json(f)) for f in (path / "generation_config.json", path / "config.json") if f.is_file()]
+    ids = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        found, f = _config_ids(sources, key)
+        for i in found:
+            if tok.id_to_token(i) is None:
+                raise ValueError(f"{f}: {key} {i} is not in the vocabulary of {tj} ({tok.get_vocab_size()} tokens)")
+        ids[key] = found
+    if names["eos_token"] is None and not ids["eos_token_id"]:
+        raise ValueError(f"{path}: no end token; expected eos_token in {tc.name} or eos_token_id in "
+                         "generation_config.json or config.json")
+    if cfg.get("split_special_tokens"):
+        tok.encode_special_tokens = True
+    flags = {}
+    for k in ("add_bos_token", "add_eos_token"):
+        v = cfg.get(k)
+        if v is not None and not isinstance(v, bool):
+            raise ValueError(f"{tc}: {k} is {v!r}; expected true or false")
+        flags[k] = v
+    return ChatTokenizer(
+        tok, _chat_template(path, cfg, tc), bos_token=names["bos_token"], eos_token=names["eos_token"],
+        pad_token=names["pad_token"], other_special_tokens={k: names[k] for k in _OTHER_NAMED},
+        bos_token_id=ids["bos_token_id"][0] if names["bos_token"] is None and ids["bos_token_id"] else None,
+        eos_token_ids=ids["eos_token_id"],
+        pad_token_id=ids["pad_token_id"][0] if names["pad_token"] is None and ids["pad_token_id"] else None,
+        **flags)

@@ -107,7 +107,7 @@ def test_argument_errors_in_process(argv, match):
 
 @pytest.mark.parametrize("corruption, match", [
     ("weights", "not a readable safetensors file"),
-    ("tokenizer", "tokenizer_config.json is missing"),
+    ("tokenizer", "no end token; expected eos_token in tokenizer_config.json"),
     ("shape", "has shape"),
     ("model_type", "is not supported"),
 ])

@@ -335,3 +335,31 @@ def test_stop_at_layer_out_of_range_is_an_error():
                    num_attention_heads=2, num_key_value_heads=1))
     with pytest.raises(ValueError, match="stop_at_layer=3, expected 0..2"):
         m(torch.zeros(1, 3, dtype=torch.long), stop_at_layer=3)
+
+
+def test_gradient_checkpointing_same_loss_and_grads():
+    """Recomputing the blocks in the backward pass changes memory, not the numbers."""
+    torch.manual_seed(0)
+    model = GPT(Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2)).train()
+    ids = torch.randint(64, (2, 10))
+    grads = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        model.zero_grad()
+        model(ids).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_stops_on_any_of_several_eos():
+    torch.manual_seed(0)
+    model = GPT(Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(64, (3, 5))
+    free = model.generate(ids, 12)
+    stop = int(free[0, 3])  # row 0 emits this token at step 3: list it as a second end token
+    out = model.generate(ids, 12, eos_token_id=[63 if stop != 63 else 62, stop])
+    first = out[0].tolist().index(stop)
+    assert first <= 3 and all(t == out[0, 0].new_tensor(63 if stop != 63 else 62) for t in out[0, first + 1:])
