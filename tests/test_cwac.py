@@ -143,3 +143,46 @@ def test_asft_and_safelora_by_hand():
     torch.testing.assert_close(projected.model.layers[0].mlp.down_proj.weight,
                                aligned.model.layers[0].mlp.down_proj.weight + P)
     assert len(alignment_projectors(base, aligned, ALL_LINEARS)) == 14
+
+
+FAMILY_CONFIGS = {  # tiny configs of every family the loader supports, with the switches that matter on
+    "llama": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mistral": dict(sliding_window=4),
+    "qwen2": dict(),
+    "gemma2": dict(sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=10.0, head_dim=16,
+                   hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True),
+    "gpt2": dict(hidden_act="gelu_new", num_key_value_heads=4, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cwac_runs_the_same_math_on_every_family(model_type, dtype):
+    """Subspace, SAE features and the CWAC loop on each family's architecture (bf16 parameters too): after the
+    fine-tune (W - W0) S = 0 up to the parameters' rounding, the targets' biases are untouched (GPT-2, whose
+    down_proj has one), and L_safety starts at ~0."""
+    cfg = tiny_config(model_type=model_type, num_attention_heads=4, **FAMILY_CONFIGS[model_type])
+    torch.manual_seed(0)
+    model = GPT(cfg).to(dtype).eval()
+    ref = GPT(cfg).to(dtype)
+    ref.load_state_dict(model.state_dict())
+    sub = compute_subspace(model, harmful(), pad_id=0, energy=0.9)
+    sae = SAE(SAEConfig(cfg.hidden_size, 64, 4, layer=1))
+    feats = safety_features(model, harmful(), 0, readout="pre", sae=sae, idx=torch.arange(10))
+    with torch.no_grad():
+        assert float(feats.loss(model)) < 1e-3  # z = z0 at the aligned weights
+    biases = {n: b.detach().clone() for n, b in zip(sub.S, sub.biases(model))}
+    hist = finetune_cwac(model, task_seqs(), steps=4, batch_size=4, lr=1e-2, subspace=sub, features=feats,
+                         progress=False)
+    assert all(torch.isfinite(torch.tensor(hist["loss"])))
+    mods, ref_mods = dict(model.named_modules()), dict(ref.named_modules())
+    for name, S in sub.S.items():
+        W, W0 = mods[name].weight.float(), ref_mods[name].weight.float()
+        assert (W - W0).norm() > 0, f"{name} did not train"
+        # exact in float32; in bf16 the projected weights are rounded back to bf16 (relative 2^-8 per entry)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert float(((W - W0) @ S).norm() / W0.norm()) < tol
+    assert (len(biases) > 0) == (model_type == "gpt2")
+    for (name, b0), b in zip(biases.items(), sub.biases(model)):
+        assert torch.equal(b, b0) and b.requires_grad, f"{name}.bias changed or was left frozen"
