@@ -185,7 +185,8 @@ def bench_model(shape: str = "tiny", device: str = "cpu", dtype: str | None = No
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(cfg.vocab_size, (B, T), generator=g).to(device)
     res = {"shape": shape, "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if cuda else ""),
-           "dtype": str(dt).removeprefix("torch."), "batch": B, "seq": T, "compile": compile, "rows": {}}
+           "dtype": str(dt).removeprefix("torch."), "batch": B, "seq": T, "compile": compile, "rows": {},
+           "optimizer": "fused AdamW" if cuda else "AdamW (foreach)"}
     flops, peak = step_flops(cfg, B * T, T), peak_flops(device)
 
     def record(name, ms):
@@ -259,7 +260,7 @@ def bench_model(shape: str = "tiny", device: str = "cpu", dtype: str | None = No
 
 def format_model(res: dict) -> str:
     lines = [f"{res['shape']} ({res['params'] / 1e6:.1f}M params) on {res['device']}, {res['dtype']}, "
-             f"B={res['batch']} x T={res['seq']}, {'compiled' if res['compile'] else 'eager'}, fused AdamW",
+             f"B={res['batch']} x T={res['seq']}, {'compiled' if res['compile'] else 'eager'}, {res['optimizer']}",
              "| step | ms | tokens/s | MFU |", "|---|---|---|---|"]
     for name, r in res["rows"].items():
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
