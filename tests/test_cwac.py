@@ -178,7 +178,7 @@ def test_cwac_runs_the_same_math_on_every_family(model_type, dtype):
     assert all(torch.isfinite(torch.tensor(hist["loss"])))
     mods, ref_mods = dict(model.named_modules()), dict(ref.named_modules())
     for name, S in sub.S.items():
-        W, W0 = mods[name].weight.float(), ref_mods[name].weight.float()
+        W, W0 = mods[name].weight.detach().float(), ref_mods[name].weight.detach().float()
         assert (W - W0).norm() > 0, f"{name} did not train"
         # exact in float32; in bf16 the projected weights are rounded back to bf16 (relative 2^-8 per entry)
         tol = 1e-5 if dtype == torch.float32 else 1e-2
