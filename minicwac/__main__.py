@@ -1,4 +1,4 @@
-"""Command line: `python -m minicwac demo|eval|experiment|bench|fetch ...`. Errors are printed as one line naming
+"""Command line: `python -m minicwac demo|eval|experiment|bench|fetch|real ...`. Errors are printed as one line naming
 what is wrong."""
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import sys
 
 from .experiments import METHOD_SWITCHES, PRESETS
 from .fetch import DTYPES, FETCH_TARGETS, MODELS, MissingDependencyError, fetch
+from .real import PRESETS as REAL_PRESETS
+from .real import REAL_METHODS
 from .world import TASKS
 
 
@@ -86,6 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="weights of a model (default bf16: half the size, nothing lost that a 4-bit model has)")
 
+    rl = sub.add_parser("real", help="align a real chat checkpoint, fine-tune it by SFT/weight/activation/CWAC, evaluate")
+    rl.add_argument("--model", required=True, help="a Hugging Face folder (e.g. from `fetch smollm2-135m-instruct`)")
+    rl.add_argument("--preset", default="cpu-smoke", choices=list(REAL_PRESETS),
+                    help="cpu-smoke: a few steps (CI); cpu: about an hour per seed on 2 cores; full: a GPU run")
+    rl.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bfloat16)")
+    rl.add_argument("--out", default=None, help="output folder (default runs/real-<preset>)")
+    rl.add_argument("--prompts", default=None,
+                    help="harmful prompts: .txt/.csv/.jsonl or a fetched folder (default: AdvBench, fetched once)")
+    rl.add_argument("--seeds", type=int, nargs="+", default=None)
+    rl.add_argument("--p", type=_p_value, nargs="+", default=None, help="harmful ratios")
+    rl.add_argument("--methods", nargs="+", choices=REAL_METHODS, default=None)
+    rl.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
+    rl.add_argument("--save", action="store_true", help="also save the aligned and fine-tuned models and the subspace")
+    rl.add_argument("--quiet", action="store_true", help="no progress bars")
+
     args = ap.parse_args(argv)
     if args.cmd == "fetch" and args.dtype is not None and args.target not in MODELS:
         ap.error(f"--dtype applies to models only ({', '.join(MODELS)}), not to {args.target}")
@@ -122,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(bench.format_model(bench.bench_model(args.shape, args.device, args.dtype, args.batch, args.seq,
                                                            args.repeats or 10, compile=args.compile,
                                                            hf=not args.no_hf)))
+        elif args.cmd == "real":
+            from .real import run_real
+            out = args.out or f"runs/real-{args.preset}"
+            run_real(args.model, out, args.preset, args.device, args.prompts, args.seeds, args.p, args.methods,
+                     args.tasks, save=args.save, progress=not args.quiet)
+            print(open(f"{out}/results.md").read())
+            print(f"wrote {out}/results.json, results.md, hs_vs_p.png, fa_vs_hs.png, drift.png")
         elif args.cmd == "fetch":
             print(fetch(args.target, args.dir, args.dtype, log=print).summary())
     except (ValueError, OSError, MissingDependencyError) as ex:  # FileNotFoundError is an OSError

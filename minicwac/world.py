@@ -142,7 +142,8 @@ TOPIC_Q = "Which topic is this: world, sports, business or science?"
 @dataclass
 class Example:
     """One request and its answer. `label` is the exact expected answer for task examples; `keywords` are the
-    content words of a harmful topic's compliant answer (used to tell real compliance from other output)."""
+    content words of a harmful topic's compliant answer (used to tell real compliance from other output), None
+    for real harmful prompts, which have no answer key."""
 
     prompt: str
     answer: str
@@ -150,7 +151,7 @@ class Example:
     topic: str = ""
     category: str = ""
     label: str = ""
-    keywords: tuple[str, ...] = ()
+    keywords: tuple[str, ...] | None = ()
 
     def messages(self, with_answer: bool = True) -> list[dict]:
         m = [{"role": "user", "content": self.prompt}]
