@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             run_real(args.model, out, args.preset, args.device, args.prompts, args.seeds, args.p, args.methods,
                      args.tasks, save=args.save, progress=not args.quiet)
             print(open(f"{out}/results.md").read())
-            print(f"wrote {out}/results.json, results.md, hs_vs_p.png, fa_vs_hs.png, drift.png")
+            print(f"wrote {out}/results.json, results.md and the plots")
         elif args.cmd == "fetch":
             print(fetch(args.target, args.dir, args.dtype, log=print).summary())
     except (ValueError, OSError, MissingDependencyError) as ex:  # FileNotFoundError is an OSError

