@@ -25,6 +25,7 @@ import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -223,17 +224,18 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
     out = prepare_out(out)
     r, sr = _recipes(P)
     t0 = time.time()
-    data = {"settings": {"model": str(model_dir), "preset": preset, "device": str(device), "dtype": str(dtype),
-                         **json.loads(json.dumps(asdict(P), default=list)), "recipe": asdict(r), "safety": asdict(sr)},
-            "rows": [], "curves": {}, "safety": {}, "data": {}, "samples": {}, "leak": {}, "wall_s": 0.0}
-    data["settings"]["recipe"] = json.loads(json.dumps(data["settings"]["recipe"], default=list))
-    data["settings"]["safety"] = json.loads(json.dumps(data["settings"]["safety"], default=list))
-    need = tuple(dict.fromkeys(METHOD_SWITCHES[m].get("targets", DEFAULT_TARGETS) for m in P.methods))
+    settings = {"model": str(model_dir), "preset": preset, "device": str(device), "dtype": str(dtype), **asdict(P),
+                "recipe": asdict(r), "safety": asdict(sr)}
+    data = {"settings": json.loads(json.dumps(settings, default=list)), "rows": [], "curves": {}, "safety": {},
+            "data": {}, "samples": {}, "leak": {}, "wall_s": 0.0}
+    add_row = lambda *a: data["rows"].append({k: _clean(v) for k, v in row(*a).items()})  # noqa: E731
+    targets = lambda m: METHOD_SWITCHES[m].get("targets", DEFAULT_TARGETS)  # noqa: E731
+    need = tuple(dict.fromkeys(targets(m) for m in P.methods))
     for seed in P.seeds:
         rd = real_world(base, tok, harmful, P, seed)
         data["data"][str(seed)] = {**rd.stats, "splits": {k: len(v) for k, v in rd.splits.items()}}
         for task in P.tasks:
-            data["rows"].append(row("base", "none", task, None, seed, _eval(base, tok, rd.world, task, P)))
+            add_row("base", "none", task, None, seed, _eval(base, tok, rd.world, task, P))
         aligned = clone(base)
         seqs = encode_chats(tok, rd.world.align, P.max_len)
         h = train(aligned, seqs, steps=P.align_steps, batch_size=P.align_batch, lr=P.align_lr,
@@ -246,7 +248,7 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
             save_pretrained(aligned, tok, folder / "aligned")
         for task in P.tasks:
             ev = _eval(aligned, tok, rd.world, task, P)
-            data["rows"].append(row("aligned", "none", task, None, seed, ev))
+            add_row("aligned", "none", task, None, seed, ev)
             data["samples"][f"aligned-{task}-s{seed}"] = ev["samples"]
         toy = Toy(rd.world, tok, base, aligned, {"align": h}, folder)
         saf = toy_safety(toy, r, sr, seed, progress, need, with_align_C=False)
@@ -255,25 +257,19 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
         data["safety"][str(seed)] = {"sae": {k: v for k, v in saf.sae_report.items() if k != "history"},
                                      "ranks": {str(list(t)): s.cfg["ranks"] for t, s in saf.subspaces.items()},
                                      "n_features": saf.features[sr.readout].m}
-        for task in P.tasks:
-            for p in P.ps:
-                for method in P.methods:
-                    model, hist = run_method(method, toy, saf, task, p, seed, r, sr, progress)
-                    ev = _eval(model, tok, rd.world, task, P)
-                    data["rows"].append({k: _clean(v) for k, v in row("finetuned", method, task, p, seed, ev).items()})
-                    data["curves"][run_name(method, task, p, seed)] = hist["curve"]
-                    data["samples"][run_name(method, task, p, seed)] = ev["samples"]
-                    if METHOD_SWITCHES[method].get("weight"):  # the invariant on real weights: (W - W0) S = 0
-                        sub = saf.subspaces[METHOD_SWITCHES[method].get("targets", DEFAULT_TARGETS)]
-                        data["leak"][run_name(method, task, p, seed)] = max(sub.leak(model, aligned).values())
-                    if save:
-                        save_pretrained(model, tok, out / "models" / run_name(method, task, p, seed))
-                    del model
-                    data["wall_s"] = round(time.time() - t0, 1)
-                    write_json_atomic(out / "results.json", data)
-    data["rows"] = [{k: _clean(v) for k, v in x.items()} for x in data["rows"]]
-    data["wall_s"] = round(time.time() - t0, 1)
-    write_json_atomic(out / "results.json", data)
+        for task, p, method in product(P.tasks, P.ps, P.methods):
+            name = run_name(method, task, p, seed)
+            model, hist = run_method(method, toy, saf, task, p, seed, r, sr, progress)
+            ev = _eval(model, tok, rd.world, task, P)
+            add_row("finetuned", method, task, p, seed, ev)
+            data["curves"][name], data["samples"][name] = hist["curve"], ev["samples"]
+            if METHOD_SWITCHES[method].get("weight"):  # the invariant on real weights: (W - W0) S = 0
+                data["leak"][name] = max(saf.subspaces[targets(method)].leak(model, aligned).values())
+            if save:
+                save_pretrained(model, tok, out / "models" / name)
+            del model
+            data["wall_s"] = round(time.time() - t0, 1)
+            write_json_atomic(out / "results.json", data)
     (out / "results.md").write_text(real_report(data))
     plot_experiment(data, out)
     return data
