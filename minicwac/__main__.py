@@ -37,6 +37,30 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _latents(s: str) -> int | str:
+    return s if s == "firing" else _positive_int(s)
+
+
+def _lam(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not v >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
+    return v
+
+
+def _safety_args(p: argparse.ArgumentParser) -> None:
+    """The constraint settings `experiment` and `real` share (None: the recipe's or preset's value)."""
+    p.add_argument("--lam", type=_lam, default=None, help="weight of L_safety (default 0.5, the paper's)")
+    p.add_argument("--m", type=_latents, default=None, help="safety latents: a number (default 100) or 'firing'")
+    p.add_argument("--sae-layer", type=_positive_int, default=None,
+                   help="SAE on the residual stream after this many blocks (default: the middle one)")
+    p.add_argument("--skip-prefix", action="store_true",
+                   help="calibrate and constrain without the prompt opening every calibration prompt shares")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = _Parser(prog="minicwac", description="minicwac: CWAC on a toy safety world and real checkpoints")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -64,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--methods", nargs="+", choices=list(METHOD_SWITCHES), default=None, metavar="METHOD",
                    help=f"any of {', '.join(METHOD_SWITCHES)}")
     x.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default: the recipe's 100)")
+    _safety_args(x)
     x.add_argument("--cache", default=None, help="cache of base/aligned models and SAEs")
     x.add_argument("--no-models", action="store_true", help="do not save the fine-tuned models")
     x.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -100,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     rl.add_argument("--p", type=_p_value, nargs="+", default=None, help="harmful ratios")
     rl.add_argument("--methods", nargs="+", choices=REAL_METHODS, default=None)
     rl.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
+    rl.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default: the preset's)")
+    _safety_args(rl)
     rl.add_argument("--save", action="store_true", help="also save the aligned and fine-tuned models and the subspace")
     rl.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -125,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
 
             from .experiments import run_experiment
             from .pipeline import Recipe
+            from .experiments import SafetyRecipe
             r = Recipe() if args.steps is None else replace(Recipe(), finetune_steps=args.steps)
+            kw = {"lam": args.lam, "m": args.m, "sae_layer": args.sae_layer, "skip_prefix": args.skip_prefix or None}
+            sr = replace(SafetyRecipe(), **{k: v for k, v in kw.items() if v is not None})
             out = args.out or f"runs/experiment-{args.preset}"
-            run_experiment(out, args.preset, args.seeds, args.tasks, args.p, args.methods, recipe=r,
+            run_experiment(out, args.preset, args.seeds, args.tasks, args.p, args.methods, recipe=r, safety=sr,
                            cache_dir=args.cache, save_models=not args.no_models, progress=not args.quiet)
             print(open(f"{out}/results.md").read())
             print(f"wrote {out}/results.json, results.md, hs_vs_p.png, fa_vs_hs.png, drift.png, models/, subspace/, sae/")
@@ -142,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "real":
             from .real import run_real
             out = args.out or f"runs/real-{args.preset}"
-            run_real(args.model, out, args.preset, args.device, args.prompts, args.seeds, args.p, args.methods,
-                     args.tasks, save=args.save, progress=not args.quiet)
+            run_real(args.model, out, args.preset, args.device, args.prompts, save=args.save, progress=not args.quiet,
+                     seeds=args.seeds, ps=args.p, methods=args.methods, tasks=args.tasks, finetune_steps=args.steps,
+                     lam=args.lam, m=args.m, sae_layer=args.sae_layer, skip_prefix=args.skip_prefix or None)
             print(open(f"{out}/results.md").read())
             print(f"wrote {out}/results.json, results.md and the plots")
         elif args.cmd == "fetch":

@@ -23,7 +23,7 @@ from .hf import save_pretrained
 from .model import GPT
 from .pipeline import Recipe, Toy, clone, finetune, toy_models
 from .sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
-from .subspace import ALL_LINEARS, DEFAULT_TARGETS, compute_subspace
+from .subspace import ALL_LINEARS, DEFAULT_TARGETS, compute_subspace, shared_prefix
 from .train import encode_chats, encode_docs
 from .world import TASKS
 
@@ -147,6 +147,7 @@ class SafetyRecipe:
     score: str = "harmful"  # latent score: mean post-TopK value on harmful prompts, or "contrast"
     readout: str = "pre"  # what L_safety compares: pre-TopK values ("pre"), "post", "directions", "residual"
     lam: float = 0.5  # [paper]
+    skip_prefix: bool = False  # calibrate and constrain without the token prefix every calibration prompt shares
     safety_batch: int = 16  # harmful prompts per step for L_safety
     project_grad: bool = False  # also project the gradient before the step
     safeinstr_frac: float = 0.1  # share of refusal examples mixed in
@@ -193,6 +194,15 @@ class ToySafety:
     refusals: list  # SafeInstr's refusal examples (encoded)
 
 
+def check_sae_layer(layer: int | None, n_layers: int) -> int:
+    """The SAE layer (None: the middle one), checked against the model's depth."""
+    if layer is None:
+        return n_layers // 2
+    if not 1 <= layer <= n_layers:
+        raise ValueError(f"sae_layer={layer}, expected 1..{n_layers} (the residual stream after that many blocks)")
+    return layer
+
+
 def _calib_seqs(toy: Toy) -> tuple[list, list]:
     tok = toy.tok
     return ([prompt_ids(tok, e.prompt) for e in toy.world.calibration],
@@ -228,9 +238,10 @@ def toy_safety(toy: Toy, r: Recipe, sr: SafetyRecipe, seed: int, progress: bool 
     tok, model = toy.tok, toy.aligned
     skip = [tok.bos_token_id]
     calib, calib_harmless = _calib_seqs(toy)
+    pre = shared_prefix(calib) if sr.skip_prefix else 0  # e.g. a chat template's system line
     subspaces = {t: compute_subspace(model, calib, tok.pad_token_id, patterns=t, energy=sr.energy, skip_ids=skip,
-                                     model_folder=str(toy.folder / "aligned")) for t in targets_needed}
-    layer = sr.sae_layer if sr.sae_layer is not None else model.config.num_hidden_layers // 2
+                                     skip_prefix=pre, model_folder=str(toy.folder / "aligned")) for t in targets_needed}
+    layer = check_sae_layer(sr.sae_layer, model.config.num_hidden_layers)
     folder = toy.folder / f"sae-{sr.key()}"
     if (folder / "cfg.json").is_file():
         sae = SAE.load(folder)
@@ -249,14 +260,14 @@ def toy_safety(toy: Toy, r: Recipe, sr: SafetyRecipe, seed: int, progress: bool 
                   "ce_zero": ce["zero"], "ce_recovered": ce["recovered"], "history": hist}
         sae.save(folder, extra={"report": report})
         sae = SAE.load(folder)  # the folded SAE: exactly what a user loads later
-    scores = score_latents(model, sae, calib, calib_harmless, tok.pad_token_id, skip, how=sr.score)
+    scores = score_latents(model, sae, calib, calib_harmless, tok.pad_token_id, skip, how=sr.score, skip_prefix=pre)
     idx = select_latents(scores, sr.m)
     groups = {}
     for e, s in zip(toy.world.calibration, calib):
         groups.setdefault(e.category, []).append(s)
-    dirs = mean_diff_directions(model, layer, list(groups.values()), calib_harmless, tok.pad_token_id, skip)
+    dirs = mean_diff_directions(model, layer, list(groups.values()), calib_harmless, tok.pad_token_id, skip, pre)
     feats = {ro: safety_features(model, calib, tok.pad_token_id, readout=ro, sae=sae, idx=idx, directions=dirs,
-                                 layer=layer, skip_ids=skip) for ro in READOUTS}
+                                 layer=layer, skip_ids=skip, skip_prefix=pre) for ro in READOUTS}
     refusals = encode_chats(tok, [e for e in toy.world.align if e.kind == "harmful"], r.max_len)
     align_C = alignment_projectors(toy.base, model, ALL_LINEARS) if with_align_C else {}
     return ToySafety(subspaces, sae, report, feats, align_C, refusals)

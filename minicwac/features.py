@@ -26,12 +26,12 @@ READOUTS = ("pre", "post", "directions", "residual")
 
 @torch.no_grad()
 def latent_means(model, sae: SAE, seqs: list[list[int]], pad_id: int, skip_ids=(), values: str = "pre",
-                 batch_size: int = 32) -> torch.Tensor:
+                 batch_size: int = 32, skip_prefix: int = 0) -> torch.Tensor:
     """Mean (over kept tokens of `seqs`) of every latent's pre-TopK ("pre") or post-TopK ("post") value: (d_sae,)."""
     total, n = 0.0, 0
     for i in range(0, len(seqs), batch_size):
         ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model.device)
-        x = model(ids, stop_at_layer=sae.cfg.layer)[token_mask(ids, mask, skip_ids)]
+        x = model(ids, stop_at_layer=sae.cfg.layer)[token_mask(ids, mask, skip_ids, skip_prefix)]
         z = sae.pre_acts(x) if values == "pre" else sae.encode(x)
         total = total + z.sum(0)
         n += len(z)
@@ -39,16 +39,16 @@ def latent_means(model, sae: SAE, seqs: list[list[int]], pad_id: int, skip_ids=(
 
 
 def score_latents(model, sae: SAE, harmful: list[list[int]], harmless: list[list[int]] | None, pad_id: int,
-                  skip_ids=(), how: str = "harmful", values: str = "post") -> torch.Tensor:
+                  skip_ids=(), how: str = "harmful", values: str = "post", skip_prefix: int = 0) -> torch.Tensor:
     """Score each latent: its mean activation on harmful prompts ("harmful"), or that minus its mean on
     harmless prompts ("contrast"). Means of post-TopK values by default: a latent scores only where it fires."""
     if how not in ("harmful", "contrast"):
         raise ValueError(f"how={how!r}, expected 'harmful' or 'contrast'")
-    s = latent_means(model, sae, harmful, pad_id, skip_ids, values)
+    s = latent_means(model, sae, harmful, pad_id, skip_ids, values, skip_prefix=skip_prefix)
     if how == "contrast":
         if not harmless:
             raise ValueError("how='contrast' needs harmless prompts")
-        s = s - latent_means(model, sae, harmless, pad_id, skip_ids, values)
+        s = s - latent_means(model, sae, harmless, pad_id, skip_ids, values, skip_prefix=skip_prefix)
     return s
 
 
@@ -64,12 +64,12 @@ def select_latents(scores: torch.Tensor, m: int | str = 100) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_diff_directions(model, layer: int, groups: list[list[list[int]]], harmless: list[list[int]], pad_id: int,
-                         skip_ids=()) -> torch.Tensor:
+                         skip_ids=(), skip_prefix: int = 0) -> torch.Tensor:
     """Unit difference-of-means directions, one per group of harmful prompts (e.g. one per category):
     mean residual of the group minus the mean residual on harmless prompts. Returns (hidden, n_groups)."""
     def mean_act(seqs):
         ids, mask = pad_right(seqs, pad_id, model.device)
-        return model(ids, stop_at_layer=layer)[token_mask(ids, mask, skip_ids)].float().mean(0)
+        return model(ids, stop_at_layer=layer)[token_mask(ids, mask, skip_ids, skip_prefix)].float().mean(0)
 
     base = mean_act(harmless)
     D = torch.stack([mean_act(g) - base for g in groups], 1)
@@ -122,7 +122,7 @@ class SafetyFeatures:
 @torch.no_grad()
 def safety_features(model, seqs: list[list[int]], pad_id: int, *, readout: str = "pre", sae: SAE | None = None,
                     idx: torch.Tensor | None = None, directions: torch.Tensor | None = None, layer: int | None = None,
-                    skip_ids=()) -> SafetyFeatures:
+                    skip_ids=(), skip_prefix: int = 0) -> SafetyFeatures:
     """Cache z0 = the readout of `model` (the aligned model) on the harmful prompts `seqs`."""
     if readout not in READOUTS:
         raise ValueError(f"readout={readout!r}, expected one of {READOUTS}")
@@ -135,7 +135,7 @@ def safety_features(model, seqs: list[list[int]], pad_id: int, *, readout: str =
             raise ValueError("give the layer (or an SAE, whose layer is used)")
         layer = sae.cfg.layer
     ids, mask = pad_right(seqs, pad_id, model.device)
-    keep = token_mask(ids, mask, skip_ids)
+    keep = token_mask(ids, mask, skip_ids, skip_prefix)
     sf = SafetyFeatures(layer, readout, ids, keep, torch.empty(0), sae, idx, directions)
     sf.z0 = sf.readout_of(model(ids, stop_at_layer=layer)).detach()
     return sf

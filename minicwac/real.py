@@ -24,15 +24,15 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from itertools import product
 from pathlib import Path
 
 import torch
 
 from .evals import evaluate, generate_answers, is_refusal
-from .experiments import (METHOD_SWITCHES, SafetyRecipe, _clean, check_p, experiment_report, plot_experiment,
-                          prepare_out, row, run_method, run_name, toy_safety, write_json_atomic)
+from .experiments import (METHOD_SWITCHES, SafetyRecipe, _clean, check_p, check_sae_layer, experiment_report,
+                          plot_experiment, prepare_out, row, run_method, run_name, toy_safety, write_json_atomic)
 from .fetch import fetch_prompts, load_prompts
 from .hf import load_checkpoint, save_pretrained
 from .pipeline import Recipe, Toy, clone, default_cache_dir
@@ -73,8 +73,10 @@ class RealPreset:
     sae_d: int
     sae_k: int
     sae_steps: int
-    m: int = 100  # [paper]
+    m: int | str = 100  # [paper]; or "firing": every latent that fires on the calibration prompts
     lam: float = 0.5  # [paper]
+    sae_layer: int | None = None  # residual stream after this many blocks (None: the middle)
+    skip_prefix: bool = False  # drop the chat template's shared opening (system line) from calibration and L_safety
     safety_batch: int = 8
     eval_every: int = 0  # drift curve every this many steps (0: none)
     ps: tuple = (0.1,)
@@ -192,15 +194,17 @@ def _recipes(P: RealPreset) -> tuple[Recipe, SafetyRecipe]:
     r = Recipe(max_len=P.max_len, align_steps=P.align_steps, align_lr=P.align_lr, align_batch=P.align_batch,
                finetune_n=P.finetune_n, finetune_steps=P.finetune_steps, finetune_lr=P.finetune_lr,
                finetune_batch=P.finetune_batch)
-    sr = SafetyRecipe(d_sae=P.sae_d, sae_k=P.sae_k, sae_steps=P.sae_steps, m=P.m, lam=P.lam,
-                      safety_batch=P.safety_batch, eval_every=P.eval_every)
+    sr = SafetyRecipe(d_sae=P.sae_d, sae_k=P.sae_k, sae_steps=P.sae_steps, m=P.m, lam=P.lam, sae_layer=P.sae_layer,
+                      skip_prefix=P.skip_prefix, safety_batch=P.safety_batch, eval_every=P.eval_every)
     return r, sr
 
 
 def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str = "cpu-smoke", device: str = "cpu",
-             prompts: str | Path | None = None, seeds=None, ps=None, methods=None, tasks=None, save: bool = False,
-             progress: bool = True) -> dict:
+             prompts: str | Path | None = None, save: bool = False, progress: bool = True, **overrides) -> dict:
     """Align the checkpoint in `model_dir`, fine-tune it by each method at each p, evaluate everything.
+
+    overrides: any `RealPreset` field, e.g. seeds=[0, 1], ps=[0.1], methods=["sft", "cwac"], tasks=["topic"],
+    lam=2.0, m="firing", sae_layer=20, skip_prefix=True, finetune_steps=80 (None keeps the preset's value).
 
     Writes OUT/results.json (the toy rows' schema plus settings, data statistics and sample answers),
     OUT/results.md, hs_vs_p.png, fa_vs_hs.png, drift.png, OUT/s<seed>/sae-*/ (the SAE) and, with save=True,
@@ -208,7 +212,11 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     P = PRESETS[preset]
-    P = replace(P, **{k: tuple(v) for k, v in (("seeds", seeds), ("ps", ps), ("methods", methods), ("tasks", tasks))
+    known = [f.name for f in fields(RealPreset)]
+    bad = [k for k in overrides if k not in known]
+    if bad:
+        raise ValueError(f"unknown setting {bad[0]!r}; expected one of {', '.join(known)}")
+    P = replace(P, **{k: tuple(v) if isinstance(getattr(P, k), tuple) else v for k, v in overrides.items()
                       if v is not None})
     bad = [m for m in P.methods if m not in REAL_METHODS]
     if bad:
@@ -217,10 +225,15 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
     bad = [t for t in P.tasks if t not in TASKS]
     if bad:
         raise ValueError(f"unknown task {bad[0]!r}; expected one of {', '.join(TASKS)}")
+    if P.lam < 0:
+        raise ValueError(f"lam={P.lam}, expected >= 0")
+    if P.m != "firing" and (isinstance(P.m, bool) or not isinstance(P.m, int) or P.m < 1):
+        raise ValueError(f"m={P.m!r}, expected a positive number of latents or 'firing'")
     harmful = load_prompts(prompts if prompts is not None else default_prompts())
     split_prompts(harmful, P.splits)  # enough distinct prompts? (fails before any model is loaded)
     dtype = torch.float32 if str(device).startswith("cpu") else torch.bfloat16
     base, tok = load_checkpoint(model_dir, device, dtype)
+    check_sae_layer(P.sae_layer, base.config.num_hidden_layers)  # before hours of work, not after
     out = prepare_out(out)
     r, sr = _recipes(P)
     t0 = time.time()

@@ -50,9 +50,20 @@ def pad_right(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
-def token_mask(ids: torch.Tensor, mask: torch.Tensor, skip_ids=()) -> torch.Tensor:
-    """Boolean (B, T): real tokens that are not in `skip_ids` (BOS: its activations are outliers on real models)."""
+def shared_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix every sequence shares (a chat template's fixed opening, e.g. a system line)."""
+    n = min(map(len, seqs), default=0)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
+
+
+def token_mask(ids: torch.Tensor, mask: torch.Tensor, skip_ids=(), skip_prefix: int = 0) -> torch.Tensor:
+    """Boolean (B, T): real tokens that are not in `skip_ids` (BOS: its activations are outliers on real models)
+    and not among the first `skip_prefix` positions (a prefix every prompt shares carries nothing about harm)."""
     keep = mask.bool()
+    keep[:, :skip_prefix] = False
     for t in skip_ids:
         if t is not None:
             keep &= ids != t
@@ -61,7 +72,7 @@ def token_mask(ids: torch.Tensor, mask: torch.Tensor, skip_ids=()) -> torch.Tens
 
 @torch.no_grad()
 def input_covariance(model, seqs: list[list[int]], names: list[str], pad_id: int, skip_ids=(),
-                     batch_size: int = 32, progress: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+                     batch_size: int = 32, progress: bool = False, skip_prefix: int = 0) -> tuple[dict[str, torch.Tensor], int]:
     """C = X^T X / n (float64) of the inputs of each module in `names`, over every kept token of `seqs`.
 
     Streams: only one batch of activations is alive at a time. The forward stops after the last target.
@@ -73,7 +84,7 @@ def input_covariance(model, seqs: list[list[int]], names: list[str], pad_id: int
     n = 0
     for i in tqdm(range(0, len(seqs), batch_size), desc="covariance", disable=not progress):
         ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model.device)
-        keep = token_mask(ids, mask, skip_ids)
+        keep = token_mask(ids, mask, skip_ids, skip_prefix)
         with capture(model, names, what="input", stop_after=last) as acts:
             model(ids)
         for name in names:
@@ -219,7 +230,7 @@ def prompts_hash(seqs: list[list[int]]) -> str:
 
 
 def compute_subspace(model, seqs: list[list[int]], pad_id: int, *, patterns=DEFAULT_TARGETS,
-                     energy: float = 0.99, k: int | None = None, skip_ids=(), batch_size: int = 32,
+                     energy: float = 0.99, k: int | None = None, skip_ids=(), skip_prefix: int = 0, batch_size: int = 32,
                      randomized_above: int = 8192, dtype: torch.dtype = torch.float32, model_folder: str | None = None,
                      progress: bool = False) -> Subspace:
     """The safety subspace of `model` (the aligned model) on token sequences `seqs` (chat-formatted harmful prompts).
@@ -229,7 +240,7 @@ def compute_subspace(model, seqs: list[list[int]], pad_id: int, *, patterns=DEFA
     if k is not None and k < 0:
         raise ValueError(f"k={k}, expected >= 0")
     names = target_names(model, patterns)
-    C, n = input_covariance(model, seqs, names, pad_id, skip_ids, batch_size, progress)
+    C, n = input_covariance(model, seqs, names, pad_id, skip_ids, batch_size, progress, skip_prefix)
     modules = dict(model.named_modules())
     S, W0S, ranks = {}, {}, {}
     for name in names:
@@ -252,5 +263,5 @@ def compute_subspace(model, seqs: list[list[int]], pad_id: int, *, patterns=DEFA
         W0S[name] = modules[name].weight.detach().to(dtype) @ Sk
         ranks[name] = [kk, d]
     cfg = {"energy": None if k is not None else energy, "k": k, "targets": list(patterns), "ranks": ranks,
-           "n_tokens": n, "n_prompts": len(seqs), "prompts_sha256": prompts_hash(seqs), "model": model_folder}
+           "n_tokens": n, "skip_prefix": skip_prefix, "n_prompts": len(seqs), "prompts_sha256": prompts_hash(seqs), "model": model_folder}
     return Subspace(S, W0S, cfg)

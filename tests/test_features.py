@@ -63,6 +63,8 @@ def test_latent_means_skip_padding_and_bos():
     model, sae, _, _ = planted_setup()
     m = latent_means(model, sae, [[1, 10, 11], [12]], pad_id=0, skip_ids=[1])
     assert m[3] == pytest.approx(2.0)  # BOS (id 1) and the padding of the 2nd row do not dilute the mean
+    m = latent_means(model, sae, [[20, 10, 11], [20, 21, 12]], pad_id=0, skip_prefix=1)
+    assert m[3] == pytest.approx(2.0 * 3 / 4)  # the shared first token (harmless, id 20) is not counted
 
 
 @pytest.fixture
@@ -86,12 +88,14 @@ def seqs(n=6):
             for _ in range(n)]
 
 
-def test_l_safety_by_hand(model, sae):
+@pytest.mark.parametrize("skip_prefix", [0, 2])
+def test_l_safety_by_hand(model, sae, skip_prefix):
     """L = mean over kept tokens of sum over the m selected latents of (z - z0)^2, z pre-TopK, z0 from the
-    reference model: zero for that model, the hand value for a perturbed one."""
+    reference model: zero for that model, the hand value for a perturbed one (skip_prefix: the first positions
+    of every prompt are not kept)."""
     data = seqs()
     idx = torch.tensor([5, 9, 40])
-    sf = safety_features(model, data, pad_id=0, readout="pre", sae=sae, idx=idx, skip_ids=[3])
+    sf = safety_features(model, data, pad_id=0, readout="pre", sae=sae, idx=idx, skip_ids=[3], skip_prefix=skip_prefix)
     assert sf.m == 3 and sf.loss(model).item() == pytest.approx(0.0, abs=1e-12)
     drifted = GPT(model.config)
     drifted.load_state_dict(model.state_dict())
@@ -101,6 +105,7 @@ def test_l_safety_by_hand(model, sae):
     for s in data:
         ids = torch.tensor(s)
         keep = ids != 3
+        keep[:skip_prefix] = False
         x0 = model(ids[None], stop_at_layer=1)[0][keep]
         x1 = drifted(ids[None], stop_at_layer=1)[0][keep]
         z0 = torch.relu((x0 - sae.b_dec) @ sae.W_enc[:, idx] + sae.b_enc[idx])
@@ -109,7 +114,8 @@ def test_l_safety_by_hand(model, sae):
         n += int(keep.sum())
     assert sf.loss(drifted).item() == pytest.approx(total / n, rel=1e-5)
     batch = torch.tensor([1, 4])
-    sub = safety_features(model, [data[1], data[4]], pad_id=0, readout="pre", sae=sae, idx=idx, skip_ids=[3])
+    sub = safety_features(model, [data[1], data[4]], pad_id=0, readout="pre", sae=sae, idx=idx, skip_ids=[3],
+                          skip_prefix=skip_prefix)
     assert sf.loss(drifted, batch).item() == pytest.approx(sub.loss(drifted).item(), rel=1e-5)
 
 

@@ -157,6 +157,16 @@ def test_run_real_bad_input(tiny, tok, tmp_path):
         run_real(tmp_path, tmp_path / "o", ps=[1.5], prompts=tmp_path / "few.txt")
     with pytest.raises(ValueError, match="the splits need 28 distinct harmful prompts .* has 5"):
         run_real(tmp_path / "nothing-here", tmp_path / "o", prompts=tmp_path / "few.txt")
+    with pytest.raises(ValueError, match="unknown setting 'lambda'; expected one of splits, "):
+        run_real(tmp_path, tmp_path / "o", lam=None, **{"lambda": 2.0})
+    with pytest.raises(ValueError, match="lam=-1, expected >= 0"):
+        run_real(tmp_path, tmp_path / "o", lam=-1, prompts=tmp_path / "few.txt")
+    with pytest.raises(ValueError, match="m=0, expected a positive number of latents or 'firing'"):
+        run_real(tmp_path, tmp_path / "o", m=0, prompts=tmp_path / "few.txt")
+    (tmp_path / "many.txt").write_text("\n".join(PROMPTS))
+    save_pretrained(tiny, tok, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"sae_layer=9, expected 1..2 \(the residual stream after that many blocks\)"):
+        run_real(tmp_path / "ckpt", tmp_path / "o", sae_layer=9, prompts=tmp_path / "many.txt")
     assert not (tmp_path / "o").exists()  # nothing written before the input was checked
 
 

@@ -9,7 +9,7 @@ from minicwac.cwac import finetune_cwac
 from minicwac.hooks import capture
 from minicwac.model import GPT
 from minicwac.subspace import (ALL_LINEARS, Subspace, compute_subspace, eigh_desc, input_covariance, randomized_eigh,
-                               rank_for_energy, svd_basis, target_names)
+                               rank_for_energy, shared_prefix, svd_basis, target_names)
 
 
 @pytest.fixture
@@ -31,16 +31,26 @@ def test_target_names_by_pattern(model):
         target_names(model, [r"model\.layers\.\d+\.mlp\.nope"])
 
 
-def test_covariance_matches_hand_computation(model):
-    """Streaming in float64 over batches = X^T X / n on the concatenated kept tokens (skipped id dropped)."""
+def test_shared_prefix_by_hand():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix([[1, 2], [1, 2, 3]]) == 2  # one sequence is a prefix of the other
+    assert shared_prefix([[7, 1], [8, 1]]) == 0
+    assert shared_prefix([[4, 5, 6]]) == 3 and shared_prefix([]) == 0
+
+
+@pytest.mark.parametrize("skip_prefix", [0, 3])
+def test_covariance_matches_hand_computation(model, skip_prefix):
+    """Streaming in float64 over batches = X^T X / n on the concatenated kept tokens (skipped id dropped, and
+    with skip_prefix the first positions of every sequence)."""
     seqs = prompts()
     name = "model.layers.1.mlp.down_proj"
-    C, n = input_covariance(model, seqs, [name], pad_id=0, skip_ids=[5], batch_size=5)
+    C, n = input_covariance(model, seqs, [name], pad_id=0, skip_ids=[5], batch_size=5, skip_prefix=skip_prefix)
     rows = []
     for s in seqs:
         with capture(model, [name], what="input") as acts:
             model(torch.tensor([s]))
         keep = torch.tensor(s) != 5
+        keep[:skip_prefix] = False
         rows.append(acts[name][0][keep])
     X = torch.cat(rows).double()
     assert n == len(X)
