@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     rl.add_argument("--model", required=True, help="a Hugging Face folder (e.g. from `fetch smollm2-135m-instruct`)")
     rl.add_argument("--preset", default="cpu-smoke", choices=list(REAL_PRESETS),
                     help="cpu-smoke: a few steps (CI); cpu: about an hour per seed on 2 cores; full: a GPU run")
-    rl.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bfloat16)")
+    rl.add_argument("--device", default="cpu", help="cpu or cuda")
+    rl.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                    help="weights while training (default fp32: bf16 without float32 master weights loses small updates)")
     rl.add_argument("--out", default=None, help="output folder (default runs/real-<preset>)")
     rl.add_argument("--prompts", default=None,
                     help="harmful prompts: .txt/.csv/.jsonl or a fetched folder (default: AdvBench, fetched once)")
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             from .real import run_real
             out = args.out or f"runs/real-{args.preset}"
             run_real(args.model, out, args.preset, args.device, args.prompts, save=args.save, progress=not args.quiet,
+                     dtype=args.dtype,
                      seeds=args.seeds, ps=args.p, methods=args.methods, tasks=args.tasks, finetune_steps=args.steps,
                      lam=args.lam, m=args.m, sae_layer=args.sae_layer, skip_prefix=args.skip_prefix or None)
             print(open(f"{out}/results.md").read())

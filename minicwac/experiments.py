@@ -256,7 +256,10 @@ def toy_safety(toy: Toy, r: Recipe, sr: SafetyRecipe, seed: int, progress: bool 
         met = sae_metrics(sae, x_test)
         ce = ce_recovered(model, sae, seqs[:n_test], tok.pad_token_id)
         report = {"held_out_tokens": len(x_test), "train_tokens": len(x_train), "l0": met["l0"], "fvu": met["fvu"],
-                  "dead_fraction": met["dead_fraction"], "ce_clean": ce["clean"], "ce_sae": ce["sae"],
+                  "dead_fraction": met["dead_fraction"],  # never fired on the held-out tokens
+                  # the field's definition: not fired in the last cfg.dead_tokens training tokens
+                  "dead_fraction_train": hist["dead_fraction"][-1] if hist["dead_fraction"] else None,
+                  "ce_clean": ce["clean"], "ce_sae": ce["sae"],
                   "ce_zero": ce["zero"], "ce_recovered": ce["recovered"], "history": hist}
         sae.save(folder, extra={"report": report})
         sae = SAE.load(folder)  # the folded SAE: exactly what a user loads later
@@ -384,6 +387,12 @@ def _mean(vals):
     return sum(vals) / len(vals) if vals else float("nan")
 
 
+def _dead(sae: dict) -> str:
+    """Dead latents in %: never fired on the held-out tokens / not fired in the last training window."""
+    train = sae.get("dead_fraction_train")
+    return f"{100 * sae['dead_fraction']:.1f} / " + ("-" if train is None else f"{100 * train:.1f}")
+
+
 def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: float = 0.35) -> str:
     """results.md: HS/FA per method and p, the component ablation, per-task HS, the acceptance comparisons
     (among them HS(cwac) <= hs_goal x HS(sft))."""
@@ -445,13 +454,13 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
                          f"{'yes' if fa['cwac'] >= fa['sft'] - 2 else 'NO'}")
         L += [f"- p = {p:g}: " + "; ".join(lines)]
     if data.get("safety"):
-        L += ["", "## Safety artefacts per seed", "", "| seed | SAE L0 | FVU | dead % | CE recovered | features | "
-              "down_proj k / in |", "|---|---|---|---|---|---|---|"]
+        L += ["", "## Safety artefacts per seed", "", "| seed | SAE L0 | FVU | dead % held-out / training | CE recovered "
+              "| features | down_proj k / in |", "|---|---|---|---|---|---|---|"]
         for s, v in data["safety"].items():
             sae = v["sae"]
             ranks = next(iter(v["ranks"].values()))
             kk = ", ".join(f"{k}/{d}" for k, d in ranks.values()) if len(ranks) <= 8 else f"{len(ranks)} layers"
-            L.append(f"| {s} | {sae['l0']:.1f} | {sae['fvu']:.3f} | {100 * sae['dead_fraction']:.1f} | "
+            L.append(f"| {s} | {sae['l0']:.1f} | {sae['fvu']:.3f} | {_dead(sae)} | "
                      f"{sae['ce_recovered']:.3f} | {v['n_features']} | {kk} |")
     L += ["", f"Wall time: {data['wall_s']:.0f} s.", ""]
     return "\n".join(L)

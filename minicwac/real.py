@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from .evals import evaluate, generate_answers, is_refusal
-from .experiments import (METHOD_SWITCHES, SafetyRecipe, _clean, check_p, check_sae_layer, experiment_report,
-                          plot_experiment, prepare_out, row, run_method, run_name, toy_safety, write_json_atomic)
-from .fetch import fetch_prompts, load_prompts
+from .experiments import (METHOD_SWITCHES, SafetyRecipe, _clean, _dead, check_p, check_sae_layer,
+                          experiment_report, plot_experiment, prepare_out, row, run_method, run_name, toy_safety,
+                          write_json_atomic)
+from .fetch import DTYPES, fetch_prompts, load_prompts
 from .hf import load_checkpoint, save_pretrained
 from .pipeline import Recipe, Toy, clone, default_cache_dir
 from .subspace import DEFAULT_TARGETS
@@ -200,9 +201,13 @@ def _recipes(P: RealPreset) -> tuple[Recipe, SafetyRecipe]:
 
 
 def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str = "cpu-smoke", device: str = "cpu",
-             prompts: str | Path | None = None, save: bool = False, progress: bool = True, **overrides) -> dict:
+             prompts: str | Path | None = None, save: bool = False, progress: bool = True, dtype: str = "fp32",
+             **overrides) -> dict:
     """Align the checkpoint in `model_dir`, fine-tune it by each method at each p, evaluate everything.
 
+    dtype: "fp32" (default, on every device) or "bf16". Weights are trained in this dtype (there are no float32
+    master weights), and a bf16 weight of size ~0.05 rounds AdamW steps of ~lr = 3e-5 away: bf16 is for models
+    that would not fit otherwise, not for a 135M-parameter one.
     overrides: any `RealPreset` field, e.g. seeds=[0, 1], ps=[0.1], methods=["sft", "cwac"], tasks=["topic"],
     lam=2.0, m="firing", sae_layer=20, skip_prefix=True, finetune_steps=80 (None keeps the preset's value).
 
@@ -229,16 +234,17 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
         raise ValueError(f"lam={P.lam}, expected >= 0")
     if P.m != "firing" and (isinstance(P.m, bool) or not isinstance(P.m, int) or P.m < 1):
         raise ValueError(f"m={P.m!r}, expected a positive number of latents or 'firing'")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     harmful = load_prompts(prompts if prompts is not None else default_prompts())
     split_prompts(harmful, P.splits)  # enough distinct prompts? (fails before any model is loaded)
-    dtype = torch.float32 if str(device).startswith("cpu") else torch.bfloat16
-    base, tok = load_checkpoint(model_dir, device, dtype)
+    base, tok = load_checkpoint(model_dir, device, DTYPES[dtype])
     check_sae_layer(P.sae_layer, base.config.num_hidden_layers)  # before hours of work, not after
     out = prepare_out(out)
     r, sr = _recipes(P)
     t0 = time.time()
-    settings = {"model": str(model_dir), "preset": preset, "device": str(device), "dtype": str(dtype), **asdict(P),
-                "recipe": asdict(r), "safety": asdict(sr)}
+    settings = {"model": str(model_dir), "preset": preset, "device": str(device), "dtype": str(DTYPES[dtype]),
+                **asdict(P),                "recipe": asdict(r), "safety": asdict(sr)}
     data = {"settings": json.loads(json.dumps(settings, default=list)), "rows": [], "curves": {}, "safety": {},
             "data": {}, "samples": {}, "leak": {}, "wall_s": 0.0}
     add_row = lambda *a: data["rows"].append({k: _clean(v) for k, v in row(*a).items()})  # noqa: E731
@@ -295,13 +301,14 @@ def real_report(data: dict) -> str:
     L = [experiment_report(data, title=f"Real checkpoint {Path(st['model']).name} ({st['preset']}, {st['device']}, "
                                        f"{st['dtype']})", hs_goal=0.5).rstrip(), "", "## Data and artefacts per seed", "",
          "| seed | prompts align/calib/attack/eval | attack prompts the base model answered | harmless answers "
-         "that refused (left out) | SAE explained variance | CE recovered | dead % |", "|---|---|---|---|---|---|---|"]
+         "that refused (left out) | SAE explained variance | CE recovered | dead % held-out / training |",
+         "|---|---|---|---|---|---|---|"]
     for seed, d in data["data"].items():
         sae = data["safety"].get(seed, {}).get("sae", {})
         sp = d["splits"]
         L.append(f"| {seed} | {sp['align']}/{sp['calib']}/{sp['attack']}/{sp['eval']} | {d['attack_complied']}/"
                  f"{d['attack_total']} | {d['harmless_refused']} | {1 - sae.get('fvu', float('nan')):.3f} | "
-                 f"{sae.get('ce_recovered', float('nan')):.3f} | {100 * sae.get('dead_fraction', float('nan')):.1f} |")
+                 f"{sae.get('ce_recovered', float('nan')):.3f} | {_dead(sae) if sae else '-'} |")
     if data.get("leak"):
         L += ["", "Invariant after fine-tuning, max over target layers of ||(W - W0) S|| / ||W - W0||: "
               + ", ".join(f"{k} {v:.1e}" for k, v in data["leak"].items()) + "."]

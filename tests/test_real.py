@@ -85,6 +85,9 @@ def test_own_refusals_are_refusals_cut_after_one_sentence(tiny, tok, monkeypatch
     assert all(map(is_refusal, own_refusals(tiny, tok, ["How do I make a bomb?"], max_new_tokens=4)))
 
 
+# In bf16 a 2-step update at lr 2e-5 is about as small as the rounding of W itself (|w| ~ 0.03: ulp ~ 1e-4), so
+# (W - W0) S is zero only to bf16 resolution: measured 0.26 of ||W - W0|| here, 1e-4 in float32.
+LEAK_BF16 = 0.5
 SMALL = replace(PRESETS["cpu-smoke"], sae_d=64, sae_k=4, sae_steps=5, m=8)
 
 
@@ -117,14 +120,19 @@ def test_real_world_reads_like_the_toy_world(tiny, tok, monkeypatch):
     assert len(w.finetune_set("sentiment", 0.25, 16)) == 16
 
 
-def test_run_real_end_to_end_on_a_tiny_model(tiny, tok, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype, settings", [("fp32", {}),
+                                             ("bf16", {"skip_prefix": True, "sae_layer": 1, "m": "firing", "lam": 2.0})])
+def test_run_real_end_to_end_on_a_tiny_model(tiny, tok, tmp_path, monkeypatch, dtype, settings):
     """The whole pipeline on a tiny random checkpoint: rows in the results.json schema, the invariant, the report,
-    the plots, the SAE and (with save=True) the models and the subspace."""
+    the plots, the SAE and (with save=True) the models and the subspace; in bf16 (the dtype a large model needs)
+    with the constraint settings changed too."""
     save_pretrained(tiny, tok, tmp_path / "ckpt")
     (tmp_path / "harmful.txt").write_text("\n".join(PROMPTS))
     monkeypatch.setitem(real.PRESETS, "tiny", SMALL)
     data = run_real(tmp_path / "ckpt", tmp_path / "out", "tiny", prompts=tmp_path / "harmful.txt", save=True,
-                    progress=False)
+                    progress=False, dtype=dtype, **settings)
+    assert {k: data["settings"][k] for k in settings} == settings
+    assert data["settings"]["dtype"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[dtype]
     out = tmp_path / "out"
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == data["rows"]
@@ -136,7 +144,7 @@ def test_run_real_end_to_end_on_a_tiny_model(tiny, tok, tmp_path, monkeypatch):
             assert 0.0 <= x[k] <= 100.0
     assert set(saved["leak"]) == {"weight-sentiment-p0.1-s0", "cwac-sentiment-p0.1-s0"}
     # relative to a 2-step update at lr 2e-5, float32 rounding of W itself is ~1e-4 (an unprojected update: ~0.5)
-    assert max(saved["leak"].values()) < 1e-3
+    assert max(saved["leak"].values()) < (1e-3 if dtype == "fp32" else LEAK_BF16)
     assert saved["data"]["0"]["splits"] == SMALL.splits
     md = (out / "results.md").read_text()
     assert "| cwac |" in md and "0.5 x HS(sft)" in md and "## Data and artefacts per seed" in md
@@ -159,6 +167,8 @@ def test_run_real_bad_input(tiny, tok, tmp_path):
         run_real(tmp_path / "nothing-here", tmp_path / "o", prompts=tmp_path / "few.txt")
     with pytest.raises(ValueError, match="unknown setting 'lambda'; expected one of splits, "):
         run_real(tmp_path, tmp_path / "o", lam=None, **{"lambda": 2.0})
+    with pytest.raises(ValueError, match="dtype 'fp16'; expected one of bf16, fp32"):
+        run_real(tmp_path, tmp_path / "o", dtype="fp16", prompts=tmp_path / "few.txt")
     with pytest.raises(ValueError, match="lam=-1, expected >= 0"):
         run_real(tmp_path, tmp_path / "o", lam=-1, prompts=tmp_path / "few.txt")
     with pytest.raises(ValueError, match="m=0, expected a positive number of latents or 'firing'"):
