@@ -152,9 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "experiment":
             from dataclasses import replace
 
-            from .experiments import run_experiment
+            from .experiments import SafetyRecipe, run_experiment
             from .pipeline import Recipe
-            from .experiments import SafetyRecipe
             r = Recipe() if args.steps is None else replace(Recipe(), finetune_steps=args.steps)
             kw = {"lam": args.lam, "m": args.m, "sae_layer": args.sae_layer, "skip_prefix": args.skip_prefix or None}
             sr = replace(SafetyRecipe(), **{k: v for k, v in kw.items() if v is not None})
@@ -175,9 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             from .real import run_real
             out = args.out or f"runs/real-{args.preset}"
             run_real(args.model, out, args.preset, args.device, args.prompts, save=args.save, progress=not args.quiet,
-                     dtype=args.dtype,
-                     seeds=args.seeds, ps=args.p, methods=args.methods, tasks=args.tasks, finetune_steps=args.steps,
-                     lam=args.lam, m=args.m, sae_layer=args.sae_layer, skip_prefix=args.skip_prefix or None)
+                     dtype=args.dtype, seeds=args.seeds, ps=args.p, methods=args.methods, tasks=args.tasks,
+                     finetune_steps=args.steps, lam=args.lam, m=args.m, sae_layer=args.sae_layer, skip_prefix=args.skip_prefix or None)
             print(open(f"{out}/results.md").read())
             print(f"wrote {out}/results.json, results.md and the plots")
         elif args.cmd == "fetch":

@@ -244,7 +244,7 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
     r, sr = _recipes(P)
     t0 = time.time()
     settings = {"model": str(model_dir), "preset": preset, "device": str(device), "dtype": str(DTYPES[dtype]),
-                **asdict(P),                "recipe": asdict(r), "safety": asdict(sr)}
+                **asdict(P), "recipe": asdict(r), "safety": asdict(sr)}
     data = {"settings": json.loads(json.dumps(settings, default=list)), "rows": [], "curves": {}, "safety": {},
             "data": {}, "samples": {}, "leak": {}, "wall_s": 0.0}
     add_row = lambda *a: data["rows"].append({k: _clean(v) for k, v in row(*a).items()})  # noqa: E731
