@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="cpu-smoke: a few steps (CI); cpu: about an hour per seed on 2 cores; full: a GPU run")
     rl.add_argument("--device", default="cpu", help="cpu or cuda")
     rl.add_argument("--dtype", default="fp32", choices=list(DTYPES),
-                    help="weights while training (default fp32: bf16 without float32 master weights loses small updates)")
+                    help="weights while training (default fp32: pure bf16 loses small updates)")
     rl.add_argument("--out", default=None, help="output folder (default runs/real-<preset>)")
     rl.add_argument("--prompts", default=None,
                     help="harmful prompts: .txt/.csv/.jsonl or a fetched folder (default: AdvBench, fetched once)")
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or f"runs/real-{args.preset}"
             run_real(args.model, out, args.preset, args.device, args.prompts, save=args.save, progress=not args.quiet,
                      dtype=args.dtype, seeds=args.seeds, ps=args.p, methods=args.methods, tasks=args.tasks,
-                     finetune_steps=args.steps, lam=args.lam, m=args.m, sae_layer=args.sae_layer, skip_prefix=args.skip_prefix or None)
+                     finetune_steps=args.steps, lam=args.lam, m=args.m, sae_layer=args.sae_layer,
+                     skip_prefix=args.skip_prefix or None)
             print(open(f"{out}/results.md").read())
             print(f"wrote {out}/results.json, results.md and the plots")
         elif args.cmd == "fetch":

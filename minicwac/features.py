@@ -52,13 +52,18 @@ def score_latents(model, sae: SAE, harmful: list[list[int]], harmless: list[list
     return s
 
 
+def check_latents(m: int | str) -> int | str:
+    """m: a positive number of latents or "firing"."""
+    if m != "firing" and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"m={m!r}, expected a positive number of latents or 'firing'")
+    return m
+
+
 def select_latents(scores: torch.Tensor, m: int | str = 100) -> torch.Tensor:
     """Indices of the top-m latents by score, or with m="firing" every latent with a positive score."""
-    if m == "firing":
+    if check_latents(m) == "firing":
         idx = (scores > 0).nonzero().flatten()
         return idx[scores[idx].argsort(descending=True)]
-    if not isinstance(m, int) or m < 1:
-        raise ValueError(f"m={m!r}, expected a positive number of latents or 'firing'")
     return scores.topk(min(m, len(scores))).indices
 
 

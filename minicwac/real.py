@@ -34,6 +34,7 @@ from .evals import evaluate, generate_answers, is_refusal
 from .experiments import (METHOD_SWITCHES, SafetyRecipe, _clean, _dead, check_p, check_sae_layer,
                           experiment_report, plot_experiment, prepare_out, row, run_method, run_name, toy_safety,
                           write_json_atomic)
+from .features import check_latents
 from .fetch import DTYPES, fetch_prompts, load_prompts
 from .hf import load_checkpoint, save_pretrained
 from .pipeline import Recipe, Toy, clone, default_cache_dir
@@ -232,8 +233,7 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
         raise ValueError(f"unknown task {bad[0]!r}; expected one of {', '.join(TASKS)}")
     if P.lam < 0:
         raise ValueError(f"lam={P.lam}, expected >= 0")
-    if P.m != "firing" and (isinstance(P.m, bool) or not isinstance(P.m, int) or P.m < 1):
-        raise ValueError(f"m={P.m!r}, expected a positive number of latents or 'firing'")
+    check_latents(P.m)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     harmful = load_prompts(prompts if prompts is not None else default_prompts())

@@ -72,7 +72,8 @@ def token_mask(ids: torch.Tensor, mask: torch.Tensor, skip_ids=(), skip_prefix: 
 
 @torch.no_grad()
 def input_covariance(model, seqs: list[list[int]], names: list[str], pad_id: int, skip_ids=(),
-                     batch_size: int = 32, progress: bool = False, skip_prefix: int = 0) -> tuple[dict[str, torch.Tensor], int]:
+                     batch_size: int = 32, progress: bool = False,
+                     skip_prefix: int = 0) -> tuple[dict[str, torch.Tensor], int]:
     """C = X^T X / n (float64) of the inputs of each module in `names`, over every kept token of `seqs`.
 
     Streams: only one batch of activations is alive at a time. The forward stops after the last target.
@@ -230,9 +231,9 @@ def prompts_hash(seqs: list[list[int]]) -> str:
 
 
 def compute_subspace(model, seqs: list[list[int]], pad_id: int, *, patterns=DEFAULT_TARGETS,
-                     energy: float = 0.99, k: int | None = None, skip_ids=(), skip_prefix: int = 0, batch_size: int = 32,
-                     randomized_above: int = 8192, dtype: torch.dtype = torch.float32, model_folder: str | None = None,
-                     progress: bool = False) -> Subspace:
+                     energy: float = 0.99, k: int | None = None, skip_ids=(), skip_prefix: int = 0,
+                     batch_size: int = 32, randomized_above: int = 8192, dtype: torch.dtype = torch.float32,
+                     model_folder: str | None = None, progress: bool = False) -> Subspace:
     """The safety subspace of `model` (the aligned model) on token sequences `seqs` (chat-formatted harmful prompts).
 
     Rank: a fixed `k`, else the smallest k holding `energy` of trace(C). Layers wider than `randomized_above`
@@ -263,5 +264,6 @@ def compute_subspace(model, seqs: list[list[int]], pad_id: int, *, patterns=DEFA
         W0S[name] = modules[name].weight.detach().to(dtype) @ Sk
         ranks[name] = [kk, d]
     cfg = {"energy": None if k is not None else energy, "k": k, "targets": list(patterns), "ranks": ranks,
-           "n_tokens": n, "skip_prefix": skip_prefix, "n_prompts": len(seqs), "prompts_sha256": prompts_hash(seqs), "model": model_folder}
+           "n_tokens": n, "skip_prefix": skip_prefix, "n_prompts": len(seqs), "prompts_sha256": prompts_hash(seqs),
+           "model": model_folder}
     return Subspace(S, W0S, cfg)

@@ -95,7 +95,8 @@ def test_l_safety_by_hand(model, sae, skip_prefix):
     of every prompt are not kept)."""
     data = seqs()
     idx = torch.tensor([5, 9, 40])
-    sf = safety_features(model, data, pad_id=0, readout="pre", sae=sae, idx=idx, skip_ids=[3], skip_prefix=skip_prefix)
+    sf = safety_features(model, data, pad_id=0, readout="pre", sae=sae, idx=idx, skip_ids=[3],
+                         skip_prefix=skip_prefix)
     assert sf.m == 3 and sf.loss(model).item() == pytest.approx(0.0, abs=1e-12)
     drifted = GPT(model.config)
     drifted.load_state_dict(model.state_dict())
