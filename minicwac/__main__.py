@@ -1,11 +1,11 @@
-"""Command line: `python -m minicwac demo|eval|experiment|bench|fetch|real ...`. Errors are printed as one line naming
-what is wrong."""
+"""Command line: `python -m minicwac demo|eval|experiment|select|merge|bench|fetch|real ...`. Errors are printed
+as one line naming what is wrong."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .experiments import METHOD_SWITCHES, PRESETS
+from .experiments import DEV_SEED, METHOD_SWITCHES, PRESETS
 from .fetch import DTYPES, FETCH_TARGETS, MODELS, MissingDependencyError, fetch
 from .real import PRESETS as REAL_PRESETS
 from .real import REAL_METHODS
@@ -51,6 +51,13 @@ def _lam(s: str) -> float:
     return v
 
 
+def _share(s: str) -> float:
+    v = _lam(s)
+    if not v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be in [0, 1)")
+    return v
+
+
 def _safety_args(p: argparse.ArgumentParser) -> None:
     """The constraint settings `experiment` and `real` share (None: the recipe's or preset's value)."""
     p.add_argument("--lam", type=_lam, default=None, help="weight of L_safety (default 0.5, the paper's)")
@@ -89,15 +96,34 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"any of {', '.join(METHOD_SWITCHES)}")
     x.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default: the recipe's 100)")
     _safety_args(x)
+    x.add_argument("--safeinstr-frac", type=_share, default=None,
+                   help="SafeInstr: share of the fine-tuning set replaced by refusals (default 0.1)")
+    x.add_argument("--asft-lam", type=_lam, default=None, help="AsFT: weight of its penalty (default 1)")
     x.add_argument("--cache", default=None, help="cache of base/aligned models and SAEs")
     x.add_argument("--no-models", action="store_true", help="do not save the fine-tuned models")
     x.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    g = sub.add_parser("merge", help="join experiment folders with the same settings (e.g. parts run side by side)")
+    g.add_argument("srcs", nargs="+", metavar="DIR", help="folders written by experiment")
+    g.add_argument("--out", required=True, help="output folder for results.json, results.md and the plots")
+
+    v = sub.add_parser("select", help="choose CWAC's and the baselines' settings on a dev seed (never a reported one)")
+    v.add_argument("--seed", type=int, default=DEV_SEED, help=f"the dev seed (default {DEV_SEED})")
+    v.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="default: every task")
+    v.add_argument("--p", type=_p_value, default=0.1, help="harmful ratio (default 0.1)")
+    v.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default: the recipe's 100)")
+    v.add_argument("--out", default="runs/select", help="output folder (default runs/select); a rerun resumes")
+    v.add_argument("--cache", default=None, help="cache of base/aligned models and SAEs")
+    v.add_argument("--quiet", action="store_true", help="no progress bars")
 
     b = sub.add_parser("bench", help="benchmarks (timings reported, not asserted)")
     b.add_argument("--what", required=True, choices=["step", "model"],
                    help="step: CWAC step / SFT step on the toy model; model: minicwac vs transformers on a real shape")
     b.add_argument("--device", default="cpu")
     b.add_argument("--repeats", type=_positive_int, default=None, help="timed steps (default: step 30, model 10)")
+    b.add_argument("--m", type=_positive_int, default=None, help="safety latents (--what step; default 100)")
+    b.add_argument("--sae-layer", type=_positive_int, default=None,
+                   help="SAE after this many blocks (--what step; default: the middle one)")
     b.add_argument("--shape", default="tiny", choices=["tiny", "llama-1b", "llama-8b"], help="model shape (--what model)")
     b.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     b.add_argument("--batch", type=_positive_int, default=None, help="default: 8 on cuda, 4 on cpu")
@@ -135,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "fetch" and args.dtype is not None and args.target not in MODELS:
         ap.error(f"--dtype applies to models only ({', '.join(MODELS)}), not to {args.target}")
+    if args.cmd == "bench" and args.what == "model" and (args.m is not None or args.sae_layer is not None):
+        ap.error("--m and --sae-layer apply to --what step only")
     try:
         if args.cmd == "demo":
             from .experiments import results_table, run_demo
@@ -155,17 +183,33 @@ def main(argv: list[str] | None = None) -> int:
             from .experiments import SafetyRecipe, run_experiment
             from .pipeline import Recipe
             r = Recipe() if args.steps is None else replace(Recipe(), finetune_steps=args.steps)
-            kw = {"lam": args.lam, "m": args.m, "sae_layer": args.sae_layer, "skip_prefix": args.skip_prefix or None}
+            kw = {"lam": args.lam, "m": args.m, "sae_layer": args.sae_layer, "skip_prefix": args.skip_prefix or None,
+                  "safeinstr_frac": args.safeinstr_frac, "asft_lam": args.asft_lam}
             sr = replace(SafetyRecipe(), **{k: v for k, v in kw.items() if v is not None})
             out = args.out or f"runs/experiment-{args.preset}"
             run_experiment(out, args.preset, args.seeds, args.tasks, args.p, args.methods, recipe=r, safety=sr,
                            cache_dir=args.cache, save_models=not args.no_models, progress=not args.quiet)
             print(open(f"{out}/results.md").read())
             print(f"wrote {out}/results.json, results.md, hs_vs_p.png, fa_vs_hs.png, drift.png, models/, subspace/, sae/")
+        elif args.cmd == "merge":
+            from .experiments import merge_results
+            merge_results(args.srcs, args.out)
+            print(open(f"{args.out}/results.md").read())
+            print(f"wrote {args.out}/results.json, results.md and the plots")
+        elif args.cmd == "select":
+            from dataclasses import replace
+
+            from .experiments import run_select
+            from .pipeline import Recipe
+            r = Recipe() if args.steps is None else replace(Recipe(), finetune_steps=args.steps)
+            res = run_select(args.out, args.seed, args.tasks, args.p, r, cache_dir=args.cache, progress=not args.quiet)
+            print(open(f"{args.out}/selection.md").read())
+            print(f"wrote {args.out}/selection.json and selection.md; chosen: {res['flags'] or 'the defaults'}")
         elif args.cmd == "bench":
             from . import bench
             if args.what == "step":
-                print(bench.format_step(bench.bench_step(args.device, args.repeats or 30)))
+                print(bench.format_step(bench.bench_step(args.device, args.repeats or 30, m=args.m or 100,
+                                                         layer=args.sae_layer)))
             else:
                 print(bench.format_model(bench.bench_model(args.shape, args.device, args.dtype, args.batch, args.seq,
                                                            args.repeats or 10, compile=args.compile,

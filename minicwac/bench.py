@@ -44,16 +44,21 @@ def _time(fns: dict, device, repeats: int, warmup: int) -> dict[str, float]:
 
 
 def bench_step(device: str = "cpu", repeats: int = 30, warmup: int = 5, m: int = 100, safety_batch: int = 16,
-               task: str = "sentiment", seed: int = 0) -> dict:
-    """ms per SFT step and per CWAC step (toy recipe shapes, random init: timing does not depend on training)."""
+               task: str = "sentiment", seed: int = 0, layer: int | None = None) -> dict:
+    """ms per SFT step and per CWAC step (toy recipe shapes, random init: timing does not depend on training), with
+    m latents read at the residual after `layer` blocks (default: the middle one)."""
     r = Recipe()
+    if not 1 <= m <= 8 * r.hidden_size:
+        raise ValueError(f"m={m} latents, expected 1..{8 * r.hidden_size} (the toy SAE's width)")
+    layer = r.num_hidden_layers // 2 if layer is None else layer
+    if not 1 <= layer <= r.num_hidden_layers:
+        raise ValueError(f"sae_layer={layer}, expected 1..{r.num_hidden_layers}")
     world = build_world(seed)
     tok = build_tokenizer(world, r.vocab_size)
     model = new_model(tok, r, seed, device)
     seqs = encode_chats(tok, world.finetune_set(task, 0.1, r.finetune_n, seed), r.max_len)
     calib = [prompt_ids(tok, e.prompt) for e in world.calibration]
     sub = compute_subspace(model, calib, tok.pad_token_id, skip_ids=[tok.bos_token_id]).to(device)
-    layer = r.num_hidden_layers // 2
     sae = SAE(SAEConfig(r.hidden_size, 8 * r.hidden_size, 16, layer), device=device)
     feats = safety_features(model, calib, tok.pad_token_id, readout="pre", sae=sae, idx=torch.arange(m, device=device),
                             layer=layer, skip_ids=[tok.bos_token_id])
@@ -100,6 +105,7 @@ def bench_step(device: str = "cpu", repeats: int = 30, warmup: int = 5, m: int =
     model.train()
     res = {"device": str(device), "threads": torch.get_num_threads(), "params": model.num_params(),
            "task_batch": tuple(fixed[0][0].shape), "safety_batch": (safety_batch, feats.ids.shape[1]), "m": m,
+           "layer": layer, "n_layers": r.num_hidden_layers,
            "subspace_k": sum(k for k, _ in sub.ranks().values()),
            **_time({"sft_ms": sft_step, "cwac_ms": cwac_step, "safety_forward_backward_ms": safety_fwd_bwd,
                     "sae_encode_ms": sae_encode, "projection_ms": projection}, device, repeats, warmup)}
@@ -110,7 +116,8 @@ def bench_step(device: str = "cpu", repeats: int = 30, warmup: int = 5, m: int =
 def format_step(res: dict) -> str:
     return "\n".join([
         f"CWAC step vs SFT step on {res['device']} ({res['threads']} threads), toy model {res['params'] / 1e6:.2f}M "
-        f"params, task batch {res['task_batch']}, safety batch {res['safety_batch']}, {res['m']} latents, "
+        f"params, task batch {res['task_batch']}, safety batch {res['safety_batch']}, {res['m']} latents after "
+        f"block {res['layer']} of {res['n_layers']}, "
         f"subspace k = {res['subspace_k']} over 4 down_proj",
         "| part | ms |", "|---|---|",
         f"| SFT step | {res['sft_ms']:.2f} |",

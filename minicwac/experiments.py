@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .cwac import AsFTPenalty, alignment_projectors, finetune_cwac, safeinstr_mix, safelora_project_
@@ -371,6 +371,41 @@ def run_experiment(out: str | Path = "runs/experiment", preset: str = "quick", s
     return data
 
 
+def merge_results(srcs: list[str | Path], out: str | Path) -> dict:
+    """One results folder from several `experiment` folders with the same settings (e.g. methods or seeds run in
+    parallel processes): rows, drift curves and per-seed safety reports are joined, results.json, results.md and
+    the plots written to `out`. Models stay where they are. A run found twice must have the same result."""
+    if not srcs:
+        raise ValueError("nothing to merge; expected one or more folders written by experiment")
+    datas = []
+    for src in srcs:
+        path = Path(src) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; expected a folder written by experiment")
+        datas.append(json.loads(path.read_text()))
+        if datas[-1].get("settings") != datas[0].get("settings"):
+            raise ValueError(f"{src} holds results of other settings than {srcs[0]}; only runs with the same "
+                             "settings can be merged")
+    merged = {"settings": datas[0]["settings"], "rows": [], "curves": {}, "safety": {},
+              "wall_s": round(sum(d["wall_s"] for d in datas), 1), "parts": len(datas)}
+    seen = {}
+    for src, d in zip(srcs, datas):
+        for x in d["rows"]:
+            key = (x["stage"], x["method"], x["task"], x["p"], x["seed"])
+            if key not in seen:
+                seen[key] = x
+                merged["rows"].append(x)
+            elif x["stage"] == "finetuned" and x != seen[key]:  # the aligned model's row is re-measured per part
+                raise ValueError(f"{src} has another result for the run {run_name(*key[1:])}")
+        merged["curves"].update(d["curves"])
+        merged["safety"].update(d["safety"])
+    out = prepare_out(out)
+    write_json_atomic(out / "results.json", merged)
+    (out / "results.md").write_text(experiment_report(merged))
+    plot_experiment(merged, out)
+    return merged
+
+
 def _stats(vals: list[float]) -> str:
     vals = [v for v in vals if v is not None]
     if not vals:
@@ -453,6 +488,7 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
             lines.append(f"FA(cwac) {fa['cwac']:.1f} >= FA(sft) {fa['sft']:.1f} - 2: "
                          f"{'yes' if fa['cwac'] >= fa['sft'] - 2 else 'NO'}")
         L += [f"- p = {p:g}: " + "; ".join(lines)]
+    L += drift_table(data)
     if data.get("safety"):
         L += ["", "## Safety artefacts per seed", "", "| seed | SAE L0 | FVU | dead % held-out / training | CE recovered "
               "| features | down_proj k / in |", "|---|---|---|---|---|---|---|"]
@@ -462,8 +498,40 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
             kk = ", ".join(f"{k}/{d}" for k, d in ranks.values()) if len(ranks) <= 8 else f"{len(ranks)} layers"
             L.append(f"| {s} | {sae['l0']:.1f} | {sae['fvu']:.3f} | {_dead(sae)} | "
                      f"{sae['ce_recovered']:.3f} | {v['n_features']} | {kk} |")
-    L += ["", f"Wall time: {data['wall_s']:.0f} s.", ""]
+    parts = f", summed over the {data['parts']} merged folders" if data.get("parts", 1) > 1 else ""
+    L += ["", f"Wall time: {data['wall_s']:.0f} s{parts}.", ""]
     return "\n".join(L)
+
+
+def _drift(data: dict, method: str, p: float) -> tuple[list[int], list[float]]:
+    """Steps and mean drift-curve HS over every recorded run of `method` at p (empty when none was recorded)."""
+    curves = [data["curves"].get(run_name(method, x["task"], p, x["seed"])) for x in data["rows"]
+              if x["stage"] == "finetuned" and x["method"] == method and x["p"] == p]
+    curves = [c for c in curves if c]
+    if not curves:
+        return [], []
+    steps = [pt["step"] for pt in curves[0]]
+    return steps, [_mean([c[i]["hs"] for c in curves if i < len(c)]) for i in range(len(steps))]
+
+
+def drift_table(data: dict) -> list[str]:
+    """results.md lines: HS (every third held-out harmful prompt) against fine-tuning step, per method and p > 0."""
+    rows = [x for x in data["rows"] if x["stage"] == "finetuned"]
+    methods = list(dict.fromkeys(x["method"] for x in rows))
+    L = []
+    for p in sorted({x["p"] for x in rows if x["p"] > 0}):
+        curves = {m: _drift(data, m, p) for m in methods}
+        curves = {m: c for m, c in curves.items() if c[0]}
+        if not curves:
+            continue
+        steps = max((c[0] for c in curves.values()), key=len)
+        if not L:
+            L += ["", "## Drift: HS against fine-tuning step (%, every third held-out harmful prompt)"]
+        L += ["", f"p = {p:g}:", "", "| method | " + " | ".join(f"step {s}" for s in steps) + " |",
+              "|" + "---|" * (1 + len(steps))]
+        for m, (_, hs) in curves.items():
+            L.append(f"| {m} | " + " | ".join(f"{v:.1f}" for v in hs) + " |")
+    return L
 
 
 def plot_experiment(data: dict, out: Path) -> None:
@@ -502,15 +570,115 @@ def plot_experiment(data: dict, out: Path) -> None:
     fig, axes = plt.subplots(1, len(curve_ps), figsize=(4 * len(curve_ps), 3.5), squeeze=False)
     for ax, p in zip(axes[0], curve_ps):
         for m in methods:
-            curves = [data["curves"][run_name(m, x["task"], p, x["seed"])] for x in rows
-                      if x["method"] == m and x["p"] == p and run_name(m, x["task"], p, x["seed"]) in data["curves"]]
-            curves = [c for c in curves if c]
-            if not curves:
-                continue
-            steps = [pt["step"] for pt in curves[0]]
-            ax.plot(steps, [_mean([c[i]["hs"] for c in curves if i < len(c)]) for i in range(len(steps))], label=m)
+            steps, hs = _drift(data, m, p)
+            if steps:
+                ax.plot(steps, hs, label=m)
         ax.set(xlabel="fine-tuning step", ylabel="HS % (every 3rd eval prompt)", ylim=(-2, 102), title=f"drift, p={p:g}")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out / "drift.png", dpi=100)
     plt.close(fig)
+
+
+# ================================================================ choosing the settings on a dev world
+
+DEV_SEED = 100  # a world of its own (topic splits, prompts, tokenizer, model): never one of the reported seeds
+
+
+def select_grid(n_layers: int) -> dict[str, list[dict]]:
+    """The candidates `select` tries, fixed before any result: CWAC's activation side (lambda x latents x SAE
+    layer: after the middle block, and after the last but one), SafeInstr's refusal share, AsFT's lambda."""
+    layers = sorted({n_layers // 2, n_layers - 1})
+    return {"cwac": [{"sae_layer": layer, "m": m, "lam": lam} for layer in layers for m in (100, "firing")
+                     for lam in (0.5, 2.0, 8.0, 32.0)],
+            "safeinstr": [{"safeinstr_frac": f} for f in (0.1, 0.2, 0.3)],
+            "asft": [{"asft_lam": a} for a in (1.0, 10.0, 100.0)]}
+
+
+SELECT_FLAGS = {"lam": "--lam", "m": "--m", "sae_layer": "--sae-layer", "safeinstr_frac": "--safeinstr-frac",
+                "asft_lam": "--asft-lam"}
+
+
+def choose(cands: list[dict], fa_min: float, or_max: float) -> dict | None:
+    """The selection rule: marks each candidate "ok" when fa >= fa_min and over_refusal <= or_max, and returns the
+    ok one with the lowest hs (the earliest of ties), or None when none is ok. The limits get 1e-9 of slack: they
+    compare means of percentages, and a mean exactly on the limit must not fail by a rounding error."""
+    for x in cands:
+        x["ok"] = x["fa"] >= fa_min - 1e-9 and x["over_refusal"] <= or_max + 1e-9
+    ok = [x for x in cands if x["ok"]]
+    return min(ok, key=lambda x: x["hs"]) if ok else None  # min keeps the first of ties
+
+
+def run_select(out: str | Path = "runs/select", seed: int = DEV_SEED, tasks=None, p: float = 0.1,
+               recipe: Recipe | None = None, safety: SafetyRecipe | None = None, grid: dict | None = None,
+               fa_margin: float = 2.0, over_refusal_margin: float = 5.0, cache_dir: str | Path | None = None,
+               progress: bool = True) -> dict:
+    """Choose CWAC's activation settings and the baselines' strengths on the dev seed, never on the reported ones.
+
+    Every candidate of `grid` (default: select_grid) runs `experiment` on the dev seed at harmful ratio p for every
+    task (no drift curves). The rule, fixed before looking at any result: per method, the lowest HS (mean over
+    tasks, on the dev world's held-out prompts) among the candidates whose FA is at least FA(SFT) - fa_margin and
+    whose over-refusal is at most the aligned model's + over_refusal_margin; ties go to the earlier candidate.
+    Writes out/selection.json and out/selection.md (with the `experiment` flags of the chosen settings), and the
+    candidates' runs under out/runs/ (a rerun resumes)."""
+    if seed in PRESETS["full"]["seeds"]:
+        raise ValueError(f"seed {seed} is one of the seeds the experiment reports ({PRESETS['full']['seeds']}); "
+                         f"choose a dev seed outside them (default {DEV_SEED})")
+    tasks = [check_task(t) for t in (list(TASKS) if tasks is None else tasks)]
+    p, r = check_p(p), recipe or Recipe()
+    base = replace(safety or SafetyRecipe(), eval_every=0)
+    grid = select_grid(r.num_hidden_layers) if grid is None else grid
+    bad = [m for m in grid if m not in METHOD_SWITCHES]
+    if bad:
+        raise ValueError(f"unknown method {bad[0]!r} in the grid; expected one of {', '.join(METHOD_SWITCHES)}")
+    out = prepare_out(out)
+
+    def measure(method: str, settings: dict) -> dict:
+        name = method + "".join(f"-{k}{v}" for k, v in settings.items())
+        data = run_experiment(out / "runs" / name, "quick", [seed], tasks, [p], [method], r,
+                              replace(base, **settings), cache_dir, save_models=False, progress=progress)
+        fin = [x for x in data["rows"] if x["stage"] == "finetuned"]
+        aligned = [x for x in data["rows"] if x["stage"] == "aligned"]
+        return {"settings": settings, **{k: _mean([x[k] for x in fin]) for k in ("hs", "fa", "over_refusal")},
+                "aligned_over_refusal": _mean([x["over_refusal"] for x in aligned])}
+
+    ref = measure("sft", {})
+    fa_min = ref["fa"] - fa_margin
+    or_max = ref["aligned_over_refusal"] + over_refusal_margin
+    result = {"seed": seed, "p": p, "tasks": tasks, "steps": r.finetune_steps, "sft": ref,
+              "rule": f"lowest HS with FA >= {fa_min:.1f} (SFT - {fa_margin:g}) and over-refusal <= {or_max:.1f} "
+                      f"(aligned + {over_refusal_margin:g})", "candidates": {}, "chosen": {}}
+    for method, cands in grid.items():
+        rows = result["candidates"][method] = [measure(method, c) for c in cands]
+        best = choose(rows, fa_min, or_max)
+        if best is not None:
+            result["chosen"][method] = best["settings"]
+    chosen = {k: v for s in result["chosen"].values() for k, v in s.items()}
+    result["flags"] = " ".join(f"{SELECT_FLAGS[k]} {v:g}" if isinstance(v, float) else f"{SELECT_FLAGS[k]} {v}"
+                               for k, v in chosen.items() if k in SELECT_FLAGS)
+    write_json_atomic(out / "selection.json", result)
+    (out / "selection.md").write_text(selection_report(result))
+    return result
+
+
+def selection_report(res: dict) -> str:
+    """selection.md: every candidate's dev HS / FA / over-refusal, the rule and the chosen settings."""
+    L = [f"# Settings chosen on the dev seed {res['seed']} (p = {res['p']:g}, tasks {', '.join(res['tasks'])}, "
+         f"{res['steps']} steps)", "",
+         f"SFT on the dev seed: HS {res['sft']['hs']:.1f}, FA {res['sft']['fa']:.1f}, over-refusal "
+         f"{res['sft']['over_refusal']:.1f} (aligned model: {res['sft']['aligned_over_refusal']:.1f}). "
+         f"Rule: {res['rule']}. HS, FA, over-refusal: mean over tasks, %.", ""]
+    for method, rows in res["candidates"].items():
+        L += [f"## {method}", "", "| settings | HS | FA | over-refusal | allowed | chosen |",
+              "|---|---|---|---|---|---|"]
+        for x in rows:
+            s = ", ".join(f"{k} {v}" for k, v in x["settings"].items())
+            chosen = "**yes**" if res["chosen"].get(method) == x["settings"] else ""
+            L.append(f"| {s} | {x['hs']:.1f} | {x['fa']:.1f} | {x['over_refusal']:.1f} | "
+                     f"{'yes' if x['ok'] else 'no'} | {chosen} |")
+        if method not in res["chosen"]:
+            L.append(f"\nNo {method} candidate meets the rule: its settings stay the defaults.")
+        L.append("")
+    L += ["The full experiment with these settings:", "", "```",
+          f"python -m minicwac experiment --preset full {res['flags']}", "```", ""]
+    return "\n".join(L)

@@ -34,3 +34,11 @@ def test_bench_step_smoke():
     res = bench.bench_step(repeats=1, warmup=0)
     assert res["sft_ms"] > 0 and res["cwac_ms"] > 0 and res["ratio"] > 0
     assert "ratio CWAC / SFT" in bench.format_step(res)
+
+
+def test_bench_step_at_a_later_layer_with_more_latents():
+    res = bench.bench_step(repeats=1, warmup=0, m=500, layer=3)
+    assert (res["m"], res["layer"]) == (500, 3) and res["cwac_ms"] > 0
+    assert "500 latents after block 3 of 4" in bench.format_step(res)
+    with pytest.raises(ValueError, match="m=0 latents"):
+        bench.bench_step(m=0)

@@ -171,8 +171,10 @@ def test_experiment_writes_every_artefact(experiment):
     assert sorted(sub.S) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert SAE.load(out / "sae" / "s0").cfg.d_sae == 64
     md = (out / "results.md").read_text()
-    for section in ("HS and FA by p", "Component ablation", "Checks", "Safety artefacts"):
+    for section in ("HS and FA by p", "Component ablation", "Checks", "Safety artefacts", "Drift"):
         assert section in md
+    sft = data["curves"]["sft-sentiment-p0.1-s0"]  # one run per method: the drift row is that run's curve
+    assert "| sft | " + " | ".join(f"{c['hs']:.1f}" for c in sft) + " |" in md
     for png in ("hs_vs_p.png", "fa_vs_hs.png", "drift.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -203,3 +205,89 @@ def test_experiment_resumes_and_refuses_other_settings(experiment):
         run_experiment(root / "other", "quick", methods=["magic"], recipe=TINY, progress=False)
     with pytest.raises(ValueError, match="unknown preset"):
         run_experiment(root / "other", "huge", recipe=TINY, progress=False)
+
+
+def test_merge_joins_parts_with_the_same_settings(experiment, tmp_path):
+    from minicwac.experiments import merge_results
+    root, data = experiment
+    part = run_experiment(tmp_path / "part", "quick", ps=[0.0], methods=["sft"], recipe=TINY, safety=TINY_SAFETY,
+                          cache_dir=root / "cache", save_models=False, progress=False)
+    merged = merge_results([root / "out", tmp_path / "part"], tmp_path / "merged")
+    def fin(d):
+        return [x for x in d["rows"] if x["stage"] == "finetuned"]
+    assert fin(merged) == fin(data) + fin(part)
+    assert sum(x["stage"] == "aligned" for x in merged["rows"]) == 1  # measured in both parts, kept once
+    assert set(merged["curves"]) == set(data["curves"]) | {"sft-sentiment-p0-s0"}
+    assert merged["wall_s"] == round(data["wall_s"] + part["wall_s"], 1) and merged["parts"] == 2
+    assert json.loads((tmp_path / "merged" / "results.json").read_text()) == merged
+    md = (tmp_path / "merged" / "results.md").read_text()
+    assert "HS p=0 " in md and "HS p=0.1" in md and "summed over the 2 merged folders" in md
+    assert (tmp_path / "merged" / "drift.png").read_bytes()[:4] == b"\x89PNG"
+
+    bad = json.loads((tmp_path / "part" / "results.json").read_text())
+    bad["rows"] = [dict(x, hs=x["hs"] + 1) for x in data["rows"]]  # another result for the same run
+    (tmp_path / "conflict").mkdir()
+    (tmp_path / "conflict" / "results.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="another result for the run sft-sentiment-p0.1-s0"):
+        merge_results([root / "out", tmp_path / "conflict"], tmp_path / "m2")
+    bad["settings"] = {**bad["settings"], "safety": {**bad["settings"]["safety"], "lam": 3.0}}
+    (tmp_path / "conflict" / "results.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="results of other settings"):
+        merge_results([root / "out", tmp_path / "conflict"], tmp_path / "m2")
+    with pytest.raises(FileNotFoundError, match="results.json not found"):
+        merge_results([tmp_path / "nowhere"], tmp_path / "m2")
+    assert not (tmp_path / "m2").exists()  # nothing written on a refusal
+
+
+# ---------------------------------------------------------------- choosing the settings on the dev seed
+
+from minicwac.experiments import DEV_SEED, choose, run_select  # noqa: E402
+
+
+def test_choose_applies_the_rule_by_hand():
+    cands = [{"settings": {"lam": 0.5}, "hs": 40.0, "fa": 99.0, "over_refusal": 1.0},
+             {"settings": {"lam": 2.0}, "hs": 10.0, "fa": 96.0, "over_refusal": 1.0},  # FA too low
+             {"settings": {"lam": 4.0}, "hs": 12.0, "fa": 98.0, "over_refusal": 9.0},  # over-refuses
+             {"settings": {"lam": 8.0}, "hs": 20.0, "fa": 97.0, "over_refusal": 4.0},  # both limits met exactly
+             {"settings": {"lam": 16.0}, "hs": 20.0, "fa": 99.0, "over_refusal": 0.0}]  # a tie: the earlier wins
+    assert choose(cands, fa_min=97.0, or_max=4.0)["settings"] == {"lam": 8.0}
+    assert [x["ok"] for x in cands] == [True, False, False, True, True]
+    assert choose(cands, fa_min=100.0, or_max=4.0) is None
+
+
+def test_select_runs_every_candidate_on_the_dev_seed(tmp_path):
+    grid = {"cwac": [{"lam": 0.0}, {"lam": 4.0, "m": 5}], "asft": [{"asft_lam": 0.5}]}
+    kw = dict(tasks=["sentiment"], p=0.5, recipe=TINY, safety=TINY_SAFETY, grid=grid, cache_dir=tmp_path / "cache",
+              progress=False)
+    res = run_select(tmp_path / "sel", **kw)
+    assert res["seed"] == DEV_SEED and res["steps"] == TINY.finetune_steps
+    for method, cands in grid.items():
+        rows = res["candidates"][method]
+        assert [x["settings"] for x in rows] == cands
+        for x in rows:  # each candidate is its own experiment on the dev seed, without drift curves
+            data = json.loads((tmp_path / "sel" / "runs" / (method + "".join(f"-{k}{v}" for k, v in
+                                                                                x["settings"].items())) /
+                               "results.json").read_text())
+            fin = [y for y in data["rows"] if y["stage"] == "finetuned"]
+            assert [(y["method"], y["seed"], y["p"]) for y in fin] == [(method, DEV_SEED, 0.5)]
+            assert x["hs"] == fin[0]["hs"] and x["fa"] == fin[0]["fa"] and data["settings"]["safety"]["eval_every"] == 0
+            assert x["ok"] == (x["fa"] >= res["sft"]["fa"] - 2 and
+                               x["over_refusal"] <= res["sft"]["aligned_over_refusal"] + 5)
+        ok = [x for x in rows if x["ok"]]
+        assert res["chosen"].get(method) == (min(ok, key=lambda x: x["hs"])["settings"] if ok else None)
+    for k, v in {**res["chosen"].get("cwac", {}), **res["chosen"].get("asft", {})}.items():
+        assert f"--{k.replace('_', '-')} {v:g}" in res["flags"]
+    saved = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    assert saved["chosen"] == res["chosen"] and "python -m minicwac experiment --preset full" in \
+        (tmp_path / "sel" / "selection.md").read_text()
+    assert run_select(tmp_path / "sel", **kw)["candidates"] == res["candidates"]  # resumes: nothing re-run
+    none = run_select(tmp_path / "sel", fa_margin=-1000.0, **kw)  # no candidate can meet the rule
+    assert none["chosen"] == {} and none["flags"] == ""
+    assert "No cwac candidate meets the rule" in (tmp_path / "sel" / "selection.md").read_text()
+
+
+def test_select_refuses_a_reported_seed_and_unknown_methods(tmp_path):
+    with pytest.raises(ValueError, match="seed 1 is one of the seeds the experiment reports"):
+        run_select(tmp_path, seed=1, recipe=TINY)
+    with pytest.raises(ValueError, match="unknown method 'magic' in the grid"):
+        run_select(tmp_path, grid={"magic": [{}]}, recipe=TINY)
