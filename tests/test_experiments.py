@@ -280,7 +280,9 @@ def test_select_runs_every_candidate_on_the_dev_seed(tmp_path):
     saved = json.loads((tmp_path / "sel" / "selection.json").read_text())
     assert saved["chosen"] == res["chosen"] and "python -m minicwac experiment --preset full" in \
         (tmp_path / "sel" / "selection.md").read_text()
-    assert run_select(tmp_path / "sel", **kw)["candidates"] == res["candidates"]  # resumes: nothing re-run
+    assert run_select(tmp_path / "sel", **kw)["candidates"] == res["candidates"]  # a rerun resumes:
+    for f in (tmp_path / "sel" / "runs").glob("*/results.json"):  # no candidate was fine-tuned twice
+        assert [y["stage"] for y in json.loads(f.read_text())["rows"]] == ["aligned", "finetuned"]
     none = run_select(tmp_path / "sel", fa_margin=-1000.0, **kw)  # no candidate can meet the rule
     assert none["chosen"] == {} and none["flags"] == ""
     assert "No cwac candidate meets the rule" in (tmp_path / "sel" / "selection.md").read_text()
