@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from .experiments import SafetyRecipe, run_experiment
             from .pipeline import Recipe
-            r = Recipe() if args.steps is None else replace(Recipe(), finetune_steps=args.steps)
+            r = Recipe() if args.steps is None else Recipe(finetune_steps=args.steps)
             kw = {"lam": args.lam, "m": args.m, "sae_layer": args.sae_layer, "skip_prefix": args.skip_prefix or None,
                   "safeinstr_frac": args.safeinstr_frac, "asft_lam": args.asft_lam}
             sr = replace(SafetyRecipe(), **{k: v for k, v in kw.items() if v is not None})
@@ -197,11 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             print(open(f"{args.out}/results.md").read())
             print(f"wrote {args.out}/results.json, results.md and the plots")
         elif args.cmd == "select":
-            from dataclasses import replace
-
             from .experiments import run_select
             from .pipeline import Recipe
-            r = Recipe() if args.steps is None else replace(Recipe(), finetune_steps=args.steps)
+            r = Recipe() if args.steps is None else Recipe(finetune_steps=args.steps)
             res = run_select(args.out, args.seed, args.tasks, args.p, r, cache_dir=args.cache, progress=not args.quiet)
             print(open(f"{args.out}/selection.md").read())
             print(f"wrote {args.out}/selection.json and selection.md; chosen: {res['flags'] or 'the defaults'}")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .evals import prompt_ids
+from .experiments import check_sae_layer
 from .features import safety_features
 from .pipeline import Recipe, build_tokenizer, new_model
 from .sae import SAE, SAEConfig
@@ -50,9 +51,7 @@ def bench_step(device: str = "cpu", repeats: int = 30, warmup: int = 5, m: int =
     r = Recipe()
     if not 1 <= m <= 8 * r.hidden_size:
         raise ValueError(f"m={m} latents, expected 1..{8 * r.hidden_size} (the toy SAE's width)")
-    layer = r.num_hidden_layers // 2 if layer is None else layer
-    if not 1 <= layer <= r.num_hidden_layers:
-        raise ValueError(f"sae_layer={layer}, expected 1..{r.num_hidden_layers}")
+    layer = check_sae_layer(layer, r.num_hidden_layers)
     world = build_world(seed)
     tok = build_tokenizer(world, r.vocab_size)
     model = new_model(tok, r, seed, device)

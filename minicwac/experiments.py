@@ -365,10 +365,15 @@ def run_experiment(out: str | Path = "runs/experiment", preset: str = "quick", s
             data["wall_s"] = round(time.time() - t0, 1)
             write_json_atomic(res_path, data)
     data["wall_s"] = round(time.time() - t0, 1)
-    write_json_atomic(res_path, data)
+    write_results(out, data)
+    return data
+
+
+def write_results(out: Path, data: dict) -> None:
+    """results.json (atomically), results.md and the plots of an experiment."""
+    write_json_atomic(out / "results.json", data)
     (out / "results.md").write_text(experiment_report(data))
     plot_experiment(data, out)
-    return data
 
 
 def merge_results(srcs: list[str | Path], out: str | Path) -> dict:
@@ -399,10 +404,7 @@ def merge_results(srcs: list[str | Path], out: str | Path) -> dict:
                 raise ValueError(f"{src} has another result for the run {run_name(*key[1:])}")
         merged["curves"].update(d["curves"])
         merged["safety"].update(d["safety"])
-    out = prepare_out(out)
-    write_json_atomic(out / "results.json", merged)
-    (out / "results.md").write_text(experiment_report(merged))
-    plot_experiment(merged, out)
+    write_results(prepare_out(out), merged)
     return merged
 
 
@@ -595,10 +597,6 @@ def select_grid(n_layers: int) -> dict[str, list[dict]]:
             "asft": [{"asft_lam": a} for a in (1.0, 10.0, 100.0)]}
 
 
-SELECT_FLAGS = {"lam": "--lam", "m": "--m", "sae_layer": "--sae-layer", "safeinstr_frac": "--safeinstr-frac",
-                "asft_lam": "--asft-lam"}
-
-
 def choose(cands: list[dict], fa_min: float, or_max: float) -> dict | None:
     """The selection rule: marks each candidate "ok" when fa >= fa_min and over_refusal <= or_max, and returns the
     ok one with the lowest hs (the earliest of ties), or None when none is ok. The limits get 1e-9 of slack: they
@@ -654,8 +652,8 @@ def run_select(out: str | Path = "runs/select", seed: int = DEV_SEED, tasks=None
         if best is not None:
             result["chosen"][method] = best["settings"]
     chosen = {k: v for s in result["chosen"].values() for k, v in s.items()}
-    result["flags"] = " ".join(f"{SELECT_FLAGS[k]} {v:g}" if isinstance(v, float) else f"{SELECT_FLAGS[k]} {v}"
-                               for k, v in chosen.items() if k in SELECT_FLAGS)
+    result["flags"] = " ".join(f"--{k.replace('_', '-')} {f'{v:g}' if isinstance(v, float) else v}"
+                               for k, v in chosen.items())  # the field sae_layer is the flag --sae-layer
     write_json_atomic(out / "selection.json", result)
     (out / "selection.md").write_text(selection_report(result))
     return result
