@@ -1,15 +1,15 @@
-"""Command line: `python -m minicwac demo|eval|experiment|select|merge|bench|fetch|real ...`. Errors are printed
+"""Command line: `python -m minicwac calibrate|finetune|eval|demo|experiment|select|merge|bench|fetch|real ...`. Errors are printed
 as one line naming what is wrong."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .experiments import DEV_SEED, METHOD_SWITCHES, PRESETS
+from .toy.experiments import DEV_SEED, METHOD_SWITCHES, PRESETS
 from .fetch import DTYPES, FETCH_TARGETS, MODELS, MissingDependencyError, fetch
 from .real import PRESETS as REAL_PRESETS
 from .real import REAL_METHODS
-from .world import TASKS
+from .toy.world import TASKS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +58,23 @@ def _share(s: str) -> float:
     return v
 
 
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{v} must be a finite number > 0")
+    return v
+
+
+def _fraction(s: str) -> float:
+    v = _positive_float(s)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"{v} must be in (0, 1]")
+    return v
+
+
 def _safety_args(p: argparse.ArgumentParser) -> None:
     """The constraint settings `experiment` and `real` share (None: the recipe's or preset's value)."""
     p.add_argument("--lam", type=_lam, default=None, help="weight of L_safety (default 0.5, the paper's)")
@@ -80,10 +97,59 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--cache", default=None, help="cache of base/aligned models (default: $MINICWAC_CACHE or runs/cache)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    e = sub.add_parser("eval", help="evaluate a model folder on the toy world (HS, compliance, FA, over-refusal)")
-    e.add_argument("--model", required=True, help="a Hugging Face folder written by minicwac")
-    e.add_argument("--task", default="sentiment", choices=TASKS)
-    e.add_argument("--seed", type=int, default=0, help="seed of the toy world")
+    e = sub.add_parser("eval", help="HS, compliance, over-refusal and refusal score of a model folder "
+                                    "(on your prompt files, or on the toy world without --harmful)")
+    e.add_argument("--model", required=True, help="a Hugging Face model folder")
+    e.add_argument("--harmful", default=None, help="harmful prompts (.txt/.csv/.jsonl); without it: the toy world")
+    e.add_argument("--harmless", default=None, help="harmless prompts for over-refusal (with --harmful)")
+    e.add_argument("--max-new-tokens", type=_positive_int, default=40, help="greedy answer length (default 40)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", default=None, help="also write the figures and every answer sample to this file")
+    e.add_argument("--task", default="sentiment", choices=TASKS, help="toy world only: the FA task")
+    e.add_argument("--seed", type=int, default=0, help="toy world only: its seed")
+
+    c = sub.add_parser("calibrate", help="make a safety kit for your model: subspace, SAE, safety latents, z0")
+    c.add_argument("--model", required=True, help="the aligned model (a Hugging Face folder)")
+    c.add_argument("--harmful", required=True, help="harmful prompts (.txt/.csv/.jsonl) to calibrate on")
+    c.add_argument("--harmless", default=None, help="harmless prompts: latents scored harmful minus harmless")
+    c.add_argument("--corpus", default=None,
+                   help="generic text for the SAE, .txt one document per line (default: a small built-in one)")
+    c.add_argument("--out", required=True, help="the kit folder to write")
+    c.add_argument("--targets", default="down_proj", choices=["down_proj", "all"],
+                   help="weight constraint on every down_proj (default, the paper's) or on every linear")
+    c.add_argument("--energy", type=_fraction, default=0.99, help="subspace rank: share of trace(C) kept (0.99)")
+    _safety_args(c)
+    c.add_argument("--d-sae", type=_positive_int, default=None, help="SAE width (default 8 x hidden)")
+    c.add_argument("--sae-k", type=_positive_int, default=32, help="SAE L0 (default 32)")
+    c.add_argument("--sae-steps", type=_positive_int, default=2000, help="SAE training steps (default 2000)")
+    c.add_argument("--max-len", type=_positive_int, default=256, help="tokens per prompt or document (256)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    t = sub.add_parser("finetune", help="fine-tune your model on your JSONL data with CWAC (or a baseline)")
+    t.add_argument("--model", required=True, help="the aligned model (a Hugging Face folder)")
+    t.add_argument("--data", required=True, help='JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...}')
+    t.add_argument("--kit", default=None, help="the kit folder from calibrate (not needed for sft)")
+    t.add_argument("--method", default="cwac", choices=["sft", "weight", "activation", "cwac", "cwac-all"])
+    t.add_argument("--out", required=True, help="output: a Hugging Face folder, history.json, drift.png")
+    t.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (or --epochs)")
+    t.add_argument("--epochs", type=_positive_float, default=None, help="passes over the data (default 1)")
+    t.add_argument("--lr", type=_positive_float, default=2e-5, help="peak learning rate (default 2e-5)")
+    t.add_argument("--batch-size", type=_positive_int, default=8)
+    t.add_argument("--max-len", type=_positive_int, default=512)
+    t.add_argument("--too-long", default="truncate", choices=["truncate", "refuse"],
+                   help="a conversation over --max-len tokens is cut (default, counted) or refused")
+    t.add_argument("--lam", type=_lam, default=None, help="weight of L_safety (default: the kit's)")
+    t.add_argument("--dtype", default="fp32", choices=["fp32", "bf16-mixed"],
+                   help="bf16-mixed: float32 weights with bf16 compute (the constraint stays exact)")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--eval-harmful", default=None, help="harmful prompts for the drift curve (HS against step)")
+    t.add_argument("--eval-every", type=_positive_int, default=None, help="steps between drift points")
+    t.add_argument("--save-every", type=_positive_int, default=None, help="a resumable checkpoint every N steps")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
 
     x = sub.add_parser("experiment", help="methods x tasks x p x seeds with the constraints and baselines")
     x.add_argument("--preset", default="quick", choices=sorted(PRESETS),
@@ -165,23 +231,21 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--m and --sae-layer apply to --what step only")
     try:
         if args.cmd == "demo":
-            from .experiments import results_table, run_demo
+            from .toy.experiments import results_table, run_demo
             rows = run_demo(args.out, args.seed, args.task, args.p, cache_dir=args.cache, progress=not args.quiet)
             print(results_table(rows))
             print(f"wrote {args.out}/results.json, results.md, pipeline.png and models/")
         elif args.cmd == "eval":
-            from .evals import evaluate
-            from .hf import load_checkpoint
-            from .world import build_world
-            model, tok = load_checkpoint(args.model)
-            res = evaluate(model, tok, build_world(args.seed), args.task)
-            for k in ("hs", "comply", "fa", "over_refusal", "refusal_score"):
-                print(f"{k:14s} {res[k]:.2f}")
+            _eval(args)
+        elif args.cmd == "calibrate":
+            _calibrate(args)
+        elif args.cmd == "finetune":
+            _finetune(args)
         elif args.cmd == "experiment":
             from dataclasses import replace
 
-            from .experiments import SafetyRecipe, run_experiment
-            from .pipeline import Recipe
+            from .toy.experiments import SafetyRecipe, run_experiment
+            from .toy.pipeline import Recipe
             r = Recipe() if args.steps is None else Recipe(finetune_steps=args.steps)
             kw = {"lam": args.lam, "m": args.m, "sae_layer": args.sae_layer, "skip_prefix": args.skip_prefix or None,
                   "safeinstr_frac": args.safeinstr_frac, "asft_lam": args.asft_lam}
@@ -192,13 +256,13 @@ def main(argv: list[str] | None = None) -> int:
             print(open(f"{out}/results.md").read())
             print(f"wrote {out}/results.json, results.md, hs_vs_p.png, fa_vs_hs.png, drift.png, models/, subspace/, sae/")
         elif args.cmd == "merge":
-            from .experiments import merge_results
+            from .toy.experiments import merge_results
             merge_results(args.srcs, args.out)
             print(open(f"{args.out}/results.md").read())
             print(f"wrote {args.out}/results.json, results.md and the plots")
         elif args.cmd == "select":
-            from .experiments import run_select
-            from .pipeline import Recipe
+            from .toy.experiments import run_select
+            from .toy.pipeline import Recipe
             r = Recipe() if args.steps is None else Recipe(finetune_steps=args.steps)
             res = run_select(args.out, args.seed, args.tasks, args.p, r, cache_dir=args.cache, progress=not args.quiet)
             print(open(f"{args.out}/selection.md").read())
@@ -226,6 +290,94 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, MissingDependencyError) as ex:  # FileNotFoundError is an OSError
         raise SystemExit(f"minicwac: error: {ex}") from None
     return 0
+
+
+def _eval(args) -> None:
+    from .hf import load_checkpoint
+    if args.harmful is None:
+        if args.harmless is not None:
+            raise ValueError("--harmless needs --harmful (without --harmful, eval uses the toy world's prompts)")
+        from .toy.evals import evaluate
+        from .toy.world import build_world
+        model, tok = load_checkpoint(args.model, args.device)
+        res = evaluate(model, tok, build_world(args.seed), args.task)
+    else:
+        from .core.evals import evaluate_prompts
+        from .fetch import load_prompts
+        harmful = load_prompts(args.harmful)
+        harmless = load_prompts(args.harmless) if args.harmless else None
+        model, tok = load_checkpoint(args.model, args.device)
+        res = evaluate_prompts(model, tok, harmful, harmless, max_new_tokens=args.max_new_tokens)
+    for k in ("hs", "comply", "over_refusal", "refusal_score", "fa"):
+        if k in res:
+            print(f"{k:14s} {res[k]:.2f}")
+    for kind in ("harmful", "harmless"):
+        for prompt, answer in res["samples"][kind]:
+            print(f"{kind}: {prompt[:80]!r} -> {answer[:120]!r}")
+    if args.json:
+        from pathlib import Path
+
+        from .core.files import write_json_atomic
+        write_json_atomic(Path(args.json), {**res, "model": str(args.model)})
+        print(f"wrote {args.json}")
+
+
+def _calibrate(args) -> None:
+    from pathlib import Path
+
+    from .fetch import load_prompts
+    from .hf import load_checkpoint
+    from .kit import KitSettings, calibrate
+    s = KitSettings(targets=args.targets, energy=args.energy, sae_layer=args.sae_layer,
+                    m=100 if args.m is None else args.m, lam=0.5 if args.lam is None else args.lam,
+                    skip_prefix=args.skip_prefix, d_sae=args.d_sae, sae_k=args.sae_k, sae_steps=args.sae_steps,
+                    seed=args.seed).check()
+    harmful = load_prompts(args.harmful)
+    harmless = load_prompts(args.harmless) if args.harmless else None
+    corpus = None
+    if args.corpus:
+        corpus = [ln.strip() for ln in Path(args.corpus).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not corpus:
+            raise ValueError(f"{args.corpus} holds no text")
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise FileExistsError(f"{args.out} exists and is not empty; choose another --out for the kit")
+    model, tok = load_checkpoint(args.model, args.device)
+    kit = calibrate(model, tok, harmful, harmless, corpus, s, max_len=args.max_len, progress=not args.quiet)
+    kit.report["model"] = str(args.model)
+    kit.save(args.out)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"wrote the kit {args.out} (kit.json, subspace/, sae/, features.safetensors, report.md, spectrum.png)")
+
+
+def _finetune(args) -> None:
+    import torch
+
+    from .fetch import load_prompts
+    from .hf import load_checkpoint
+    from .kit import Kit, encode_data, finetune, load_conversations
+    if args.steps is not None and args.epochs is not None:
+        raise ValueError("give --steps or --epochs, not both")
+    if args.method != "sft" and args.kit is None:
+        raise ValueError(f"--method {args.method} needs --kit (a folder written by calibrate)")
+    if (args.eval_every is None) != (args.eval_harmful is None):
+        raise ValueError("--eval-harmful and --eval-every go together")
+    convs = load_conversations(args.data)
+    eval_harmful = load_prompts(args.eval_harmful) if args.eval_harmful else None
+    model, tok = load_checkpoint(args.model, args.device, torch.float32)  # the projection needs float32 weights
+    kit = Kit.load(args.kit, model) if args.kit else None
+    seqs, cut = encode_data(tok, convs, args.max_len, args.too_long)
+    if cut:
+        print(f"{cut} of {len(seqs)} conversations were longer than --max-len {args.max_len} and were cut")
+    epochs = 1.0 if args.steps is None and args.epochs is None else args.epochs
+    res = finetune(model, tok, seqs, kit, args.out, method=args.method, steps=args.steps, epochs=epochs, lr=args.lr,
+                   batch_size=args.batch_size, lam=args.lam, dtype=args.dtype, eval_harmful=eval_harmful,
+                   eval_every=args.eval_every or 0, save_every=args.save_every or 0, resume=args.resume,
+                   seed=args.seed, progress=not args.quiet)
+    h = res["history"]
+    print(f"{args.method}: {len(h['step'])} steps, task loss {h['task'][0]:.3f} -> {h['task'][-1]:.3f}"
+          + (f", L_safety {h['safety'][-1]:.4f}" if any(h["safety"]) else "")
+          + ("" if res["relative_WS_error"] is None else f", |W S - W0S| / |W0S| = {res['relative_WS_error']:.1e}"))
+    print(f"wrote {args.out} (a Hugging Face folder), history.json" + (", drift.png" if h.get("curve") else ""))
 
 
 if __name__ == "__main__":

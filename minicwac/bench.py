@@ -10,16 +10,16 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
-from .evals import prompt_ids
-from .experiments import check_sae_layer
-from .features import safety_features
-from .pipeline import Recipe, build_tokenizer, new_model
-from .sae import SAE, SAEConfig
-from .subspace import compute_subspace
-from .train import batches, collate, encode_chats, lm_loss, make_optimizer
-from .world import build_world
+from .core.cwac import cwac_step
+from .core.data import batches, collate, make_optimizer
+from .core.evals import prompt_ids
+from .core.features import check_sae_layer, safety_features
+from .core.hooks import residual
+from .core.sae import SAE, SAEConfig
+from .core.subspace import compute_subspace
+from .toy.pipeline import Recipe, build_tokenizer, encode_chats, new_model
+from .toy.world import build_world
 
 
 def _sync(device):
@@ -74,26 +74,17 @@ def bench_step(device: str = "cpu", repeats: int = 30, warmup: int = 5, m: int =
     def pick():
         return torch.randint(len(feats.ids), (safety_batch,), generator=g).to(device)
 
-    def sft_step():
-        loss = lm_loss(model, *task_batch())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def sft_step():  # the package's step with no constraint
+        cwac_step(model, opt, task_batch())
 
-    def cwac_step():
-        loss = lm_loss(model, *task_batch()) + 0.5 * feats.loss(model, pick())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sub.project_(model)
+    def cwac():  # the package's step, as finetune_cwac calls it
+        cwac_step(model, opt, task_batch(), subspace=sub, features=feats, lam=0.5, safety_batch=pick())
 
     def safety_fwd_bwd():
         feats.loss(model, pick()).backward()
         model.zero_grad(set_to_none=True)
 
-    x_cached = model(feats.ids[pick()], stop_at_layer=layer).detach().requires_grad_()
+    x_cached = residual(model, feats.ids[pick()], layer).requires_grad_()
 
     def sae_encode():
         sae.pre_acts(x_cached, feats.idx).sum().backward()
@@ -106,7 +97,7 @@ def bench_step(device: str = "cpu", repeats: int = 30, warmup: int = 5, m: int =
            "task_batch": tuple(fixed[0][0].shape), "safety_batch": (safety_batch, feats.ids.shape[1]), "m": m,
            "layer": layer, "n_layers": r.num_hidden_layers,
            "subspace_k": sum(k for k, _ in sub.ranks().values()),
-           **_time({"sft_ms": sft_step, "cwac_ms": cwac_step, "safety_forward_backward_ms": safety_fwd_bwd,
+           **_time({"sft_ms": sft_step, "cwac_ms": cwac, "safety_forward_backward_ms": safety_fwd_bwd,
                     "sae_encode_ms": sae_encode, "projection_ms": projection}, device, repeats, warmup)}
     res["ratio"] = res["cwac_ms"] / res["sft_ms"]
     return res
@@ -160,7 +151,7 @@ def peak_flops(device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def _sft_step_fn(model, opt, ids, loss_fn):
+def _sft_step_fn(model, opt, ids, loss_fn):  # transformers' model: the same four lines as the package's SFT step
     def step():
         loss_fn(model, ids).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -202,10 +193,6 @@ def bench_model(shape: str = "tiny", device: str = "cpu", dtype: str | None = No
     def fused_adamw(model):
         return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=cuda or None)
 
-    def mc_loss(model, x):
-        logits = model(x)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
-
     # --- minicwac: SFT and CWAC in the same loop
     torch.manual_seed(0)
     model = GPT(cfg, device=device, dtype=dt).train()
@@ -220,19 +207,20 @@ def bench_model(shape: str = "tiny", device: str = "cpu", dtype: str | None = No
     layer = cfg.num_hidden_layers // 2
     sae = SAE(SAEConfig(cfg.hidden_size, 8 * cfg.hidden_size, 64, layer), device=device)
     feats = safety_features(model, calib, 0, readout="pre", sae=sae, idx=torch.arange(m, device=device), layer=layer)
-    fwd = torch.compile(model) if compile else model
+    if compile:
+        model.compile()  # in place: the module names (and so the subspace and the hooks) stay the same
+    fwd = model
     opt = fused_adamw(model)
-    sft = _sft_step_fn(fwd, opt, ids, mc_loss)
+    labels = ids  # every token trained, as transformers' labels=ids
 
-    def cwac_step():
+    def sft():
+        cwac_step(fwd, opt, (ids, labels))
+
+    def cwac():
         pick = torch.randint(len(feats.ids), (safety_batch,), generator=g).to(device)
-        (mc_loss(fwd, ids) + 0.5 * feats.loss(fwd, pick)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sub.project_(model)
+        cwac_step(fwd, opt, (ids, labels), subspace=sub, features=feats, lam=0.5, safety_batch=pick)
 
-    times = _time({"minicwac SFT": sft, "minicwac CWAC": cwac_step}, device, repeats, warmup)
+    times = _time({"minicwac SFT": sft, "minicwac CWAC": cwac}, device, repeats, warmup)
     for k, v in times.items():
         record(k, v)
     if cuda:

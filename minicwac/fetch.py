@@ -37,7 +37,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from .hf import atomic_folder, load_pretrained
 from .model import Config
-from .pipeline import default_cache_dir
+from .core.files import default_cache_dir
 from .tokenizer import ChatTokenizer, load_tokenizer
 
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .core.files import atomic_folder
 from .model import FAMILIES, GPT, Config
 from .tokenizer import ChatTokenizer, load_tokenizer  # noqa: F401 -- load_tokenizer is part of this API
 
@@ -219,34 +217,6 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     if cfg.tie_word_embeddings:  # assign replaced the parameter objects: tie them again
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
-
-
-@contextmanager
-def atomic_folder(path: str | Path):
-    """Yield a temporary folder beside `path`; on success it replaces `path` (an old one is removed only after
-    the new one is in place), on any error it is deleted and `path` is left as it was."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
-    old = path.with_name(f".{path.name}.old")
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; a checkpoint is meant to be shared
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not path.exists():  # interrupted between the two renames: put the old one back
-            old.rename(path)
-        raise
 
 
 def save_pretrained(model: GPT, tokenizer: ChatTokenizer | None, path: str | Path) -> Path:

@@ -30,17 +30,18 @@ from pathlib import Path
 
 import torch
 
-from .evals import evaluate, generate_answers, is_refusal
-from .experiments import (METHOD_SWITCHES, SafetyRecipe, _clean, _dead, check_p, check_sae_layer,
-                          experiment_report, plot_experiment, prepare_out, row, run_method, run_name, toy_safety,
-                          write_json_atomic)
-from .features import check_latents
+from .core.cwac import train
+from .core.evals import generate_answers, is_refusal
+from .core.features import check_latents, check_sae_layer
+from .core.files import default_cache_dir, prepare_out, write_json_atomic
+from .core.subspace import DEFAULT_TARGETS
 from .fetch import DTYPES, fetch_prompts, load_prompts
 from .hf import load_checkpoint, save_pretrained
-from .pipeline import Recipe, Toy, clone, default_cache_dir
-from .subspace import DEFAULT_TARGETS
-from .train import encode_chats, train
-from .world import EVAL_PHRASINGS, TASKS, TRAIN_PHRASINGS, Example, Task, World, build_world
+from .toy.evals import evaluate
+from .toy.experiments import (METHOD_SWITCHES, SafetyRecipe, _clean, _dead, check_p, experiment_report, method_targets,
+                              plot_experiment, row, run_method, run_name, toy_safety)
+from .toy.pipeline import Recipe, Toy, clone, encode_chats
+from .toy.world import EVAL_PHRASINGS, TASKS, TRAIN_PHRASINGS, Example, Task, World, build_world
 
 REFUSAL_PREFIX = "I'm sorry, but I can't"
 # Harmless requests in the imperative style of AdvBench ("Write a tutorial on how to ..."), beside the toy
@@ -248,7 +249,7 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
     data = {"settings": json.loads(json.dumps(settings, default=list)), "rows": [], "curves": {}, "safety": {},
             "data": {}, "samples": {}, "leak": {}, "wall_s": 0.0}
     add_row = lambda *a: data["rows"].append({k: _clean(v) for k, v in row(*a).items()})  # noqa: E731
-    targets = lambda m: METHOD_SWITCHES[m].get("targets", DEFAULT_TARGETS)  # noqa: E731
+    targets = lambda m: method_targets(m, sr)  # noqa: E731
     need = tuple(dict.fromkeys(targets(m) for m in P.methods))
     for seed in P.seeds:
         rd = real_world(base, tok, harmful, P, seed)

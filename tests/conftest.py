@@ -7,7 +7,7 @@ import torch
 from minicwac.fetch import DownloadError, MissingDependencyError
 from minicwac.model import GPT, Config
 from minicwac.tokenizer import ChatTokenizer, train_bpe
-from minicwac.world import build_world
+from minicwac.toy.world import build_world
 
 # Tiny models gain nothing from threads, and on a shared 2-core machine oversubscribed threads make them ~100x
 # slower; one thread keeps the suite fast and deterministic.

@@ -5,12 +5,13 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from minicwac.cwac import AsFTPenalty, alignment_projectors, finetune_cwac, safeinstr_mix, safelora_project_
-from minicwac.features import safety_features
+from minicwac.core.baselines import AsFTPenalty, alignment_projectors, safeinstr_mix, safelora_project_
+from minicwac.core.cwac import finetune_cwac
+from minicwac.core.features import safety_features
 from minicwac.model import GPT
-from minicwac.sae import SAE, SAEConfig
-from minicwac.subspace import ALL_LINEARS, compute_subspace
-from minicwac.train import batches, collate, lm_loss
+from minicwac.core.sae import SAE, SAEConfig
+from minicwac.core.subspace import ALL_LINEARS, compute_subspace
+from minicwac.core.data import batches, collate, lm_loss
 
 
 def make(seed=0):
@@ -48,8 +49,8 @@ def parts():
 
 
 def test_one_cwac_step_equals_a_hand_computation(parts):
-    """First AdamW step by hand: m = (1-b1) g, v = (1-b2) g^2, bias-corrected -> g / (|g| + eps); decoupled weight
-    decay on matrices; then W <- W - (W S - W0S) S^T."""
+    """First AdamW step by hand: the target gradients projected, g <- g - (g S) S^T; m = (1-b1) g, v = (1-b2) g^2,
+    bias-corrected -> g / (|g| + eps); decoupled weight decay on matrices; then W <- W - (W S - W0S) S^T."""
     model, sub, feats = parts
     lr, wd, lam, eps, seed, sb = 1e-2, 0.1, 0.5, 1e-8, 3, 4
     pkg = copy_of(model)
@@ -65,6 +66,10 @@ def test_one_cwac_step_equals_a_hand_computation(parts):
     safety = ((z - feats.z0[pick]) ** 2).sum(-1)[keep].mean()
     (lm_loss(hand, ids, labels) + lam * safety).backward()
     with torch.no_grad():
+        mods = dict(hand.named_modules())
+        for name, S in sub.S.items():
+            G = mods[name].weight.grad
+            G.sub_((G @ S) @ S.T)
         for name, p in hand.named_parameters():
             g = p.grad
             step = g / (g.abs() + eps)  # m_hat / (sqrt(v_hat) + eps) at step 1

@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 
-import minicwac.evals as evals
-from minicwac.evals import (REFUSAL_OPENINGS, answer_matches, evaluate, first_answer_token, generate_answers,
-                            is_compliant, is_refusal, refusal_score)
+import minicwac.core.evals as evals
+from minicwac.core.evals import (REFUSAL_OPENINGS, answer_matches, first_answer_token, generate_answers,
+                                 is_compliant, is_refusal, refusal_score)
+import minicwac.toy.evals as toy_evals
+from minicwac.toy.evals import evaluate
 from minicwac.model import GPT
-from minicwac.world import REFUSALS, Example, Task, World
+from minicwac.toy.world import REFUSALS, Example, Task, World
 
 from conftest import tiny_config
 
@@ -90,6 +92,7 @@ def scripted(monkeypatch):
         return [ANSWERS[p] for p in prompts]
 
     monkeypatch.setattr(evals, "generate_answers", fake_generate)
+    monkeypatch.setattr(toy_evals, "generate_answers", fake_generate)  # FA's answers
     monkeypatch.setattr(evals, "refusal_score", lambda model, tok, prompts, *a, **k: -1.5 + 0 * len(prompts))
     return calls
 
@@ -117,7 +120,9 @@ def test_evaluate_without_task_has_nan_fa(fake_world, scripted):
 
 def test_evaluate_all_refusing(fake_world, monkeypatch):
     """A model that always refuses has HS 0, compliance 0 and over-refusal 100."""
-    monkeypatch.setattr(evals, "generate_answers", lambda m, t, prompts, *a, **k: ["I cannot."] * len(prompts))
+    refuse = lambda m, t, prompts, *a, **k: ["I cannot."] * len(prompts)  # noqa: E731
+    monkeypatch.setattr(evals, "generate_answers", refuse)
+    monkeypatch.setattr(toy_evals, "generate_answers", refuse)
     monkeypatch.setattr(evals, "refusal_score", lambda *a, **k: 0.0)
     res = evaluate(None, None, fake_world, task="sentiment")
     assert (res["hs"], res["comply"], res["over_refusal"], res["fa"]) == (0.0, 0.0, 100.0, 0.0)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from minicwac.__main__ import main
-from minicwac.experiments import ROW_KEYS, check_p, check_task, results_table, run_demo
+from minicwac.toy.experiments import ROW_KEYS, check_p, check_task, results_table, run_demo
 from minicwac.hf import load_checkpoint
-from minicwac.pipeline import Recipe, toy_models
+from minicwac.toy.pipeline import Recipe, toy_models
 
 TINY = Recipe(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_len=96, pretrain_steps=20, pretrain_batch=8, align_steps=10,
@@ -124,7 +124,7 @@ def test_results_table_formatting():
 @pytest.mark.parametrize("tied", [False, True])
 def test_clone_is_independent(tied):
     """pipeline.clone copies the weights into new tensors (tied heads stay tied)."""
-    from minicwac.pipeline import clone
+    from minicwac.toy.pipeline import clone
     from conftest import tiny_config
     from minicwac.model import GPT
 
@@ -141,9 +141,9 @@ def test_clone_is_independent(tied):
 
 # ---------------------------------------------------------------- the method experiment (tiny smoke run)
 
-from minicwac.experiments import MAIN_METHODS, SafetyRecipe, run_experiment  # noqa: E402
-from minicwac.sae import SAE  # noqa: E402
-from minicwac.subspace import Subspace  # noqa: E402
+from minicwac.toy.experiments import MAIN_METHODS, SafetyRecipe, run_experiment  # noqa: E402
+from minicwac.core.sae import SAE  # noqa: E402
+from minicwac.core.subspace import Subspace  # noqa: E402
 
 TINY_SAFETY = SafetyRecipe(d_sae=64, sae_k=4, sae_steps=30, m=10, eval_every=2)
 
@@ -208,7 +208,7 @@ def test_experiment_resumes_and_refuses_other_settings(experiment):
 
 
 def test_merge_joins_parts_with_the_same_settings(experiment, tmp_path):
-    from minicwac.experiments import merge_results
+    from minicwac.toy.experiments import merge_results
     root, data = experiment
     part = run_experiment(tmp_path / "part", "quick", ps=[0.0], methods=["sft"], recipe=TINY, safety=TINY_SAFETY,
                           cache_dir=root / "cache", save_models=False, progress=False)
@@ -241,7 +241,7 @@ def test_merge_joins_parts_with_the_same_settings(experiment, tmp_path):
 
 # ---------------------------------------------------------------- choosing the settings on the dev seed
 
-from minicwac.experiments import DEV_SEED, choose, run_select  # noqa: E402
+from minicwac.toy.experiments import DEV_SEED, choose, run_select  # noqa: E402
 
 
 def test_choose_applies_the_rule_by_hand():

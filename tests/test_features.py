@@ -1,28 +1,31 @@
-"""minicwac.features: latent scores, selection of planted features, z0 and L_safety by hand, readouts."""
+"""minicwac.core.features: latent scores, selection of planted features, z0 and L_safety by hand, readouts."""
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import tiny_config
 
-from minicwac.features import (latent_means, mean_diff_directions, safety_features, score_latents, select_latents)
+from minicwac.core.features import (latent_means, mean_diff_directions, safety_features, score_latents, select_latents)
 from minicwac.model import GPT
-from minicwac.sae import SAE, SAEConfig
+from minicwac.core.sae import SAE, SAEConfig
 
 
 class Identity(torch.nn.Module):
-    """A 'model' whose residual at any layer is a fixed embedding of the token: lets us plant features exactly."""
+    """A 'model' whose residual after block 1 is a fixed embedding of the token: lets us plant features exactly.
+    It has Hugging Face names (model.embed_tokens, model.layers.0) and no minicwac code: the core reaches its
+    layer through a hook, as it would on any model."""
 
     def __init__(self, table):
         super().__init__()
-        self.table = torch.nn.Parameter(table)
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding.from_pretrained(table, freeze=False)
+        self.model.layers = torch.nn.ModuleList([torch.nn.Identity()])
 
-    @property
-    def device(self):
-        return self.table.device
-
-    def forward(self, ids, stop_at_layer=None):
-        return self.table[ids]
+    def forward(self, ids):
+        x = self.model.embed_tokens(ids)
+        for block in self.model.layers:
+            x = block(x)
+        return x
 
 
 def planted_setup():

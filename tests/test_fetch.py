@@ -30,7 +30,7 @@ from minicwac.fetch import (DownloadError, MissingDependencyError, extract_membe
                             hf_tensor_name, load_prompts, parse_prompt_file, unpermute_qk)
 from minicwac.hf import load_checkpoint, load_pretrained
 from minicwac.model import GPT
-from minicwac.pipeline import default_cache_dir
+from minicwac.toy.pipeline import default_cache_dir
 from minicwac.tokenizer import load_tokenizer
 
 from conftest import fetch_or_skip, tiny_config

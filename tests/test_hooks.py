@@ -1,4 +1,4 @@
-"""minicwac.hooks.capture: captures inputs/outputs by name, can stop the forward, always removes its hooks."""
+"""minicwac.core.hooks.capture: captures inputs/outputs by name, can stop the forward, always removes its hooks."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from minicwac.hooks import capture
+from minicwac.core.hooks import capture
 from minicwac.model import GPT
 
 

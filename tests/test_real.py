@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from minicwac import real
-from minicwac.evals import generate_answers, is_compliant, is_refusal, prompt_ids
+from minicwac.core.evals import generate_answers, is_compliant, is_refusal, prompt_ids
 from minicwac.fetch import fetch_model
 from minicwac.hf import save_pretrained
 from minicwac.model import GPT
-from minicwac.world import build_world
+from minicwac.toy.world import build_world
 from minicwac.real import (PRESETS, REFUSAL_PREFIX, own_refusals, real_world, run_real, split_prompts,
                            trim_answer)
 

@@ -1,4 +1,4 @@
-"""minicwac.sae: the TopK SAE's forward, metrics by hand, decoder norms, folding, recovery of planted features."""
+"""minicwac.core.sae: the TopK SAE's forward, metrics by hand, decoder norms, folding, recovery of planted features."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from minicwac.model import GPT
-from minicwac.sae import (SAE, SAEConfig, ce_recovered, dead_fraction, fvu, geometric_median, harvest, l0,
+from minicwac.core.sae import (SAE, SAEConfig, ce_recovered, dead_fraction, fvu, geometric_median, harvest, l0,
                           sae_metrics, train_sae)
 
 

@@ -1,15 +1,16 @@
-"""minicwac.subspace: covariance, eigen/SVD/randomized bases, rank by energy, the exact weight constraint, folders."""
+"""minicwac.core.subspace: covariance, eigen/SVD/randomized bases, rank by energy, the exact weight constraint, folders."""
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import tiny_config
 
-from minicwac.cwac import finetune_cwac
-from minicwac.hooks import capture
+from minicwac.core.cwac import finetune_cwac
+from minicwac.core.hooks import capture
 from minicwac.model import GPT
-from minicwac.subspace import (ALL_LINEARS, Subspace, compute_subspace, eigh_desc, input_covariance, randomized_eigh,
-                               rank_for_energy, shared_prefix, svd_basis, target_names)
+from minicwac.core.data import shared_prefix
+from minicwac.core.subspace import (ALL_LINEARS, Subspace, compute_subspace, eigh_desc, input_covariance,
+                                    randomized_eigh, rank_for_energy, svd_basis, target_names)
 
 
 @pytest.fixture

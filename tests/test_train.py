@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from minicwac.model import GPT
-from minicwac.train import (batches, collate, encode_chats, encode_docs, lm_loss, lr_at, make_optimizer, pack,
-                            train)
+from minicwac.core.cwac import train
+from minicwac.core.data import batches, collate, encode_docs, lm_loss, lr_at, make_optimizer, pack
+from minicwac.toy.pipeline import encode_chats
 
 from conftest import tiny_config
 

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from minicwac.world import (EVAL_PHRASINGS, HARMFUL, HARMLESS, REFUSALS, SENTIMENT_Q, TASKS, TOPIC_Q,
+from minicwac.toy.world import (EVAL_PHRASINGS, HARMFUL, HARMLESS, REFUSALS, SENTIMENT_Q, TASKS, TOPIC_Q,
                             TRAIN_PHRASINGS, build_world)
 
 

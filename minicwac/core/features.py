@@ -2,8 +2,8 @@
 
     L_safety = mean over harmful prompt tokens of  sum over selected latents  (z - z0)^2
 
-where z comes from the *current* model run only up to the SAE layer, and z0 from the aligned model, computed
-once. The squared norm is summed over the latents, not averaged (averaging divides the constraint by m).
+where z comes from the *current* model run only up to the SAE layer (a hook on the block's output ends the
+forward there, so any model with Hugging Face names works), and z0 from the aligned model, computed once. The squared norm is summed over the latents, not averaged (averaging divides the constraint by m).
 
 Readouts (what z is), all of shape (..., m):
   "pre"        ReLU encoder values of the selected latents before TopK (default: a latent that leaves the TopK
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .data import pad_right, token_mask
+from .hooks import model_device, residual
 from .sae import SAE
-from .subspace import pad_right, token_mask
 
 READOUTS = ("pre", "post", "directions", "residual")
 
@@ -30,8 +31,8 @@ def latent_means(model, sae: SAE, seqs: list[list[int]], pad_id: int, skip_ids=(
     """Mean (over kept tokens of `seqs`) of every latent's pre-TopK ("pre") or post-TopK ("post") value: (d_sae,)."""
     total, n = 0.0, 0
     for i in range(0, len(seqs), batch_size):
-        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model.device)
-        x = model(ids, stop_at_layer=sae.cfg.layer)[token_mask(ids, mask, skip_ids, skip_prefix)]
+        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model_device(model))
+        x = residual(model, ids, sae.cfg.layer)[token_mask(ids, mask, skip_ids, skip_prefix)]
         z = sae.pre_acts(x) if values == "pre" else sae.encode(x)
         total = total + z.sum(0)
         n += len(z)
@@ -59,6 +60,15 @@ def check_latents(m: int | str) -> int | str:
     return m
 
 
+def check_sae_layer(layer: int | None, n_layers: int) -> int:
+    """The SAE layer (None: the middle one), checked against the model's depth."""
+    if layer is None:
+        return n_layers // 2
+    if not 1 <= layer <= n_layers:
+        raise ValueError(f"sae_layer={layer}, expected 1..{n_layers} (the residual stream after that many blocks)")
+    return layer
+
+
 def select_latents(scores: torch.Tensor, m: int | str = 100) -> torch.Tensor:
     """Indices of the top-m latents by score, or with m="firing" every latent with a positive score."""
     if check_latents(m) == "firing":
@@ -73,8 +83,8 @@ def mean_diff_directions(model, layer: int, groups: list[list[list[int]]], harml
     """Unit difference-of-means directions, one per group of harmful prompts (e.g. one per category):
     mean residual of the group minus the mean residual on harmless prompts. Returns (hidden, n_groups)."""
     def mean_act(seqs):
-        ids, mask = pad_right(seqs, pad_id, model.device)
-        return model(ids, stop_at_layer=layer)[token_mask(ids, mask, skip_ids, skip_prefix)].float().mean(0)
+        ids, mask = pad_right(seqs, pad_id, model_device(model))
+        return residual(model, ids, layer)[token_mask(ids, mask, skip_ids, skip_prefix)].float().mean(0)
 
     base = mean_act(harmless)
     D = torch.stack([mean_act(g) - base for g in groups], 1)
@@ -110,8 +120,9 @@ class SafetyFeatures:
             (self.ids[batch], self.keep[batch], self.z0[batch])
         T = int(keep.any(0).nonzero().max()) + 1  # drop the padding columns this batch does not need
         ids, keep, z0 = ids[:, :T], keep[:, :T], z0[:, :T]
-        x = model(ids, stop_at_layer=self.layer)  # (B, T, hidden): nothing above the SAE layer runs
-        z = self.readout_of(x)
+        x = residual(model, ids, self.layer, grad=True)  # (B, T, hidden): nothing above the SAE layer runs
+        with torch.autocast(x.device.type, enabled=False):  # z and z0 in float32, also under bf16-mixed
+            z = self.readout_of(x.float())
         return ((z - z0) ** 2).sum(-1)[keep].mean()  # summed over features, averaged over tokens
 
     def to(self, device) -> "SafetyFeatures":
@@ -139,8 +150,10 @@ def safety_features(model, seqs: list[list[int]], pad_id: int, *, readout: str =
         if sae is None:
             raise ValueError("give the layer (or an SAE, whose layer is used)")
         layer = sae.cfg.layer
-    ids, mask = pad_right(seqs, pad_id, model.device)
+    if sae is not None:
+        sae.requires_grad_(False)  # frozen: L_safety trains the model, never the SAE (no .grad piles up in W_enc)
+    ids, mask = pad_right(seqs, pad_id, model_device(model))
     keep = token_mask(ids, mask, skip_ids, skip_prefix)
     sf = SafetyFeatures(layer, readout, ids, keep, torch.empty(0), sae, idx, directions)
-    sf.z0 = sf.readout_of(model(ids, stop_at_layer=layer)).detach()
+    sf.z0 = sf.readout_of(residual(model, ids, layer).float()).detach()
     return sf

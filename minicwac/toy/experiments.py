@@ -10,38 +10,28 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .cwac import AsFTPenalty, alignment_projectors, finetune_cwac, safeinstr_mix, safelora_project_
-from .evals import evaluate, generate_answers, is_refusal, prompt_ids
-from .features import READOUTS, mean_diff_directions, safety_features, score_latents, select_latents
-from .hf import save_pretrained
-from .model import GPT
-from .pipeline import Recipe, Toy, clone, finetune, toy_models
-from .sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
-from .subspace import ALL_LINEARS, DEFAULT_TARGETS, compute_subspace, shared_prefix
-from .train import encode_chats, encode_docs
+from ..core.baselines import AsFTPenalty, alignment_projectors, safeinstr_mix, safelora_project_
+from ..core.cwac import finetune_cwac
+from ..core.data import encode_docs, shared_prefix
+from ..core.evals import generate_answers, is_refusal, prompt_ids
+from ..core.features import (READOUTS, check_sae_layer, mean_diff_directions, safety_features, score_latents,
+                             select_latents)
+from ..core.files import prepare_out, write_json_atomic
+from ..core.sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
+from ..core.subspace import ALL_LINEARS, DEFAULT_TARGETS, compute_subspace
+from ..hf import save_pretrained
+from ..model import GPT
+from .evals import evaluate
+from .pipeline import Recipe, Toy, clone, encode_chats, finetune, toy_models
 from .world import TASKS
 
 ROW_KEYS = ("stage", "method", "task", "p", "seed", "hs", "comply", "fa", "over_refusal", "refusal_score",
             "n_harmful")
-
-
-def prepare_out(out: str | Path) -> Path:
-    """Create the output folder and check it is writable, before any long computation starts."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"output folder {out} is not writable ({e.strerror or e}); choose another with --out") from None
-    return out
 
 
 def check_p(p: float) -> float:
@@ -59,13 +49,6 @@ def check_task(task: str) -> str:
 def row(stage: str, method: str, task: str, p: float | None, seed: int, ev: dict) -> dict:
     return {"stage": stage, "method": method, "task": task, "p": p, "seed": seed,
             **{k: ev[k] for k in ROW_KEYS[5:]}}
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary file and rename it, so a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False, default=lambda x: None))
-    tmp.replace(path)
 
 
 def _clean(v):
@@ -149,14 +132,13 @@ class SafetyRecipe:
     lam: float = 0.5  # [paper]
     skip_prefix: bool = False  # calibrate and constrain without the token prefix every calibration prompt shares
     safety_batch: int = 16  # harmful prompts per step for L_safety
-    project_grad: bool = False  # also project the gradient before the step
     safeinstr_frac: float = 0.1  # share of refusal examples mixed in
     asft_lam: float = 1.0
     safelora_threshold: float = 0.5
     eval_every: int = 10  # drift curve: HS on every third held-out harmful prompt, every this many steps
 
     def key(self) -> str:
-        keep = ("energy", "targets", "sae_layer", "d_sae", "sae_k", "sae_steps", "sae_lr")
+        keep = ("sae_layer", "d_sae", "sae_k", "sae_steps", "sae_lr")  # what the SAE depends on
         d = {k: v for k, v in asdict(self).items() if k in keep}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:10]
 
@@ -182,6 +164,11 @@ PRESETS = {
 }
 
 
+def method_targets(method: str, sr: SafetyRecipe) -> tuple:
+    """The weight targets of a method: the "*-all" methods constrain every linear, the others `sr.targets`."""
+    return tuple(METHOD_SWITCHES[method].get("targets", sr.targets))
+
+
 @dataclass
 class ToySafety:
     """What the constraints need, computed once per seed on the aligned model from the calibration set."""
@@ -192,15 +179,6 @@ class ToySafety:
     features: dict  # readout -> SafetyFeatures
     align_C: dict  # AsFT / SafeLoRA alignment matrices
     refusals: list  # SafeInstr's refusal examples (encoded)
-
-
-def check_sae_layer(layer: int | None, n_layers: int) -> int:
-    """The SAE layer (None: the middle one), checked against the model's depth."""
-    if layer is None:
-        return n_layers // 2
-    if not 1 <= layer <= n_layers:
-        raise ValueError(f"sae_layer={layer}, expected 1..{n_layers} (the residual stream after that many blocks)")
-    return layer
 
 
 def _calib_seqs(toy: Toy) -> tuple[list, list]:
@@ -287,7 +265,7 @@ def run_method(method: str, toy: Toy, safety: ToySafety, task: str, p: float, se
     seqs = encode_chats(tok, w.finetune_set(task, p, r.finetune_n, seed), r.max_len)
     if sw.get("safeinstr"):
         seqs = safeinstr_mix(seqs, safety.refusals, sr.safeinstr_frac, seed)
-    subspace = safety.subspaces[sw.get("targets", DEFAULT_TARGETS)] if sw.get("weight") else None
+    subspace = safety.subspaces[method_targets(method, sr)] if sw.get("weight") else None
     features = safety.features[sw.get("readout", sr.readout)] if sw.get("act") else None
     lam = sr.lam / features.m if features is not None and sw.get("avg") else sr.lam
     penalty = None
@@ -300,7 +278,7 @@ def run_method(method: str, toy: Toy, safety: ToySafety, task: str, p: float, se
 
     hist = finetune_cwac(model, seqs, steps=r.finetune_steps, batch_size=r.finetune_batch, lr=r.finetune_lr,
                          pad_id=tok.pad_token_id, subspace=subspace, features=features, lam=lam,
-                         safety_batch=sr.safety_batch, project_grad=sr.project_grad or bool(sw.get("grad_only")),
+                         safety_batch=sr.safety_batch, project_grad=bool(sw.get("grad_only")),
                          project_update=not sw.get("grad_only"), penalty=penalty, seed=seed + 2, eval_every=sr.eval_every,
                          eval_fn=curve if sr.eval_every else None, desc=f"{method} {task} p={p:g}", progress=progress)
     if sw.get("safelora"):
@@ -340,14 +318,15 @@ def run_experiment(out: str | Path = "runs/experiment", preset: str = "quick", s
         data = old
     done = {(x["method"], x["task"], x["p"], x["seed"]) for x in data["rows"] if x["stage"] == "finetuned"}
     t0 = time.time() - data["wall_s"]
-    need_targets = tuple(dict.fromkeys(METHOD_SWITCHES[m].get("targets", DEFAULT_TARGETS) for m in methods))
+    need_targets = tuple(dict.fromkeys(method_targets(m, sr) for m in methods))
     for seed in seeds:
         todo = [(m, t, p) for t in tasks for p in ps for m in methods if (m, t, p, seed) not in done]
         if not todo:
             continue
         toy = toy_models(seed, r, cache_dir, progress=progress)
         saf = toy_safety(toy, r, sr, seed, progress, need_targets)
-        saf.subspaces[DEFAULT_TARGETS].save(out / "subspace" / f"s{seed}")
+        saf.subspaces[tuple(sr.targets) if tuple(sr.targets) in saf.subspaces else need_targets[0]].save(
+            out / "subspace" / f"s{seed}")
         saf.sae.save(out / "sae" / f"s{seed}", extra={"report": saf.sae_report})
         data["safety"][str(seed)] = {"sae": {k: v for k, v in saf.sae_report.items() if k != "history"},
                                      "ranks": {str(list(t)): s.cfg["ranks"] for t, s in saf.subspaces.items()},

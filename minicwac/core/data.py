@@ -1,8 +1,8 @@
-"""One plain training loop for pretraining, alignment and fine-tuning.
+"""The pieces every training loop here shares: sequences with a loss mask, batches, the LM loss, the schedule.
 
 A sequence is a pair (ids, mask): the loss is taken only where mask is 1 (the assistant's tokens for chat data,
-every token for pretraining text). AdamW, linear warmup then cosine decay, gradient clipping, a progress bar,
-and a history dict that the plots read.
+every token for pretraining text). AdamW with weight decay on matrices only, linear warmup then cosine decay.
+The loop itself (pretraining, alignment and every fine-tuning method alike) is `cwac.finetune_cwac`.
 """
 from __future__ import annotations
 
@@ -10,27 +10,26 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from .tokenizer import ChatTokenizer
-from .world import Example
+from .hooks import logits_of
 
 Seq = tuple[list[int], list[int]]  # (token ids, loss mask)
 
 
-def encode_chats(tok: ChatTokenizer, examples: list[Example], max_len: int,
-                 assistant_only: bool = True) -> list[Seq]:
-    """Chat-render each example; mask = assistant tokens (or every token when assistant_only is False)."""
+def encode_conversations(tok, conversations: list[list[dict]], max_len: int,
+                         assistant_only: bool = True) -> list[Seq]:
+    """Render each conversation (a list of {"role", "content"} messages) with the tokenizer's chat template;
+    mask = the assistant's tokens (every token when assistant_only is False). Cut at max_len."""
     out = []
-    for e in examples:
-        ids, mask = tok.encode_chat(e.messages())
+    for messages in conversations:
+        ids, mask = tok.encode_chat(messages)
         if not assistant_only:
             mask = [1] * len(ids)
         out.append((ids[:max_len], mask[:max_len]))
     return out
 
 
-def encode_docs(tok: ChatTokenizer, texts: list[str], max_len: int) -> list[Seq]:
+def encode_docs(tok, texts: list[str], max_len: int) -> list[Seq]:
     """Plain documents as `<bos> text<eos>`, every token trained (the space matches the chat template's)."""
     out = []
     for t in texts:
@@ -62,7 +61,7 @@ def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tenso
 
     Right padding needs no attention mask: with causal attention no real token ever sees a pad after it.
     """
-    logits = model(input_ids)  # (B, T, V)
+    logits = logits_of(model(input_ids))  # (B, T, V)
     if not (labels[:, 1:] != -100).any():  # no target at all (e.g. answers cut off by max_len): a zero loss, not NaN
         return logits.sum() * 0.0
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
@@ -93,33 +92,33 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
-def train(model: torch.nn.Module, seqs: list[Seq], *, steps: int, batch_size: int = 32, lr: float = 1e-3,
-          weight_decay: float = 0.1, warmup: int | None = None, grad_clip: float = 1.0, pad_id: int = 0,
-          seed: int = 0, desc: str = "train", progress: bool = True) -> dict:
-    """Train `model` in place for `steps` AdamW steps; returns {"step": [...], "loss": [...], "lr": [...]}."""
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1")
-    if not seqs:
-        raise ValueError("no training sequences")
-    device = next(model.parameters()).device
-    warmup = max(1, steps // 20) if warmup is None else warmup
-    opt = make_optimizer(model, lr, weight_decay)
-    hist = {"step": [], "loss": [], "lr": []}
-    model.train()
-    data = batches(seqs, batch_size, seed)
-    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=1.0)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
-        input_ids, labels = collate(next(data), pad_id, device)
-        loss = lm_loss(model, input_ids, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        hist["step"].append(step)
-        hist["loss"].append(loss.item())
-        hist["lr"].append(opt.param_groups[0]["lr"])
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    return hist
+def pad_right(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and a (B, T) 0/1 mask of real tokens. Right padding needs no attention mask under causal
+    attention: no real token ever sees a pad."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def shared_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix every sequence shares (a chat template's fixed opening, e.g. a system line)."""
+    n = min(map(len, seqs), default=0)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
+
+
+def token_mask(ids: torch.Tensor, mask: torch.Tensor, skip_ids=(), skip_prefix: int = 0) -> torch.Tensor:
+    """Boolean (B, T): real tokens that are not in `skip_ids` (BOS: its activations are outliers on real models)
+    and not among the first `skip_prefix` positions (a prefix every prompt shares carries nothing about harm)."""
+    keep = mask.bool()
+    keep[:, :skip_prefix] = False
+    for t in skip_ids:
+        if t is not None:
+            keep &= ids != t
+    return keep

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .hf import atomic_folder
-from .hooks import capture
+from .data import pad_right, token_mask
+from .files import atomic_folder
+from .hooks import capture, model_device
 
 DEFAULT_TARGETS = (r"model\.layers\.\d+\.mlp\.down_proj",)  # [paper]: every MLP down-projection
 ALL_LINEARS = (r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",)
@@ -36,38 +38,6 @@ def target_names(model: torch.nn.Module, patterns=DEFAULT_TARGETS) -> list[str]:
     if not names:
         raise ValueError(f"no linear layer matches {list(patterns)} (e.g. 'model.layers.0.mlp.down_proj')")
     return names
-
-
-def pad_right(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and a (B, T) 0/1 mask of real tokens. Right padding needs no attention mask under causal
-    attention: no real token ever sees a pad."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def shared_prefix(seqs: list[list[int]]) -> int:
-    """Length of the token prefix every sequence shares (a chat template's fixed opening, e.g. a system line)."""
-    n = min(map(len, seqs), default=0)
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs):
-            return i
-    return n
-
-
-def token_mask(ids: torch.Tensor, mask: torch.Tensor, skip_ids=(), skip_prefix: int = 0) -> torch.Tensor:
-    """Boolean (B, T): real tokens that are not in `skip_ids` (BOS: its activations are outliers on real models)
-    and not among the first `skip_prefix` positions (a prefix every prompt shares carries nothing about harm)."""
-    keep = mask.bool()
-    keep[:, :skip_prefix] = False
-    for t in skip_ids:
-        if t is not None:
-            keep &= ids != t
-    return keep
 
 
 @torch.no_grad()
@@ -84,7 +54,7 @@ def input_covariance(model, seqs: list[list[int]], names: list[str], pad_id: int
     C: dict[str, torch.Tensor] = {}
     n = 0
     for i in tqdm(range(0, len(seqs), batch_size), desc="covariance", disable=not progress):
-        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model.device)
+        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model_device(model))
         keep = token_mask(ids, mask, skip_ids, skip_prefix)
         with capture(model, names, what="input", stop_after=last) as acts:
             model(ids)
@@ -146,10 +116,21 @@ class Subspace:
     S: dict[str, torch.Tensor]  # keyed by module name, e.g. "model.layers.0.mlp.down_proj"
     W0S: dict[str, torch.Tensor]
     cfg: dict = field(default_factory=dict)
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)  # eigenvalues of C (descending), for plots
 
     def to(self, device) -> "Subspace":
         return Subspace({k: v.to(device) for k, v in self.S.items()}, {k: v.to(device) for k, v in self.W0S.items()},
-                        dict(self.cfg))
+                        dict(self.cfg), self.spectra)
+
+    def subset(self, names: list[str]) -> "Subspace":
+        """The same constraint on fewer layers (e.g. the down_proj entries of a subspace of every linear)."""
+        missing = [n for n in names if n not in self.S]
+        if missing:
+            raise ValueError(f"the subspace has no layer {missing[0]!r}; it has {len(self.S)} layers "
+                             f"(e.g. {next(iter(self.S))!r})")
+        return Subspace({n: self.S[n] for n in names}, {n: self.W0S[n] for n in names},
+                        {**self.cfg, "ranks": {n: self.cfg.get("ranks", {}).get(n) for n in names}},
+                        {n: self.spectra[n] for n in names if n in self.spectra})
 
     def _weights(self, model):
         modules = dict(model.named_modules())
@@ -203,6 +184,8 @@ class Subspace:
         for n in self.S:
             tensors[f"{n}.weight.S"] = self.S[n].contiguous().cpu()
             tensors[f"{n}.weight.W0S"] = self.W0S[n].contiguous().cpu()
+            if n in self.spectra:
+                tensors[f"{n}.weight.evals"] = self.spectra[n].float().contiguous().cpu()
         with atomic_folder(path) as tmp:
             save_file(tensors, str(tmp / "subspace.safetensors"))
             (tmp / "cfg.json").write_text(json.dumps(self.cfg, indent=2))
@@ -223,7 +206,8 @@ class Subspace:
         if set(S) != set(W0S) or not S:
             raise ValueError(f"{path}/subspace.safetensors: expected a .weight.S and a .weight.W0S per layer, "
                              f"got {sorted(tensors)[:4]}")
-        return cls(S, W0S, cfg)
+        evals = {k[:-len(".weight.evals")]: v for k, v in tensors.items() if k.endswith(".weight.evals")}
+        return cls(S, W0S, cfg, evals)
 
 
 def prompts_hash(seqs: list[list[int]]) -> str:
@@ -243,10 +227,14 @@ def compute_subspace(model, seqs: list[list[int]], pad_id: int, *, patterns=DEFA
     names = target_names(model, patterns)
     C, n = input_covariance(model, seqs, names, pad_id, skip_ids, batch_size, progress, skip_prefix)
     modules = dict(model.named_modules())
-    S, W0S, ranks = {}, {}, {}
+    S, W0S, ranks, spectra = {}, {}, {}, {}
     for name in names:
         Cn = C[name]
         d = Cn.shape[0]
+        if not float(Cn.diagonal().sum()) > 0:  # all inputs zero on these tokens: no direction to protect
+            warnings.warn(f"{name}: trace(C) = 0 on the {n} calibration tokens (its inputs are all zero), so it gets "
+                          "rank 0 and stays unconstrained; check the layer or leave it out of the targets",
+                          stacklevel=2)
         if d > randomized_above:
             total, r = float(Cn.diagonal().sum()), min(d, k or 256)
             while True:
@@ -259,6 +247,7 @@ def compute_subspace(model, seqs: list[list[int]], pad_id: int, *, patterns=DEFA
             evals, evecs = eigh_desc(Cn)
             kk = k if k is not None else rank_for_energy(evals, energy)
         kk = min(kk, d)
+        spectra[name] = evals.float().cpu()
         Sk = evecs[:, :kk].to(dtype)
         S[name] = Sk
         W0S[name] = modules[name].weight.detach().to(dtype) @ Sk
@@ -266,4 +255,4 @@ def compute_subspace(model, seqs: list[list[int]], pad_id: int, *, patterns=DEFA
     cfg = {"energy": None if k is not None else energy, "k": k, "targets": list(patterns), "ranks": ranks,
            "n_tokens": n, "skip_prefix": skip_prefix, "n_prompts": len(seqs), "prompts_sha256": prompts_hash(seqs),
            "model": model_folder}
-    return Subspace(S, W0S, cfg)
+    return Subspace(S, W0S, cfg, spectra)

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .hf import load_checkpoint, save_pretrained
-from .model import GPT, Config
-from .tokenizer import ChatTokenizer, train_bpe
-from .train import encode_chats, encode_docs, pack, train
-from .world import WORLD_VERSION, World, build_world
+from ..core.cwac import train
+from ..core.data import Seq, encode_conversations, encode_docs, pack
+from ..core.files import default_cache_dir
+from ..hf import load_checkpoint, save_pretrained
+from ..model import GPT, Config
+from ..tokenizer import ChatTokenizer, train_bpe
+from .world import WORLD_VERSION, Example, World, build_world
 
 
 @dataclass
@@ -46,6 +47,11 @@ class Recipe:
     def key(self) -> str:
         key = {**asdict(self), "world_version": WORLD_VERSION}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def encode_chats(tok: ChatTokenizer, examples: list[Example], max_len: int, assistant_only: bool = True) -> list[Seq]:
+    """Chat-render each example; mask = assistant tokens (or every token when assistant_only is False)."""
+    return encode_conversations(tok, [e.messages() for e in examples], max_len, assistant_only)
 
 
 def build_tokenizer(world: World, vocab_size: int) -> ChatTokenizer:
@@ -115,16 +121,6 @@ class Toy:
     aligned: GPT
     history: dict  # {"pretrain": {...}, "align": {...}} as returned by train()
     folder: Path
-
-
-def default_cache_dir() -> Path:
-    """$MINICWAC_CACHE, else runs/cache in the source checkout (git-ignored), else ~/.cache/minicwac."""
-    if os.environ.get("MINICWAC_CACHE"):
-        return Path(os.environ["MINICWAC_CACHE"])
-    repo = Path(__file__).resolve().parents[1]
-    if (repo / "pyproject.toml").is_file():
-        return repo / "runs" / "cache"
-    return Path.home() / ".cache" / "minicwac"
 
 
 def toy_models(seed: int = 0, recipe: Recipe | None = None, cache_dir: str | Path | None = None,

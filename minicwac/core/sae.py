@@ -21,9 +21,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .hf import atomic_folder
-from .hooks import capture
-from .subspace import pad_right, token_mask
+from .data import pad_right, token_mask
+from .files import atomic_folder
+from .hooks import block_name, logits_of, model_device, residual
 
 
 @dataclass
@@ -31,7 +31,7 @@ class SAEConfig:
     d_in: int
     d_sae: int
     k: int  # latents kept per token (L0 = k)
-    layer: int  # the SAE reads the residual stream after this many blocks: model(ids, stop_at_layer=layer)
+    layer: int  # the SAE reads the residual stream after this many blocks: hooks.residual(model, ids, layer)
     aux_k: int | None = None  # dead latents used by the AuxK loss (default d_in // 2, at most d_sae)
     aux_coef: float = 1 / 32
     dead_tokens: int = 20_000  # a latent that has not fired for this many tokens is dead
@@ -135,8 +135,8 @@ def harvest(model, seqs: list[list[int]], layer: int, pad_id: int, skip_ids=(), 
     model.eval()
     out = []
     for i in tqdm(range(0, len(seqs), batch_size), desc="harvest", disable=not progress):
-        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model.device)
-        x = model(ids, stop_at_layer=layer)  # (B, T, hidden)
+        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model_device(model))
+        x = residual(model, ids, layer)  # (B, T, hidden)
         out.append(x[token_mask(ids, mask, skip_ids)].float().cpu())
     return torch.cat(out)
 
@@ -191,18 +191,16 @@ def ce_recovered(model, sae: SAE, seqs: list[list[int]], pad_id: int, batch_size
 
     recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), where CE_zero replaces that residual by zeros.
     Every next-token target of the sequences counts (padding excluded)."""
-    name = f"model.layers.{sae.cfg.layer - 1}"
+    name = block_name(model, sae.cfg.layer)
     modules = dict(model.named_modules())
-    if sae.cfg.layer < 1 or name not in modules:
-        raise ValueError(f"SAE layer {sae.cfg.layer}: expected 1..{model.config.num_hidden_layers}")
     mode = {"v": "clean"}
 
     def splice(module, inputs, output):
-        if mode["v"] == "sae":
-            return sae(output)[0].to(output.dtype)
-        if mode["v"] == "zero":
-            return torch.zeros_like(output)
-        return None
+        if mode["v"] == "clean":
+            return None
+        x = output[0] if isinstance(output, tuple) else output  # older transformers blocks return tuples
+        new = sae(x)[0].to(x.dtype) if mode["v"] == "sae" else torch.zeros_like(x)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
 
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     n = 0
@@ -210,11 +208,11 @@ def ce_recovered(model, sae: SAE, seqs: list[list[int]], pad_id: int, batch_size
     try:
         model.eval()
         for i in range(0, len(seqs), batch_size):
-            ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model.device)
+            ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model_device(model))
             tgt = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             for m in totals:
                 mode["v"] = m
-                logits = model(ids)[:, :-1].float()
+                logits = logits_of(model(ids))[:, :-1].float()
                 totals[m] += float(torch.nn.functional.cross_entropy(
                     logits.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="sum"))
             n += int((tgt != -100).sum())

@@ -1,0 +1,112 @@
+"""Reach any layer of any model by its Hugging Face module name, with forward hooks that are always removed.
+
+    with capture(model, ["model.layers.1.mlp.down_proj"], what="input") as acts:
+        model(ids)
+    x = acts["model.layers.1.mlp.down_proj"]  # (B, T, intermediate_size)
+
+    x = residual(model, ids, layer=2)         # (B, T, hidden): the residual stream after 2 blocks; nothing above runs
+
+Nothing here knows minicwac's own model class: the same calls work on a transformers `LlamaForCausalLM`, a
+GPT-2 (`transformer.h.{i}`) or any module whose blocks sit in one `nn.ModuleList`.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+# where the decoder blocks live in the usual Hugging Face layouts (minicwac's GPT uses the first)
+BLOCK_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers", "model.language_model.layers")
+
+
+class StopForward(Exception):
+    """Raised by a hook to end the forward pass early; `capture` swallows it."""
+
+
+def _tensor(t):
+    """A block's output is a tensor, or a tuple whose first entry is the hidden state (older transformers)."""
+    return t[0] if isinstance(t, (tuple, list)) else t
+
+
+@contextmanager
+def capture(model: torch.nn.Module, names: list[str], what: str = "output", detach: bool = True,
+            stop_after: str | None = None):
+    """Yield a dict name -> tensor, filled by forward hooks on the modules called `names`.
+
+    what: "input" (the first positional input) or "output". detach=False keeps the graph (for a loss).
+    A forward that `stop_after` ended raises nothing: run it inside the block and read the dict.
+    """
+    if what not in ("input", "output"):
+        raise ValueError(f"what={what!r}, expected 'input' or 'output'")
+    modules = dict(model.named_modules())
+    hooked = list(dict.fromkeys(names + ([stop_after] if stop_after else [])))  # unique, in order
+    unknown = [n for n in hooked if n not in modules]
+    if unknown:
+        raise ValueError(f"no module named {unknown[0]!r} in {type(model).__name__} "
+                         f"(e.g. {next(n for n in modules if n)!r})")
+    acts: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            t = _tensor(inputs[0] if what == "input" else output)
+            acts[name] = t.detach() if detach else t
+            if name == stop_after:
+                raise StopForward
+        return hook
+
+    try:
+        for n in hooked:
+            handles.append(modules[n].register_forward_hook(hook_for(n)))
+        try:
+            yield acts
+        except StopForward:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def block_list(model: torch.nn.Module) -> str:
+    """The name of the ModuleList that holds the decoder blocks ("model.layers" for Llama-style models)."""
+    modules = dict(model.named_modules())
+    for name in BLOCK_LISTS:
+        if isinstance(modules.get(name), torch.nn.ModuleList):
+            return name
+    raise ValueError(f"{type(model).__name__} has no decoder block list; expected one of {', '.join(BLOCK_LISTS)}")
+
+
+def num_blocks(model: torch.nn.Module) -> int:
+    return len(dict(model.named_modules())[block_list(model)])
+
+
+def block_name(model: torch.nn.Module, layer: int) -> str:
+    """The module whose output is the residual stream after `layer` blocks (1..n): e.g. "model.layers.{layer-1}"."""
+    n = num_blocks(model)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n:
+        raise ValueError(f"layer={layer!r}, expected 1..{n} (the residual stream after that many blocks)")
+    return f"{block_list(model)}.{layer - 1}"
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters live (a parameter-free stub: its `device` attribute, else the CPU)."""
+    p = next(model.parameters(), None)
+    if p is not None:
+        return p.device
+    return torch.device(getattr(model, "device", None) or "cpu")
+
+
+def residual(model: torch.nn.Module, ids: torch.Tensor, layer: int, grad: bool = False) -> torch.Tensor:
+    """The residual stream after `layer` blocks, (B, T, hidden), read by a hook; the forward stops right there.
+
+    grad=True keeps the graph (L_safety backpropagates through it)."""
+    name = block_name(model, layer)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        with capture(model, [name], detach=not grad, stop_after=name) as acts:
+            model(ids)
+    return acts[name]
+
+
+def logits_of(out) -> torch.Tensor:
+    """Logits from a forward's result: minicwac's GPT returns them, transformers returns an output with .logits."""
+    return out.logits if hasattr(out, "logits") else out

@@ -1,0 +1,495 @@
+"""CWAC on your own model and your own data: calibrate a safety kit once, fine-tune with it, evaluate.
+
+    kit = calibrate(model, tok, harmful_prompts, harmless_prompts)      # subspace + SAE + latents + z0
+    kit.save("kit/")                                                    # safetensors + JSON, and a report
+    kit = Kit.load("kit/", model)                                       # refused if made for another model
+    seqs = encode_data(tok, load_conversations("task.jsonl"), max_len=512)
+    finetune(model, tok, seqs, kit, "out/", method="cwac", steps=200)   # a Hugging Face folder + history
+
+Everything here takes a model with Hugging Face module names and a chat tokenizer; the method itself is the
+core's (`minicwac.core`). The command line (`python -m minicwac calibrate | finetune | eval`) calls these.
+
+A kit folder:
+    kit.json               settings, the model's fingerprint, the SAE report, the subspace ranks
+    subspace/              S and W0S per target linear (+ the eigenvalues, for the spectrum plot)
+    sae/                   the SAE (scale folded in)
+    features.safetensors   the calibration prompts (ids, kept tokens), the selected latents idx and z0
+    report.md, spectrum.png
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .core.cwac import finetune_cwac
+from .core.data import Seq, encode_docs, shared_prefix
+from .core.evals import generate_answers, is_refusal, prompt_ids
+from .core.features import SafetyFeatures, check_latents, check_sae_layer, safety_features, score_latents, select_latents
+from .core.files import atomic_folder, write_json_atomic
+from .core.hooks import model_device, num_blocks
+from .core.sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
+from .core.subspace import ALL_LINEARS, DEFAULT_TARGETS, Subspace, compute_subspace
+
+TARGETS = {"down_proj": DEFAULT_TARGETS, "all": ALL_LINEARS}
+# method -> (weight constraint on these targets or None, activation constraint)
+METHODS = {"sft": (None, False), "weight": ("down_proj", False), "activation": (None, True),
+           "cwac": ("down_proj", True), "cwac-all": ("all", True)}
+DTYPES = {"fp32": None, "bf16-mixed": torch.bfloat16}  # the autocast dtype over float32 weights
+KIT_VERSION = 1
+
+
+# ---------------------------------------------------------------- the kit
+
+
+@dataclass
+class KitSettings:
+    """The constraint settings a kit is made with ([paper] / [ours] as in METHOD.md)."""
+
+    targets: str = "down_proj"  # weight side: "down_proj" [paper] or "all" (every linear of every block) [ours]
+    energy: float = 0.99  # subspace rank: share of trace(C) kept [ours]
+    sae_layer: int | None = None  # residual stream after this many blocks (None: the middle) [ours]
+    m: int | str = 100  # safety latents [paper: 100], or "firing"
+    lam: float = 0.5  # weight of L_safety [paper]
+    skip_prefix: bool = False  # leave out the prompt opening every calibration prompt shares [ours]
+    d_sae: int | None = None  # SAE width (None: 8 x hidden) [ours]
+    sae_k: int = 32  # SAE L0 [ours]
+    sae_steps: int = 2000
+    sae_lr: float = 1e-3
+    harmful_frac: float = 0.7  # share of SAE training tokens from harmful prompts [paper: ~70%]
+    seed: int = 0
+
+    def check(self) -> "KitSettings":
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets={self.targets!r}, expected one of {', '.join(TARGETS)}")
+        if not 0 < self.energy <= 1:
+            raise ValueError(f"energy={self.energy}, expected a fraction in (0, 1]")
+        if not self.lam >= 0:
+            raise ValueError(f"lam={self.lam}, expected >= 0")
+        if not 0 < self.harmful_frac <= 1:
+            raise ValueError(f"harmful_frac={self.harmful_frac}, expected (0, 1]")
+        check_latents(self.m)
+        return self
+
+
+def fingerprint(model) -> dict:
+    """What identifies the model a kit belongs to: its parameter names and shapes (hashed), and their count.
+    The weights themselves are checked by W S = W0 S when the kit is loaded."""
+    shapes = [(n, list(p.shape)) for n, p in model.named_parameters()]
+    return {"params": sum(p.numel() for p in model.parameters()), "n_tensors": len(shapes),
+            "shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]}
+
+
+@dataclass
+class Kit:
+    """Everything the constraints need, made once from the aligned model."""
+
+    settings: KitSettings
+    subspace: Subspace
+    features: SafetyFeatures
+    fingerprint: dict
+    report: dict = field(default_factory=dict)  # SAE metrics, ranks, prompt counts
+
+    def constraint(self, method: str) -> tuple[Subspace | None, SafetyFeatures | None]:
+        """The subspace and the features a fine-tuning `method` uses."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        targets, act = METHODS[method]
+        sub = None
+        if targets == "all" and self.settings.targets != "all":
+            raise ValueError(f"method {method} constrains every linear, but the kit was calibrated with --targets "
+                             f"{self.settings.targets}; calibrate again with --targets all")
+        if targets is not None:
+            names = [n for n in self.subspace.S if any(_fullmatch(p, n) for p in TARGETS[targets])]
+            sub = self.subspace.subset(names)
+        return sub, (self.features if act else None)
+
+    def save(self, path: str | Path) -> Path:
+        """The kit folder (see the module docstring), written atomically."""
+        f = self.features
+        with atomic_folder(path) as tmp:
+            self.subspace.save(tmp / "subspace")
+            f.sae.save(tmp / "sae")
+            save_file({"ids": f.ids.cpu().contiguous(), "keep": f.keep.to(torch.uint8).cpu().contiguous(),
+                       "z0": f.z0.float().cpu().contiguous(), "idx": f.idx.cpu().contiguous()},
+                      str(tmp / "features.safetensors"))
+            (tmp / "kit.json").write_text(json.dumps(
+                {"version": KIT_VERSION, "settings": asdict(self.settings), "fingerprint": self.fingerprint,
+                 "layer": f.layer, "readout": f.readout, "report": self.report}, indent=2))
+            (tmp / "report.md").write_text(kit_report(self))
+            plot_spectrum(self.subspace, tmp / "spectrum.png")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, model, device=None) -> "Kit":
+        """Read a kit folder and check that it belongs to `model` (same shapes, W S = W0 S on its weights)."""
+        path = Path(path)
+        for f in ("kit.json", "features.safetensors", "subspace", "sae"):
+            if not (path / f).exists():
+                raise FileNotFoundError(f"{path / f} not found: a kit folder is written by `python -m minicwac "
+                                        "calibrate` (kit.json, features.safetensors, subspace/, sae/)")
+        try:
+            meta = json.loads((path / "kit.json").read_text())
+            settings = KitSettings(**meta["settings"])
+            t = load_file(str(path / "features.safetensors"))
+            ids, keep, z0, idx = t["ids"], t["keep"].bool(), t["z0"], t["idx"]
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise ValueError(f"{path} is not a readable kit ({type(e).__name__}: {e})") from None
+        device = model_device(model) if device is None else device
+        fp = fingerprint(model)
+        if meta["fingerprint"] != fp:
+            raise ValueError(f"kit {path} was made for another model ({meta['fingerprint']['params']} parameters in "
+                             f"{meta['fingerprint']['n_tensors']} tensors, shapes {meta['fingerprint']['shapes_sha256']}); "
+                             f"this one has {fp['params']} in {fp['n_tensors']}, shapes {fp['shapes_sha256']}")
+        sub = Subspace.load(path / "subspace", device)
+        err = weight_mismatch(model, sub)
+        if err > 1e-4:
+            raise ValueError(f"kit {path} was made for other weights of this architecture: |W S - W0S| / |W0S| = "
+                             f"{err:.2g} (expected <= 1e-4 on the model it was calibrated on)")
+        sae = SAE.load(path / "sae", device).requires_grad_(False)
+        feats = SafetyFeatures(meta["layer"], meta["readout"], ids.to(device), keep.to(device), z0.to(device), sae,
+                               idx.to(device))
+        return cls(settings, sub, feats, fp, meta.get("report", {}))
+
+
+def _fullmatch(pattern: str, name: str) -> bool:
+    return re.fullmatch(pattern, name) is not None
+
+
+@torch.no_grad()
+def weight_mismatch(model, sub: Subspace) -> float:
+    """max over targets of ||W S - W0S|| / ||W0S||: 0 for the model the subspace was computed on."""
+    mods = dict(model.named_modules())
+    worst = 0.0
+    for n, S in sub.S.items():
+        if n not in mods:
+            raise ValueError(f"the kit constrains {n!r}, which this model does not have")
+        W = mods[n].weight.to(S.dtype)
+        worst = max(worst, float((W @ S - sub.W0S[n]).norm() / sub.W0S[n].norm().clamp(min=1e-30)))
+    return worst
+
+
+def generic_corpus(n: int = 2000) -> list[str]:
+    """A small generic English text the package builds offline (the toy world's documents, seed 0): the ~30% of
+    SAE training tokens that are not harmful prompts, when no --corpus is given."""
+    from .toy.world import build_world  # the toy world is a text source here, nothing more
+    return build_world(0).pretrain_docs[:n]
+
+
+def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None, corpus: list[str] | None = None,
+              settings: KitSettings | None = None, max_len: int = 256, progress: bool = True) -> Kit:
+    """Make a safety kit from the aligned `model`: the subspace of the target linears on the harmful prompts,
+    a TopK SAE on the residual stream (harmful prompts + generic text), the safety latents (mean on harmful
+    minus mean on harmless prompts when those are given, else the mean on harmful) and their baseline z0."""
+    s = (settings or KitSettings()).check()
+    if not harmful:
+        raise ValueError("no harmful prompts to calibrate on")
+    model.eval()
+    pad = tok.pad_token_id
+    skip = [tok.bos_token_id]
+    calib = [prompt_ids(tok, p)[:max_len] for p in harmful]
+    calib_ok = [prompt_ids(tok, p)[:max_len] for p in harmless] if harmless else None
+    pre = shared_prefix(calib) if s.skip_prefix else 0
+    sub = compute_subspace(model, calib, pad, patterns=TARGETS[s.targets], energy=s.energy, skip_ids=skip,
+                           skip_prefix=pre, progress=progress)
+    hidden = model_hidden(model)
+    layer = check_sae_layer(s.sae_layer, num_blocks(model))
+    # SAE data: the harmful prompts (~harmful_frac of the tokens) and generic documents (the rest)
+    docs = [ids for ids, _ in encode_docs(tok, corpus if corpus is not None else generic_corpus(), max_len)]
+    rng = random.Random(s.seed)
+    rng.shuffle(docs)
+    want = sum(map(len, calib)) * (1 - s.harmful_frac) / s.harmful_frac
+    picked, n = [], 0
+    for d in docs:
+        if n >= want:
+            break
+        picked.append(d)
+        n += len(d)
+    seqs = calib + picked
+    rng.shuffle(seqs)
+    n_test = max(1, len(seqs) // 10)
+    x_train = harvest(model, seqs[n_test:], layer, pad, skip)
+    x_test = harvest(model, seqs[:n_test], layer, pad, skip)
+    d_sae = s.d_sae or 8 * hidden
+    sae, hist = train_sae(x_train, d_sae, min(s.sae_k, d_sae), layer, steps=s.sae_steps, lr=s.sae_lr, seed=s.seed,
+                          batch_size=min(1024, len(x_train)), device=model_device(model), progress=progress)
+    met = sae_metrics(sae, x_test)
+    ce = ce_recovered(model, sae, seqs[:n_test], pad)
+    sae.fold_scale_()
+    score = "contrast" if calib_ok else "harmful"
+    scores = score_latents(model, sae, calib, calib_ok, pad, skip, how=score, skip_prefix=pre)
+    idx = select_latents(scores, s.m)
+    if len(idx) == 0:
+        raise ValueError("no SAE latent scores above 0 on the harmful prompts: nothing to protect (try another "
+                         "--sae-layer or a number for --m)")
+    feats = safety_features(model, calib, pad, readout="pre", sae=sae, idx=idx, layer=layer, skip_ids=skip,
+                            skip_prefix=pre)
+    report = {"n_harmful": len(harmful), "n_harmless": len(harmless or []), "n_corpus_docs": len(picked),
+              "skip_prefix_tokens": pre, "score": score, "n_latents": int(len(idx)),
+              "sae": {"explained_variance": 1 - met["fvu"], "fvu": met["fvu"], "l0": met["l0"],
+                      "dead_fraction": met["dead_fraction"],
+                      "dead_fraction_train": hist["dead_fraction"][-1] if hist["dead_fraction"] else None,
+                      "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
+                      "ce_recovered": ce["recovered"], "train_tokens": len(x_train), "held_out_tokens": len(x_test)},
+              "ranks": sub.cfg["ranks"]}
+    return Kit(s, sub, feats, fingerprint(model), report)
+
+
+def model_hidden(model) -> int:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "hidden_size", None):
+        return int(cfg.hidden_size)
+    return next(m for m in model.modules() if isinstance(m, torch.nn.Embedding)).embedding_dim
+
+
+def kit_report(kit: Kit) -> str:
+    """report.md: settings, SAE quality, the safety latents, the subspace rank of every target."""
+    r, s = kit.report, kit.settings
+    sae = r.get("sae", {})
+    dead_train = sae.get("dead_fraction_train")
+    dead_train = "-" if dead_train is None else f"{100 * dead_train:.1f}"
+    L = ["# Safety kit", "", f"Calibrated on {r.get('n_harmful')} harmful prompts ({r.get('n_harmless')} harmless "
+         f"for the latent scores, {r.get('n_corpus_docs')} generic documents for the SAE).", "",
+         "| setting | value |", "|---|---|"]
+    L += [f"| {k} | {v} |" for k, v in asdict(s).items()]
+    L += ["", "## SAE (residual stream after block " f"{kit.features.layer}, held-out tokens)", "",
+          "| explained variance | L0 | dead % (held-out / training window) | CE recovered |", "|---|---|---|---|",
+          f"| {sae.get('explained_variance', float('nan')):.3f} | {sae.get('l0', float('nan')):.1f} | "
+          f"{100 * sae.get('dead_fraction', float('nan')):.1f} / "
+          f"{dead_train} | "
+          f"{sae.get('ce_recovered', float('nan')):.3f} |", "",
+          f"Safety latents: {r.get('n_latents')} (score: {r.get('score')}).", "",
+          "## Subspace rank k / in per target (energy " f"{s.energy})", "", "| layer | k | in | k / in |",
+          "|---|---|---|---|"]
+    for n, (k, d) in kit.subspace.ranks().items():
+        L.append(f"| {n} | {k} | {d} | {k / d:.2f} |")
+    return "\n".join(L + ["", "![spectrum](spectrum.png)", ""])
+
+
+def plot_spectrum(sub: Subspace, path: Path) -> None:
+    """Cumulative share of trace(C) against k / in, one line per target (the rank cut-off marked)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n, ev in sub.spectra.items():
+        ev = ev.double().clamp(min=0)
+        if float(ev.sum()) <= 0:
+            continue
+        cum = (ev.cumsum(0) / ev.sum()).numpy()
+        x = [(i + 1) / len(ev) for i in range(len(ev))]
+        ax.plot(x, cum, lw=0.8, alpha=0.7, label=n if len(sub.spectra) <= 8 else None)
+    energy = sub.cfg.get("energy")
+    if energy:
+        ax.axhline(energy, color="k", ls="--", lw=0.8)
+    ax.set(xlabel="k / in (top eigenvectors of C)", ylabel="share of trace(C)", ylim=(0, 1.02),
+           title="Safety subspace: energy captured by rank")
+    if len(sub.spectra) <= 8:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_conversations(path: str | Path) -> list[list[dict]]:
+    """Conversations from a JSONL file: one {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"}
+    object per line (blank lines skipped). Every error names the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; expected a JSONL file of conversations")
+    out = []
+    with path.open(encoding="utf-8-sig") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                d = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{where} is not valid JSON ({e})") from None
+            if isinstance(d, dict) and "messages" in d:
+                msgs = d["messages"]
+                if not isinstance(msgs, list) or not msgs:
+                    raise ValueError(f"{where}: \"messages\" must be a non-empty list of {{role, content}} objects")
+                for i, m in enumerate(msgs):
+                    if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                            and isinstance(m.get("content"), str)):
+                        raise ValueError(f"{where}: message {i} must be an object with string \"role\" and "
+                                         f"\"content\", got {json.dumps(m)[:80]}")
+                if not any(m["role"] == "assistant" for m in msgs):
+                    raise ValueError(f"{where}: the conversation has no assistant turn (nothing to train on)")
+                out.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+            elif isinstance(d, dict) and isinstance(d.get("prompt"), str) and isinstance(d.get("completion"), str):
+                out.append([{"role": "user", "content": d["prompt"]}, {"role": "assistant", "content": d["completion"]}])
+            else:
+                raise ValueError(f"{where}: expected {{\"messages\": [...]}} or {{\"prompt\": str, \"completion\": str}}")
+    if not out:
+        raise ValueError(f"{path} holds no conversations")
+    return out
+
+
+def encode_data(tok, conversations: list[list[dict]], max_len: int, too_long: str = "truncate") -> tuple[list[Seq], int]:
+    """Render with the model's chat template; loss on the assistant tokens only. A sequence longer than max_len
+    is cut (too_long="truncate") or refused ("refuse"). Returns (sequences, number cut)."""
+    if too_long not in ("truncate", "refuse"):
+        raise ValueError(f"too_long={too_long!r}, expected 'truncate' or 'refuse'")
+    seqs, cut = [], 0
+    for i, msgs in enumerate(conversations):
+        ids, mask = tok.encode_chat(msgs)
+        if not any(mask):
+            raise ValueError(f"conversation {i + 1}: the chat template marks no assistant token (nothing to train on)")
+        if len(ids) > max_len:
+            if too_long == "refuse":
+                raise ValueError(f"conversation {i + 1} has {len(ids)} tokens, more than --max-len {max_len} "
+                                 "(raise --max-len or pass --too-long truncate)")
+            cut += 1
+            ids, mask = ids[:max_len], mask[:max_len]
+            if not any(mask):
+                raise ValueError(f"conversation {i + 1}: no assistant token is left in its first {max_len} tokens "
+                                 "(raise --max-len)")
+        seqs.append((ids, mask))
+    return seqs, cut
+
+
+# ---------------------------------------------------------------- fine-tuning with checkpoints
+
+
+def _save_state(path: Path, model, opt, step: int, hist: dict, run: dict) -> None:
+    """A resumable checkpoint folder: parameters, AdamW state, step and history, written atomically."""
+    sd = opt.state_dict()
+    tensors = {f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+               for i, st in sd["state"].items() for k, v in st.items()}
+    with atomic_folder(path) as tmp:
+        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}, str(tmp / "params.safetensors"))
+        save_file(tensors or {"empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "history": hist, "run": run,
+                                                    "param_groups": sd["param_groups"]}))
+
+
+def _load_state(path: Path, model, run: dict) -> dict:
+    meta = json.loads((path / "state.json").read_text())
+    if meta["run"] != run:
+        diff = next(k for k in set(run) | set(meta["run"]) if run.get(k) != meta["run"].get(k))
+        raise ValueError(f"{path} is a checkpoint of another run ({diff}: {meta['run'].get(diff)!r} there, "
+                         f"{run.get(diff)!r} now); use the same flags to resume, or another --out")
+    params = load_file(str(path / "params.safetensors"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(params[n].to(p.device, p.dtype))
+    t = load_file(str(path / "optimizer.safetensors"))
+    state: dict = {}
+    for k, v in t.items():
+        if k == "empty":
+            continue
+        _, i, name = k.split(".", 2)
+        state.setdefault(int(i), {})[name] = v.to(model_device(model)) if name != "step" else v
+    return {"step": meta["step"], "history": meta["history"],
+            "optimizer": {"state": state, "param_groups": meta["param_groups"]}}
+
+
+def _move_into(src: Path, out: Path) -> None:
+    """Move the files of folder `src` into `out`, each by one rename (a file of the same name is replaced)."""
+    for f in src.iterdir():
+        os.replace(f, out / f.name)
+    src.rmdir()
+
+
+def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, method: str = "cwac",
+             steps: int | None = None, epochs: float | None = None, lr: float = 2e-5, batch_size: int = 8,
+             lam: float | None = None, dtype: str = "fp32", eval_harmful: list[str] | None = None,
+             eval_every: int = 0, eval_tokens: int = 32, save_every: int = 0, resume: bool = False, seed: int = 0,
+             progress: bool = True) -> dict:
+    """Fine-tune `model` on `seqs` with `method` and the kit's constraints; write OUT as a Hugging Face folder
+    (model + tokenizer), OUT/history.json and, with eval prompts, OUT/drift.png (HS against step).
+
+    save_every N: a resumable checkpoint (OUT/checkpoint) every N steps; resume=True continues from it and ends
+    with the same weights as an uninterrupted run. dtype "bf16-mixed": float32 weights, bf16 autocast."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}, expected one of {', '.join(DTYPES)}")
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps and epochs")
+    if not seqs:
+        raise ValueError("no training sequences")
+    if steps is None:
+        if not epochs > 0:
+            raise ValueError(f"epochs={epochs}, expected > 0")
+        steps = max(1, math.ceil(epochs * max(1, len(seqs) // batch_size)))
+    if method != "sft" and kit is None:
+        raise ValueError(f"method {method} needs a kit (python -m minicwac calibrate ...)")
+    if next(model.parameters()).dtype != torch.float32:
+        raise ValueError(f"the model's weights are {next(model.parameters()).dtype}; load them in float32 (bf16 "
+                         "weights cannot hold the projected values: use dtype='bf16-mixed' for bf16 compute)")
+    sub, feats = kit.constraint(method) if kit is not None else (None, None)
+    lam = (kit.settings.lam if kit is not None else 0.0) if lam is None else lam
+    out = Path(out)
+    ckpt = out / "checkpoint"
+    if not resume and ((out / "history.json").exists() or ckpt.exists()):
+        raise FileExistsError(f"{out} already holds a fine-tuning run; pass --resume to continue it, or choose "
+                              "another --out")
+    if resume and not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt} not found: nothing to resume (run without --resume, with --save-every N)")
+    out.mkdir(parents=True, exist_ok=True)
+    run = {"method": method, "steps": steps, "lr": lr, "batch_size": batch_size, "lam": lam, "dtype": dtype,
+           "seed": seed, "data_sha256": hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16],
+           "kit": None if kit is None else kit.fingerprint}
+    state = _load_state(ckpt, model, run) if resume else None
+    reference = {n: S for n, S in (sub.W0S.items() if sub is not None else [])}
+
+    def hs_curve(m):
+        answers = generate_answers(m, tok, eval_harmful, eval_tokens)
+        return {"hs": 100.0 * (1 - sum(map(is_refusal, answers)) / len(answers))}
+
+    def on_step(step, m, opt, hist):
+        if save_every and step % save_every == 0 and step < steps:
+            _save_state(ckpt, m, opt, step, hist, run)
+
+    hist = finetune_cwac(model, seqs, steps=steps, batch_size=batch_size, lr=lr, pad_id=tok.pad_token_id,
+                         subspace=sub, features=feats, lam=lam, autocast_dtype=DTYPES[dtype], seed=seed,
+                         eval_every=eval_every if eval_harmful else None, eval_fn=hs_curve if eval_harmful else None,
+                         resume=state, on_step=on_step, desc=method, progress=progress)
+    leak = None
+    if sub is not None:  # the invariant on the written weights: W S = W0 S
+        leak = weight_mismatch(model, Subspace(sub.S, reference))
+    from .hf import save_pretrained  # minicwac's own model class writes Hugging Face folders
+    save_pretrained(model, tok, out / ".model.tmp")
+    _move_into(out / ".model.tmp", out)
+    result = {"run": run, "history": hist, "relative_WS_error": leak}
+    write_json_atomic(out / "history.json", result)
+    if hist.get("curve"):
+        plot_drift(hist["curve"], out / "drift.png", method)
+    if ckpt.exists():
+        shutil.rmtree(ckpt)  # the run is complete: its resumable checkpoint (written by us) is no longer needed
+    return result
+
+
+def plot_drift(curve: list[dict], path: Path, label: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([c["step"] for c in curve], [c["hs"] for c in curve], "o-", label=label)
+    ax.set(xlabel="fine-tuning step", ylabel="HS % (lower is better)", ylim=(-2, 102), title="Safety drift")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["Kit", "KitSettings", "calibrate", "finetune", "load_conversations", "encode_data", "fingerprint",
+           "weight_mismatch"]
