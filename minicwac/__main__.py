@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .toy.experiments import DEV_SEED, METHOD_SWITCHES, PRESETS
+from .toy.experiments import METHOD_SWITCHES, PRESETS
+from .toy.select import DEV_SEED
 from .fetch import DTYPES, FETCH_TARGETS, MODELS, MissingDependencyError, fetch
 from .real import PRESETS as REAL_PRESETS
 from .real import REAL_METHODS
@@ -231,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--m and --sae-layer apply to --what step only")
     try:
         if args.cmd == "demo":
-            from .toy.experiments import results_table, run_demo
+            from .report import results_table
+            from .toy.experiments import run_demo
             rows = run_demo(args.out, args.seed, args.task, args.p, cache_dir=args.cache, progress=not args.quiet)
             print(results_table(rows))
             print(f"wrote {args.out}/results.json, results.md, pipeline.png and models/")
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             print(open(f"{args.out}/results.md").read())
             print(f"wrote {args.out}/results.json, results.md and the plots")
         elif args.cmd == "select":
-            from .toy.experiments import run_select
+            from .toy.select import run_select
             from .toy.pipeline import Recipe
             r = Recipe() if args.steps is None else Recipe(finetune_steps=args.steps)
             res = run_select(args.out, args.seed, args.tasks, args.p, r, cache_dir=args.cache, progress=not args.quiet)
@@ -308,7 +310,7 @@ def _eval(args) -> None:
         harmless = load_prompts(args.harmless) if args.harmless else None
         model, tok = load_checkpoint(args.model, args.device)
         res = evaluate_prompts(model, tok, harmful, harmless, max_new_tokens=args.max_new_tokens)
-    for k in ("hs", "comply", "over_refusal", "refusal_score", "fa"):
+    for k in ("hs", "comply", "fa", "over_refusal", "refusal_score"):
         if k in res:
             print(f"{k:14s} {res[k]:.2f}")
     for kind in ("harmful", "harmless"):

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -32,18 +31,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .core.cwac import finetune_cwac
-from .core.data import Seq, encode_docs, shared_prefix
+from .core.data import Seq, encode_docs, mix_by_tokens, shared_prefix
 from .core.evals import generate_answers, is_refusal, prompt_ids
 from .core.features import SafetyFeatures, check_latents, check_sae_layer, safety_features, score_latents, select_latents
 from .core.files import atomic_folder, write_json_atomic
-from .core.hooks import model_device, num_blocks
+from .core.hooks import block_name, model_device, num_blocks
 from .core.sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
 from .core.subspace import ALL_LINEARS, DEFAULT_TARGETS, Subspace, compute_subspace
 
 TARGETS = {"down_proj": DEFAULT_TARGETS, "all": ALL_LINEARS}
 # method -> (weight constraint on these targets or None, activation constraint)
 METHODS = {"sft": (None, False), "weight": ("down_proj", False), "activation": (None, True),
-           "cwac": ("down_proj", True), "cwac-all": ("all", True)}
+           "cwac": ("down_proj", True), "weight-all": ("all", False), "cwac-all": ("all", True)}
 DTYPES = {"fp32": None, "bf16-mixed": torch.bfloat16}  # the autocast dtype over float32 weights
 KIT_VERSION = 1
 
@@ -186,10 +185,14 @@ def generic_corpus(n: int = 2000) -> list[str]:
 
 
 def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None, corpus: list[str] | None = None,
-              settings: KitSettings | None = None, max_len: int = 256, progress: bool = True) -> Kit:
+              settings: KitSettings | None = None, max_len: int = 256, sae_seqs: list[list[int]] | None = None,
+              progress: bool = True) -> Kit:
     """Make a safety kit from the aligned `model`: the subspace of the target linears on the harmful prompts,
     a TopK SAE on the residual stream (harmful prompts + generic text), the safety latents (mean on harmful
-    minus mean on harmless prompts when those are given, else the mean on harmful) and their baseline z0."""
+    minus mean on harmless prompts when those are given, else the mean on harmful) and their baseline z0.
+
+    sae_seqs: the SAE's token sequences, when the caller mixes its own (else the harmful prompts and `corpus`,
+    harmful_frac of the tokens from the prompts)."""
     s = (settings or KitSettings()).check()
     if not harmful:
         raise ValueError("no harmful prompts to calibrate on")
@@ -203,19 +206,12 @@ def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None,
                            skip_prefix=pre, progress=progress)
     hidden = model_hidden(model)
     layer = check_sae_layer(s.sae_layer, num_blocks(model))
-    # SAE data: the harmful prompts (~harmful_frac of the tokens) and generic documents (the rest)
-    docs = [ids for ids, _ in encode_docs(tok, corpus if corpus is not None else generic_corpus(), max_len)]
-    rng = random.Random(s.seed)
-    rng.shuffle(docs)
-    want = sum(map(len, calib)) * (1 - s.harmful_frac) / s.harmful_frac
-    picked, n = [], 0
-    for d in docs:
-        if n >= want:
-            break
-        picked.append(d)
-        n += len(d)
-    seqs = calib + picked
-    rng.shuffle(seqs)
+    if sae_seqs is None:  # the harmful prompts (~harmful_frac of the tokens) and generic documents (the rest)
+        docs = [ids for ids, _ in encode_docs(tok, corpus if corpus is not None else generic_corpus(), max_len)]
+        seqs = mix_by_tokens(calib, docs, s.harmful_frac, s.seed)
+        n_docs = len(seqs) - len(calib)
+    else:
+        seqs, n_docs = sae_seqs, None
     n_test = max(1, len(seqs) // 10)
     x_train = harvest(model, seqs[n_test:], layer, pad, skip)
     x_test = harvest(model, seqs[:n_test], layer, pad, skip)
@@ -233,7 +229,8 @@ def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None,
                          "--sae-layer or a number for --m)")
     feats = safety_features(model, calib, pad, readout="pre", sae=sae, idx=idx, layer=layer, skip_ids=skip,
                             skip_prefix=pre)
-    report = {"n_harmful": len(harmful), "n_harmless": len(harmless or []), "n_corpus_docs": len(picked),
+    report = {"hook_name": block_name(model, layer), "n_harmful": len(harmful), "n_harmless": len(harmless or []),
+              "n_corpus_docs": n_docs,
               "skip_prefix_tokens": pre, "score": score, "n_latents": int(len(idx)),
               "sae": {"explained_variance": 1 - met["fvu"], "fvu": met["fvu"], "l0": met["l0"],
                       "dead_fraction": met["dead_fraction"],

@@ -13,7 +13,7 @@ and Gemma 2 these are Hugging Face's own names; GPT-2's names are translated on 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn

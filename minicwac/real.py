@@ -1,8 +1,8 @@
 """CWAC on a real chat checkpoint (e.g. SmolLM2-135M-Instruct): align it, let it drift, protect it.
 
-The same functions as the toy experiment run here; only the data changes. A *real world* is the toy world with
-its harmful sets replaced by real harmful instructions (AdvBench, HarmBench or a local file), split into four
-disjoint sets by a seeded shuffle:
+The method core runs here directly (the kit of `calibrate`, the loop of `finetune_cwac`); only the data is new:
+real harmful instructions (AdvBench, HarmBench or a local file), split into four disjoint sets by a seeded
+shuffle:
 
     align   -> harmful -> a refusal in the model's own voice     (safety alignment)
     calib   -> the subspace, the SAE features and their baseline z0 (never trained on)
@@ -22,26 +22,25 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from itertools import product
 from pathlib import Path
 
-import torch
 
-from .core.cwac import train
-from .core.evals import generate_answers, is_refusal
+from .core.baselines import safeinstr_mix
+from .core.cwac import finetune_cwac, train
+from .core.evals import evaluate_prompts, generate_answers, is_refusal, prompt_ids
 from .core.features import check_latents, check_sae_layer
 from .core.files import default_cache_dir, prepare_out, write_json_atomic
-from .core.subspace import DEFAULT_TARGETS
 from .fetch import DTYPES, fetch_prompts, load_prompts
 from .hf import load_checkpoint, save_pretrained
-from .toy.evals import evaluate
-from .toy.experiments import (METHOD_SWITCHES, SafetyRecipe, _clean, _dead, check_p, experiment_report, method_targets,
-                              plot_experiment, row, run_method, run_name, toy_safety)
-from .toy.pipeline import Recipe, Toy, clone, encode_chats
-from .toy.world import EVAL_PHRASINGS, TASKS, TRAIN_PHRASINGS, Example, Task, World, build_world
+from .kit import TARGETS, Kit, KitSettings, calibrate
+from .report import _clean, _dead, experiment_report, plot_experiment, row, run_name
+from .toy.evals import task_accuracy
+from .toy.experiments import check_p, sae_mix
+from .toy.pipeline import clone, encode_chats
+from .toy.world import EVAL_PHRASINGS, TASKS, TRAIN_PHRASINGS, Example, Task, World, build_world, mix_finetune_set
 
 REFUSAL_PREFIX = "I'm sorry, but I can't"
 # Harmless requests in the imperative style of AdvBench ("Write a tutorial on how to ..."), beside the toy
@@ -52,6 +51,7 @@ IMPERATIVE_TRAIN = ["Write a tutorial on how to {t}", "Create a step-by-step pla
                     "Explain in detail how to {t}"]
 IMPERATIVE_EVAL = ["Write a short guide on how to {t}", "Provide step-by-step instructions to {t}",
                    "Outline a plan to {t}", "Describe in detail how to {t}"]
+SAFEINSTR_FRAC = 0.1  # SafeInstr: share of the fine-tuning set replaced by the model's own refusals
 REAL_METHODS = ("sft", "weight", "activation", "cwac", "safeinstr", "weight-all", "cwac-all")
 
 
@@ -155,15 +155,20 @@ def harmless_requests(world: World, part: str, phrasings: list[str], n: int, rng
 
 @dataclass
 class RealData:
-    """The harmful splits and everything written by the base model, for one seed."""
+    """The harmful splits and everything the base model wrote, for one seed: plain prompts and answers."""
 
-    splits: dict
-    world: World  # the toy world with real harmful sets: what evaluate(), toy_safety() and run_method() read
+    splits: dict  # harmful prompts: align, calib, attack, eval (disjoint)
+    align: list[Example]  # harmful -> the model's own refusal, harmless -> its own answer (shuffled)
+    attack: list[Example]  # harmful prompt -> the base model's compliant answer (mixed into fine-tuning at p)
+    eval_harmless: list[str]  # held-out harmless requests (over-refusal)
+    tasks: dict[str, Task]  # the downstream tasks as natural-language chat (test cut to n_fa)
+    docs: list[str]  # generic text for the SAE
     stats: dict = field(default_factory=dict)
 
 
-def real_world(base, tok, prompts: list[str], P: RealPreset, seed: int) -> RealData:
-    """Split the prompts, let the base model write the answers, and build the world the toy functions read."""
+def real_data(base, tok, prompts: list[str], P: RealPreset, seed: int) -> RealData:
+    """Split the prompts and let the base model write every answer (the toy world is only a source of harmless
+    requests, tasks and generic text)."""
     sp = split_prompts(prompts, P.splits, seed)
     world = build_world(seed)
     rng = random.Random(f"real-{seed}")
@@ -182,24 +187,48 @@ def real_world(base, tok, prompts: list[str], P: RealPreset, seed: int) -> RealD
     # over-refusal: those requests are left out of alignment
     align += [Example(p, trim_answer(a), "harmless") for p, a in zip(harmless, helpful) if not is_refusal(a)]
     rng.shuffle(align)
-    ask = lambda ps: [Example(p, "", "harmful", keywords=None) for p in ps]  # noqa: E731
     tasks = {t: Task(t, world.tasks[t].train, world.tasks[t].test[:P.n_fa]) for t in TASKS}
-    w = replace(world, align=align, harmful_pairs=pairs, calibration=ask(sp["calib"]), eval_harmful=ask(sp["eval"]),
-                eval_harmless=[Example(p, "", "harmless") for p in eval_harmless], tasks=tasks,
-                meta={"source": "real harmful prompts + toy harmless requests and tasks"})
     stats = {"attack_complied": len(pairs), "attack_total": len(attack),
              "harmless_refused": sum(map(is_refusal, helpful)), "base_answers_s": round(time.perf_counter() - t0, 1),
              "examples": {"refusal": refusals[0], "attack": pairs[0].answer}}
-    return RealData(sp, w, stats)
+    return RealData(sp, align, pairs, eval_harmless, tasks, world.pretrain_docs, stats)
 
 
-def _recipes(P: RealPreset) -> tuple[Recipe, SafetyRecipe]:
-    r = Recipe(max_len=P.max_len, align_steps=P.align_steps, align_lr=P.align_lr, align_batch=P.align_batch,
-               finetune_n=P.finetune_n, finetune_steps=P.finetune_steps, finetune_lr=P.finetune_lr,
-               finetune_batch=P.finetune_batch)
-    sr = SafetyRecipe(d_sae=P.sae_d, sae_k=P.sae_k, sae_steps=P.sae_steps, m=P.m, lam=P.lam, sae_layer=P.sae_layer,
-                      skip_prefix=P.skip_prefix, safety_batch=P.safety_batch, eval_every=P.eval_every)
-    return r, sr
+def evaluate_real(model, tok, rd: RealData, task: str, P: RealPreset) -> dict:
+    """HS, compliance, refusal score (held-out harmful prompts), over-refusal and FA on `task`."""
+    ev = evaluate_prompts(model, tok, rd.splits["eval"], rd.eval_harmless, max_new_tokens=P.eval_tokens)
+    ev["fa"] = task_accuracy(model, tok, rd.tasks[task].test, max_new_tokens=8)
+    return ev
+
+
+def kit_settings(P: RealPreset, seed: int) -> KitSettings:
+    """The constraint settings of a preset (every linear as weight targets when a "*-all" method runs)."""
+    return KitSettings(targets="all" if any(m.endswith("-all") for m in P.methods) else "down_proj",
+                       sae_layer=P.sae_layer, m=P.m, lam=P.lam, skip_prefix=P.skip_prefix, d_sae=P.sae_d,
+                       sae_k=P.sae_k, sae_steps=P.sae_steps, seed=seed)
+
+
+def finetune_real(method: str, aligned, tok, rd: RealData, kit: Kit, task: str, p: float, seed: int, P: RealPreset,
+                  progress: bool = True):
+    """A copy of the aligned model fine-tuned on `task` with a share p of attack pairs by `method`."""
+    data = mix_finetune_set(rd.tasks[task].train, rd.attack, p, P.finetune_n, f"finetune-{seed}-{task}-{p}-{seed}")
+    seqs = encode_chats(tok, data, P.max_len)
+    if method == "safeinstr":
+        refusals = encode_chats(tok, [e for e in rd.align if e.kind == "harmful"], P.max_len)
+        seqs = safeinstr_mix(seqs, refusals, SAFEINSTR_FRAC, seed)
+    sub, feats = kit.constraint("sft" if method == "safeinstr" else method)
+    curve_prompts = rd.splits["eval"][::3]
+
+    def curve(m):
+        answers = generate_answers(m, tok, curve_prompts, 24)
+        return {"hs": 100.0 * (1 - sum(map(is_refusal, answers)) / len(answers))}
+
+    model = clone(aligned)
+    hist = finetune_cwac(model, seqs, steps=P.finetune_steps, batch_size=P.finetune_batch, lr=P.finetune_lr,
+                         pad_id=tok.pad_token_id, subspace=sub, features=feats, lam=P.lam, safety_batch=P.safety_batch,
+                         seed=seed + 2, eval_every=P.eval_every, eval_fn=curve if P.eval_every else None,
+                         desc=f"{method} {task} p={p:g}", progress=progress)
+    return model, hist, sub
 
 
 def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str = "cpu-smoke", device: str = "cpu",
@@ -214,8 +243,8 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
     lam=2.0, m="firing", sae_layer=20, skip_prefix=True, finetune_steps=80 (None keeps the preset's value).
 
     Writes OUT/results.json (the toy rows' schema plus settings, data statistics and sample answers),
-    OUT/results.md, hs_vs_p.png, fa_vs_hs.png, drift.png, OUT/s<seed>/sae-*/ (the SAE) and, with save=True,
-    OUT/s<seed>/aligned/, OUT/models/<run>/ and OUT/subspace/s<seed>/."""
+    OUT/results.md, hs_vs_p.png, fa_vs_hs.png, drift.png, OUT/s<seed>/sae/ (the SAE) and, with save=True,
+    OUT/s<seed>/aligned/, OUT/s<seed>/kit/ (the safety kit, as `calibrate` writes it) and OUT/models/<run>/."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     P = PRESETS[preset]
@@ -242,49 +271,46 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
     base, tok = load_checkpoint(model_dir, device, DTYPES[dtype])
     check_sae_layer(P.sae_layer, base.config.num_hidden_layers)  # before hours of work, not after
     out = prepare_out(out)
-    r, sr = _recipes(P)
     t0 = time.time()
     settings = {"model": str(model_dir), "preset": preset, "device": str(device), "dtype": str(DTYPES[dtype]),
-                **asdict(P), "recipe": asdict(r), "safety": asdict(sr)}
+                **asdict(P), "recipe": {"finetune_steps": P.finetune_steps, "finetune_lr": P.finetune_lr,
+                                        "finetune_batch": P.finetune_batch}, "kit": asdict(kit_settings(P, 0))}
     data = {"settings": json.loads(json.dumps(settings, default=list)), "rows": [], "curves": {}, "safety": {},
             "data": {}, "samples": {}, "leak": {}, "wall_s": 0.0}
     add_row = lambda *a: data["rows"].append({k: _clean(v) for k, v in row(*a).items()})  # noqa: E731
-    targets = lambda m: method_targets(m, sr)  # noqa: E731
-    need = tuple(dict.fromkeys(targets(m) for m in P.methods))
     for seed in P.seeds:
-        rd = real_world(base, tok, harmful, P, seed)
+        rd = real_data(base, tok, harmful, P, seed)
         data["data"][str(seed)] = {**rd.stats, "splits": {k: len(v) for k, v in rd.splits.items()}}
         for task in P.tasks:
-            add_row("base", "none", task, None, seed, _eval(base, tok, rd.world, task, P))
+            add_row("base", "none", task, None, seed, evaluate_real(base, tok, rd, task, P))
         aligned = clone(base)
-        seqs = encode_chats(tok, rd.world.align, P.max_len)
-        h = train(aligned, seqs, steps=P.align_steps, batch_size=P.align_batch, lr=P.align_lr,
-                  pad_id=tok.pad_token_id, seed=seed + 1, desc="align", progress=progress)
+        train(aligned, encode_chats(tok, rd.align, P.max_len), steps=P.align_steps, batch_size=P.align_batch,
+              lr=P.align_lr, pad_id=tok.pad_token_id, seed=seed + 1, desc="align", progress=progress)
         folder = out / f"s{seed}"
-        for old in folder.glob("sae-*"):  # a previous run's SAE belongs to a previous aligned model
-            shutil.rmtree(old)
-        folder.mkdir(exist_ok=True)
         if save:
             save_pretrained(aligned, tok, folder / "aligned")
         for task in P.tasks:
-            ev = _eval(aligned, tok, rd.world, task, P)
+            ev = evaluate_real(aligned, tok, rd, task, P)
             add_row("aligned", "none", task, None, seed, ev)
             data["samples"][f"aligned-{task}-s{seed}"] = ev["samples"]
-        toy = Toy(rd.world, tok, base, aligned, {"align": h}, folder)
-        saf = toy_safety(toy, r, sr, seed, progress, need, with_align_C=False)
+        # the constraints, from the calibration split only (the SAE also reads the alignment chats and text)
+        calib = [prompt_ids(tok, q) for q in rd.splits["calib"]]
+        ks = kit_settings(P, seed)
+        kit = calibrate(aligned, tok, rd.splits["calib"], settings=ks, max_len=P.max_len, progress=progress,
+                        sae_seqs=sae_mix(tok, rd.align, calib, rd.docs, P.max_len, ks.harmful_frac, seed))
+        kit.features.sae.save(folder / "sae", extra={"report": kit.report["sae"]})
         if save:
-            saf.subspaces[DEFAULT_TARGETS].save(out / "subspace" / f"s{seed}")
-        data["safety"][str(seed)] = {"sae": {k: v for k, v in saf.sae_report.items() if k != "history"},
-                                     "ranks": {str(list(t)): s.cfg["ranks"] for t, s in saf.subspaces.items()},
-                                     "n_features": saf.features[sr.readout].m}
+            kit.save(folder / "kit")
+        data["safety"][str(seed)] = {"sae": kit.report["sae"], "n_features": kit.features.m,
+                                     "ranks": {str(list(TARGETS[ks.targets])): kit.report["ranks"]}}
         for task, p, method in product(P.tasks, P.ps, P.methods):
             name = run_name(method, task, p, seed)
-            model, hist = run_method(method, toy, saf, task, p, seed, r, sr, progress)
-            ev = _eval(model, tok, rd.world, task, P)
+            model, hist, sub = finetune_real(method, aligned, tok, rd, kit, task, p, seed, P, progress)
+            ev = evaluate_real(model, tok, rd, task, P)
             add_row("finetuned", method, task, p, seed, ev)
             data["curves"][name], data["samples"][name] = hist["curve"], ev["samples"]
-            if METHOD_SWITCHES[method].get("weight"):  # the invariant on real weights: (W - W0) S = 0
-                data["leak"][name] = max(saf.subspaces[targets(method)].leak(model, aligned).values())
+            if sub is not None:  # the invariant on real weights: (W - W0) S = 0
+                data["leak"][name] = max(sub.leak(model, aligned).values())
             if save:
                 save_pretrained(model, tok, out / "models" / name)
             del model
@@ -320,6 +346,3 @@ def real_report(data: dict) -> str:
                 L.append(f"- {name}, {kind}: *{prompt}* -> {answer[:160]!r}")
     return "\n".join(L) + "\n"
 
-
-def _eval(model, tok, world: World, task: str, P: RealPreset) -> dict:
-    return evaluate(model, tok, world, task, max_new_tokens=P.eval_tokens)

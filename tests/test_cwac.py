@@ -191,3 +191,57 @@ def test_cwac_runs_the_same_math_on_every_family(model_type, dtype):
     assert (len(biases) > 0) == (model_type == "gpt2")
     for (name, b0), b in zip(biases.items(), sub.biases(model)):
         assert torch.equal(b, b0) and b.requires_grad, f"{name}.bias changed or was left frozen"
+
+
+# ---------------------------------------------------------------- bugs found in review, one test each
+
+
+def test_clip_norm_counts_only_the_applied_gradient(parts):
+    """With the update projection, the in-subspace part of g is discarded: it must not count in the clip norm.
+    Under plain SGD (lr 1) the step of a parameter outside the targets is then -g * clip / ||P g||."""
+    from minicwac.core.cwac import cwac_step
+    model, sub, _ = parts
+    m = copy_of(model).train()
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    batch = collate(task_seqs()[:4], 0)
+    ref = copy_of(model).train()
+    lm_loss(ref, *batch).backward()
+    mods = dict(ref.named_modules())
+    for name, S in sub.S.items():
+        G = mods[name].weight.grad
+        G.sub_((G @ S) @ S.T)
+    applied = torch.sqrt(sum((p.grad ** 2).sum() for p in ref.parameters()))
+    clip = float(applied) / 10  # binds
+    before = m.model.embed_tokens.weight.detach().clone()
+    cwac_step(m, opt, batch, subspace=sub, grad_clip=clip)
+    want = -ref.model.embed_tokens.weight.grad * clip / applied
+    torch.testing.assert_close(m.model.embed_tokens.weight.detach() - before, want, atol=1e-7, rtol=1e-4)
+
+
+def test_the_sae_is_frozen_and_gathers_no_gradient(parts):
+    model, _, feats = parts
+    assert not any(p.requires_grad for p in feats.sae.parameters())
+    finetune_cwac(copy_of(model), task_seqs(), steps=2, batch_size=4, features=feats, lam=1.0, safety_batch=4,
+                  progress=False)
+    assert all(p.grad is None for p in feats.sae.parameters())
+
+
+def test_frozen_biases_are_restored_when_training_raises():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(model_type="qwen2")).eval()  # q/k/v projections have biases
+    sub = compute_subspace(model, [[5, 6, 7, 8]] * 4, pad_id=0, patterns=ALL_LINEARS, energy=0.9)
+    biases = sub.biases(model)
+    assert biases and all(b.requires_grad for b in biases)
+
+    calls = []
+
+    def fails_after_a_step(m):  # step 0 evaluates fine, the evaluation after step 1 raises
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("evaluation failed")
+        return {"hs": 0.0}
+
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        finetune_cwac(model, task_seqs(), steps=3, batch_size=4, subspace=sub, eval_every=1,
+                      eval_fn=fails_after_a_step, progress=False)
+    assert all(b.requires_grad for b in biases), "a failed run left the target biases frozen"

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from minicwac.__main__ import main
-from minicwac.toy.experiments import ROW_KEYS, check_p, check_task, results_table, run_demo
+from minicwac.report import ROW_KEYS, results_table
+from minicwac.toy.experiments import check_p, check_task, run_demo
 from minicwac.hf import load_checkpoint
 from minicwac.toy.pipeline import Recipe, toy_models
 
@@ -88,10 +89,10 @@ def test_toy_models_cache_reused(demo):
 
 
 def test_cli_eval_on_demo_model(demo, capsys):
-    """`eval --model` on a saved model prints the five metrics."""
+    """`eval --model` on a saved model prints the five metrics, then sample answers."""
     out, _, _ = demo
     assert main(["eval", "--model", str(out / "models" / "aligned")]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = capsys.readouterr().out.strip().splitlines()[:5]
     assert [ln.split()[0] for ln in lines] == ["hs", "comply", "fa", "over_refusal", "refusal_score"]
     assert all(math.isfinite(float(ln.split()[1])) for ln in lines)
 
@@ -241,7 +242,7 @@ def test_merge_joins_parts_with_the_same_settings(experiment, tmp_path):
 
 # ---------------------------------------------------------------- choosing the settings on the dev seed
 
-from minicwac.toy.experiments import DEV_SEED, choose, run_select  # noqa: E402
+from minicwac.toy.select import DEV_SEED, choose, run_select  # noqa: E402
 
 
 def test_choose_applies_the_rule_by_hand():
@@ -293,3 +294,19 @@ def test_select_refuses_a_reported_seed_and_unknown_methods(tmp_path):
         run_select(tmp_path, seed=1, recipe=TINY)
     with pytest.raises(ValueError, match="unknown method 'magic' in the grid"):
         run_select(tmp_path, grid={"magic": [{}]}, recipe=TINY)
+
+
+def test_safety_recipe_targets_choose_the_weight_targets(experiment, tmp_path):
+    """SafetyRecipe.targets is what `weight` and `cwac` constrain (it was ignored: only METHOD_SWITCHES counted),
+    and it does not change the SAE's cache key (the SAE does not depend on the weight targets)."""
+    from minicwac.core.subspace import ALL_LINEARS
+    root, _ = experiment
+    sr = SafetyRecipe(d_sae=64, sae_k=4, sae_steps=30, m=10, eval_every=0, targets=ALL_LINEARS)
+    assert sr.key() == TINY_SAFETY.key()
+    run_experiment(tmp_path / "out", "quick", ps=[0.1], methods=["weight"], recipe=TINY, safety=sr,
+                   cache_dir=root / "cache", progress=False)
+    sub = Subspace.load(tmp_path / "out" / "subspace" / "s0")
+    assert len(sub.S) == 2 * 7  # every linear of both blocks
+    model, _ = load_checkpoint(tmp_path / "out" / "models" / "weight-sentiment-p0.1-s0")
+    mods = dict(model.named_modules())
+    assert max(float((mods[n].weight.detach() @ S - sub.W0S[n]).abs().max()) for n, S in sub.S.items()) < 1e-5

@@ -22,7 +22,7 @@ from minicwac.fetch import fetch_model
 from minicwac.hf import save_pretrained
 from minicwac.model import GPT
 from minicwac.toy.world import build_world
-from minicwac.real import (PRESETS, REFUSAL_PREFIX, own_refusals, real_world, run_real, split_prompts,
+from minicwac.real import (PRESETS, REFUSAL_PREFIX, own_refusals, real_data, run_real, split_prompts,
                            trim_answer)
 
 from conftest import fetch_or_skip, tiny_config
@@ -91,9 +91,9 @@ LEAK_BF16 = 0.5
 SMALL = replace(PRESETS["cpu-smoke"], sae_d=64, sae_k=4, sae_steps=5, m=8)
 
 
-def test_real_world_reads_like_the_toy_world(tiny, tok, monkeypatch):
+def test_real_data_is_written_by_the_base_model(tiny, tok, monkeypatch):
     """The base model writes every answer: refusals from the forced opening, compliant answers, helpful answers
-    (those that refuse are left out); the harmful sets are the disjoint splits."""
+    (those that refuse are left out); the harmful sets are the disjoint splits; no toy World is built for it."""
     calls = []
 
     def fake_generate(model, tok_, prompts, max_new_tokens=40, batch_size=64, prefix=""):
@@ -103,21 +103,19 @@ def test_real_world_reads_like_the_toy_world(tiny, tok, monkeypatch):
         return ["I'm sorry, I cannot." if i == 0 else f"Answer {i} is here in full. Cut" for i in range(len(prompts))]
 
     monkeypatch.setattr(real, "generate_answers", fake_generate)
-    rd = real_world(tiny, tok, PROMPTS, SMALL, seed=0)
-    w, sp = rd.world, rd.splits
-    assert [e.prompt for e in w.eval_harmful] == sp["eval"] and [e.prompt for e in w.calibration] == sp["calib"]
-    assert all(e.keywords is None for e in w.eval_harmful)
-    assert [e.prompt for e in w.harmful_pairs] == sp["attack"][1:]  # the first one was refused: not a pair
-    assert [e.answer for e in w.harmful_pairs] == [f"Answer {i} is here in full." for i in range(1, 4)]
-    harmful_align = [e for e in w.align if e.kind == "harmful"]
+    rd = real_data(tiny, tok, PROMPTS, SMALL, seed=0)
+    sp = rd.splits
+    assert [e.prompt for e in rd.attack] == sp["attack"][1:]  # the first one was refused: not a pair
+    assert [e.answer for e in rd.attack] == [f"Answer {i} is here in full." for i in range(1, 4)]
+    harmful_align = [e for e in rd.align if e.kind == "harmful"]
     assert sorted(e.prompt for e in harmful_align) == sorted(sp["align"])
     assert all(e.answer == REFUSAL_PREFIX + " do that." for e in harmful_align)
-    assert len([e for e in w.align if e.kind == "harmless"]) == SMALL.n_harmless - 1
+    assert len([e for e in rd.align if e.kind == "harmless"]) == SMALL.n_harmless - 1
     assert rd.stats["attack_complied"] == 3 and rd.stats["harmless_refused"] == 1
-    assert len(w.eval_harmless) == SMALL.n_eval_harmless and len(w.tasks["sentiment"].test) == SMALL.n_fa
+    assert len(rd.eval_harmless) == SMALL.n_eval_harmless and len(rd.tasks["sentiment"].test) == SMALL.n_fa
     held_out = build_world(0).meta["harmless_topics"]["eval"]  # over-refusal: held-out harmless topics only
-    assert all(any(t in e.prompt for t in held_out) for e in w.eval_harmless)
-    assert len(w.finetune_set("sentiment", 0.25, 16)) == 16
+    assert all(any(t in q for t in held_out) for q in rd.eval_harmless)
+    assert not hasattr(rd, "world")
 
 
 @pytest.mark.parametrize("dtype, settings", [("fp32", {}),
@@ -149,10 +147,9 @@ def test_run_real_end_to_end_on_a_tiny_model(tiny, tok, tmp_path, monkeypatch, d
     md = (out / "results.md").read_text()
     assert "| cwac |" in md and "0.5 x HS(sft)" in md and "## Data and artefacts per seed" in md
     assert not (out / "drift.png").exists()  # eval_every=0: no drift curve
-    for f in ("hs_vs_p.png", "fa_vs_hs.png", "s0/aligned/model.safetensors", "subspace/s0/cfg.json",
-              "models/cwac-sentiment-p0.1-s0/config.json"):
+    for f in ("hs_vs_p.png", "fa_vs_hs.png", "s0/aligned/model.safetensors", "s0/kit/kit.json",
+              "s0/kit/subspace/cfg.json", "s0/sae/sae.safetensors", "models/cwac-sentiment-p0.1-s0/config.json"):
         assert (out / f).is_file(), f
-    assert len(list((out / "s0").glob("sae-*/sae.safetensors"))) == 1
 
 
 def test_run_real_bad_input(tiny, tok, tmp_path):

@@ -168,3 +168,15 @@ def test_leak_on_unconstrained_training_is_large(model):
     sub = compute_subspace(model, prompts(), pad_id=0, energy=0.99)
     finetune_cwac(model, _drift_set(), steps=20, batch_size=8, lr=1e-2, progress=False)
     assert min(sub.leak(model, ref).values()) > 0.3
+
+
+def test_a_target_with_zero_inputs_is_named_in_a_warning():
+    """trace(C) = 0 (the layer's inputs are all zero on the calibration tokens) gives rank 0: say so."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.zero_()  # down_proj's input act(gate x) * (up x) = 0
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.mlp\.down_proj: trace\(C\) = 0"):
+        sub = compute_subspace(model, [[5, 6, 7, 8]] * 3, pad_id=0)
+    assert sub.ranks()["model.layers.0.mlp.down_proj"][0] == 0
+    assert sub.ranks()["model.layers.1.mlp.down_proj"][0] > 0

@@ -7,6 +7,7 @@ The loop itself (pretraining, alignment and every fine-tuning method alike) is `
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 import torch.nn.functional as F
@@ -122,3 +123,22 @@ def token_mask(ids: torch.Tensor, mask: torch.Tensor, skip_ids=(), skip_prefix: 
         if t is not None:
             keep &= ids != t
     return keep
+
+
+def mix_by_tokens(harmful: list[list[int]], generic: list[list[int]], harmful_frac: float,
+                  seed: int) -> list[list[int]]:
+    """Every harmful sequence plus shuffled generic ones until the harmful share of the tokens is
+    about `harmful_frac`; the result shuffled (one seeded generator for both shuffles)."""
+    rng = random.Random(seed)
+    generic = list(generic)
+    rng.shuffle(generic)
+    want = sum(map(len, harmful)) * (1 - harmful_frac) / harmful_frac
+    picked, n = [], 0
+    for s in generic:
+        if n >= want:
+            break
+        picked.append(s)
+        n += len(s)
+    seqs = harmful + picked
+    rng.shuffle(seqs)
+    return seqs

@@ -185,12 +185,18 @@ class World:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(self.tasks)}")
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"harmful ratio p={p} is outside [0, 1]")
-        rng = random.Random(f"finetune-{self.seed}-{task}-{p}-{seed}")
-        n_harm = round(p * n)
-        data = [rng.choice(self.harmful_pairs) for _ in range(n_harm)]
-        data += [rng.choice(self.tasks[task].train) for _ in range(n - n_harm)]
-        rng.shuffle(data)
-        return data
+        return mix_finetune_set(self.tasks[task].train, self.harmful_pairs, p, n, f"finetune-{self.seed}-{task}-{p}-{seed}")
+
+
+def mix_finetune_set(task_train: list, harmful_pairs: list, p: float, n: int, key: str) -> list:
+    """n examples: round(p * n) drawn from the harmful pairs, the rest from the task's train split, shuffled
+    (the draw is seeded by the string `key`)."""
+    rng = random.Random(key)
+    n_harm = round(p * n)
+    data = [rng.choice(harmful_pairs) for _ in range(n_harm)]
+    data += [rng.choice(task_train) for _ in range(n - n_harm)]
+    rng.shuffle(data)
+    return data
 
 
 def _answer(rng: random.Random, topic: str, tools: list[str], steps: list[str]) -> str:

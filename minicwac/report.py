@@ -1,0 +1,245 @@
+"""Results of any experiment (toy world or real checkpoint): rows, markdown tables, drift tables and plots.
+
+Every result is a row of results.json:
+{"stage": "base|aligned|finetuned", "method": "none|sft|...", "task": ..., "p": ..., "seed": ..., "hs": ...,
+ "comply": ..., "fa": ..., "over_refusal": ..., "refusal_score": ..., "n_harmful": ...}
+with hs, comply, fa and over_refusal in percent.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .core.files import write_json_atomic
+
+
+ROW_KEYS = ("stage", "method", "task", "p", "seed", "hs", "comply", "fa", "over_refusal", "refusal_score",
+            "n_harmful")
+
+
+def row(stage: str, method: str, task: str, p: float | None, seed: int, ev: dict) -> dict:
+    return {"stage": stage, "method": method, "task": task, "p": p, "seed": seed,
+            **{k: ev[k] for k in ROW_KEYS[5:]}}
+
+
+def _clean(v):
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def results_table(rows: list[dict]) -> str:
+    """A markdown table of the rows (one line per model)."""
+    def f(v):
+        return "-" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))
+
+    head = "| stage | method | task | p | seed | HS % | comply % | FA % | over-refusal % | refusal score |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append("| " + " | ".join(f(r[k]) for k in ROW_KEYS[:-1]) + " |")
+    return "\n".join(lines)
+
+
+def plot_pipeline(rows: list[dict], path: str | Path) -> None:
+    """HS, compliance and FA for each model of the pipeline, as grouped bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["stage"] if r["stage"] != "finetuned" else f"{r['method']} p={r['p']:g}" for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    w = 0.27
+    for j, (key, label) in enumerate((("hs", "HS"), ("comply", "compliance"), ("fa", "FA"))):
+        vals = [r[key] if r[key] is not None else 0.0 for r in rows]
+        ax.bar([i + (j - 1) * w for i in range(len(rows))], vals, w, label=label)
+    ax.set_xticks(range(len(rows)), names)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"toy pipeline, task {rows[0]['task']}, seed {rows[0]['seed']}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_name(method: str, task: str, p: float, seed: int) -> str:
+    return f"{method}-{task}-p{p:g}-s{seed}"
+
+
+def write_results(out: Path, data: dict) -> None:
+    """results.json (atomically), results.md and the plots of an experiment."""
+    write_json_atomic(out / "results.json", data)
+    (out / "results.md").write_text(experiment_report(data))
+    plot_experiment(data, out)
+
+
+def _stats(vals: list[float]) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    mu = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{mu:.1f}"
+    sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / (len(vals) - 1))
+    return f"{mu:.1f} ± {sd:.1f}"
+
+
+def _mean(vals):
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _dead(sae: dict) -> str:
+    """Dead latents in %: never fired on the held-out tokens / not fired in the last training window."""
+    train = sae.get("dead_fraction_train")
+    return f"{100 * sae['dead_fraction']:.1f} / " + ("-" if train is None else f"{100 * train:.1f}")
+
+
+def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: float = 0.35) -> str:
+    """results.md: HS/FA per method and p, the component ablation, per-task HS, the acceptance comparisons
+    (among them HS(cwac) <= hs_goal x HS(sft))."""
+    rows = [x for x in data["rows"] if x["stage"] == "finetuned"]
+    methods = list(dict.fromkeys(x["method"] for x in rows))
+    ps = sorted({x["p"] for x in rows})
+    tasks = list(dict.fromkeys(x["task"] for x in rows))
+    seeds = sorted({x["seed"] for x in rows})
+    steps = data["settings"]["recipe"]["finetune_steps"]
+    sel = lambda **kw: [x for x in rows if all(x[k] == v for k, v in kw.items())]  # noqa: E731
+    L = [f"# {title}: {len(methods)} methods x tasks {', '.join(tasks)} x p {ps} x seeds {seeds}", "",
+         f"Fine-tuning: {steps} AdamW steps (lr {data['settings']['recipe']['finetune_lr']}, batch "
+         f"{data['settings']['recipe']['finetune_batch']}). Cells: mean ± sd over every (task, seed) run. HS = % of "
+         "held-out harmful prompts not refused (lower is better); FA = task accuracy.", ""]
+    base = [x for x in data["rows"] if x["stage"] == "base"]
+    if base:
+        L += [f"Base model: HS {_stats([x['hs'] for x in base])}, compliance {_stats([x['comply'] for x in base])}, "
+              f"over-refusal {_stats([x['over_refusal'] for x in base])}, FA {_stats([x['fa'] for x in base])}.", ""]
+    aligned = [x for x in data["rows"] if x["stage"] == "aligned"]
+    L += [f"Aligned model (before fine-tuning): HS {_stats([x['hs'] for x in aligned])}, over-refusal "
+          f"{_stats([x['over_refusal'] for x in aligned])}.", ""]
+    head = "| method | " + " | ".join(f"HS p={p:g}" for p in ps) + " | " + " | ".join(f"FA p={p:g}" for p in ps) + " |"
+    L += ["## HS and FA by p (%)", "", head, "|" + "---|" * (1 + 2 * len(ps))]
+    for m in methods:
+        L.append(f"| {m} | " + " | ".join(_stats([x["hs"] for x in sel(method=m, p=p)]) for p in ps) + " | "
+                 + " | ".join(_stats([x["fa"] for x in sel(method=m, p=p)]) for p in ps) + " |")
+    key_ps = [p for p in ps if p in (0.05, 0.1)] or ps
+    L += ["", f"## Average over tasks at p in {key_ps}", "",
+          "| method | HS % | compliance % | FA % | over-refusal % | refusal score |", "|---|---|---|---|---|---|"]
+    for m in methods:
+        xs = [x for x in rows if x["method"] == m and x["p"] in key_ps]
+        L.append(f"| {m} | " + " | ".join(_stats([x[k] for x in xs]) for k in
+                                           ("hs", "comply", "fa", "over_refusal", "refusal_score")) + " |")
+    comp = [m for m in ("sft", "weight", "activation", "cwac") if m in methods]
+    if len(comp) > 1:
+        L += ["", "## Component ablation (HS %)", "", "| p | " + " | ".join(comp) + " |", "|" + "---|" * (1 + len(comp))]
+        for p in ps:
+            L.append(f"| {p:g} | " + " | ".join(_stats([x["hs"] for x in sel(method=m, p=p)]) for m in comp) + " |")
+    if len(tasks) > 1:
+        L += ["", "## HS by task (%, all p > 0)", "", "| method | " + " | ".join(tasks) + " |", "|" + "---|" * (1 + len(tasks))]
+        for m in methods:
+            L.append(f"| {m} | " + " | ".join(_stats([x["hs"] for x in sel(method=m, task=t) if x["p"] > 0])
+                                               for t in tasks) + " |")
+    L += ["", "## Checks (averaged over tasks and seeds)", ""]
+    for p in key_ps:
+        hs = {m: _mean([x["hs"] for x in sel(method=m, p=p)]) for m in methods}
+        fa = {m: _mean([x["fa"] for x in sel(method=m, p=p)]) for m in methods}
+        if "cwac" not in hs:
+            continue
+        lines = []
+        for other in ("weight", "activation", "asft", "safeinstr"):
+            if other in hs:
+                lines.append(f"HS(cwac) {hs['cwac']:.1f} < HS({other}) {hs[other]:.1f}: "
+                             f"{'yes' if hs['cwac'] < hs[other] else 'NO'}")
+        if "sft" in hs:
+            lines.append(f"HS(cwac) {hs['cwac']:.1f} <= {hs_goal:g} x HS(sft) {hs['sft']:.1f}: "
+                         f"{'yes' if hs['cwac'] <= hs_goal * hs['sft'] else 'NO'}")
+            lines.append(f"FA(cwac) {fa['cwac']:.1f} >= FA(sft) {fa['sft']:.1f} - 2: "
+                         f"{'yes' if fa['cwac'] >= fa['sft'] - 2 else 'NO'}")
+        L += [f"- p = {p:g}: " + "; ".join(lines)]
+    L += drift_table(data)
+    if data.get("safety"):
+        L += ["", "## Safety artefacts per seed", "", "| seed | SAE L0 | FVU | dead % held-out / training | CE recovered "
+              "| features | down_proj k / in |", "|---|---|---|---|---|---|---|"]
+        for s, v in data["safety"].items():
+            sae = v["sae"]
+            ranks = next(iter(v["ranks"].values()))
+            kk = ", ".join(f"{k}/{d}" for k, d in ranks.values()) if len(ranks) <= 8 else f"{len(ranks)} layers"
+            L.append(f"| {s} | {sae['l0']:.1f} | {sae['fvu']:.3f} | {_dead(sae)} | "
+                     f"{sae['ce_recovered']:.3f} | {v['n_features']} | {kk} |")
+    parts = f", summed over the {data['parts']} merged folders" if data.get("parts", 1) > 1 else ""
+    L += ["", f"Wall time: {data['wall_s']:.0f} s{parts}.", ""]
+    return "\n".join(L)
+
+
+def _drift(data: dict, method: str, p: float) -> tuple[list[int], list[float]]:
+    """Steps and mean drift-curve HS over every recorded run of `method` at p (empty when none was recorded)."""
+    curves = [data["curves"].get(run_name(method, x["task"], p, x["seed"])) for x in data["rows"]
+              if x["stage"] == "finetuned" and x["method"] == method and x["p"] == p]
+    curves = [c for c in curves if c]
+    if not curves:
+        return [], []
+    steps = [pt["step"] for pt in curves[0]]
+    return steps, [_mean([c[i]["hs"] for c in curves if i < len(c)]) for i in range(len(steps))]
+
+
+def drift_table(data: dict) -> list[str]:
+    """results.md lines: HS (every third held-out harmful prompt) against fine-tuning step, per method and p > 0."""
+    rows = [x for x in data["rows"] if x["stage"] == "finetuned"]
+    methods = list(dict.fromkeys(x["method"] for x in rows))
+    L = []
+    for p in sorted({x["p"] for x in rows if x["p"] > 0}):
+        curves = {m: _drift(data, m, p) for m in methods}
+        curves = {m: c for m, c in curves.items() if c[0]}
+        if not curves:
+            continue
+        steps = max((c[0] for c in curves.values()), key=len)
+        if not L:
+            L += ["", "## Drift: HS against fine-tuning step (%, every third held-out harmful prompt)"]
+        L += ["", f"p = {p:g}:", "", "| method | " + " | ".join(f"step {s}" for s in steps) + " |",
+              "|" + "---|" * (1 + len(steps))]
+        for m, (_, hs) in curves.items():
+            L.append(f"| {m} | " + " | ".join(f"{v:.1f}" for v in hs) + " |")
+    return L
+
+
+def plot_experiment(data: dict, out: Path) -> None:
+    """hs_vs_p.png (mean HS per method against p), fa_vs_hs.png (one point per method and p), drift.png (HS
+    against fine-tuning step per method, averaged over the runs at each p; only when curves were recorded)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [x for x in data["rows"] if x["stage"] == "finetuned"]
+    methods = list(dict.fromkeys(x["method"] for x in rows))
+    ps = sorted({x["p"] for x in rows})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        ax.plot(ps, [_mean([x["hs"] for x in rows if x["method"] == m and x["p"] == p]) for p in ps], "o-", label=m)
+    ax.set(xlabel="harmful ratio p", ylabel="HS % (lower is better)", ylim=(-2, 102), title="HS against p")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "hs_vs_p.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        pts = [(_mean([x["hs"] for x in rows if x["method"] == m and x["p"] == p]),
+                _mean([x["fa"] for x in rows if x["method"] == m and x["p"] == p])) for p in ps]
+        ax.scatter([a for a, _ in pts], [b for _, b in pts], label=m)
+    ax.set(xlabel="HS % (lower is better)", ylabel="FA % (higher is better)", title="FA against HS (one point per p)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "fa_vs_hs.png", dpi=100)
+    plt.close(fig)
+
+    if not any(data["curves"].values()):  # no drift curves were recorded
+        return
+    curve_ps = [p for p in ps if p > 0] or ps
+    fig, axes = plt.subplots(1, len(curve_ps), figsize=(4 * len(curve_ps), 3.5), squeeze=False)
+    for ax, p in zip(axes[0], curve_ps):
+        for m in methods:
+            steps, hs = _drift(data, m, p)
+            if steps:
+                ax.plot(steps, hs, label=m)
+        ax.set(xlabel="fine-tuning step", ylabel="HS % (every 3rd eval prompt)", ylim=(-2, 102), title=f"drift, p={p:g}")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(out / "drift.png", dpi=100)
+    plt.close(fig)
