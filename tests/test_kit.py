@@ -82,6 +82,14 @@ def test_calibrate_finetune_eval_through_the_cli(files, capsys):
     assert changed, "fine-tuning changed nothing"
     sub = Subspace.load(d / "kit" / "subspace")
     assert weight_mismatch(tuned, sub) <= 1e-5  # W S = W0 S on the written folder
+    assert main(["finetune", "--model", str(d / "aligned"), "--data", str(d / "data.jsonl"), "--kit", str(d / "kit"),
+                 "--out", str(d / "mixed"), "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--dtype",
+                 "bf16-mixed", "--quiet"]) == 0
+    mixed, _ = load_checkpoint(d / "mixed")
+    assert next(mixed.parameters()).dtype == torch.float32 and weight_mismatch(mixed, sub) <= 1e-5
+    with pytest.raises(SystemExit, match="--targets all"):
+        main(["finetune", "--model", str(d / "aligned"), "--data", str(d / "data.jsonl"), "--kit", str(d / "kit"),
+              "--method", "cwac-all", "--out", str(d / "all"), "--steps", "1"])
     transformers = pytest.importorskip("transformers", reason="the load check uses transformers (test-only)")
     hf = transformers.AutoModelForCausalLM.from_pretrained(d / "tuned", attn_implementation="eager").eval()
     ids = torch.tensor([tok.encode_chat([{"role": "user", "content": HARMFUL[0]}], add_generation_prompt=True)[0]])
