@@ -140,7 +140,7 @@ class StubLM(torch.nn.Module):
     def device(self):
         return torch.device("cpu")
 
-    def forward(self, ids, attention_mask=None):
+    def forward(self, ids, attention_mask=None, position_ids=None):
         B, T = ids.shape
         self.masks.append(attention_mask)
         out = torch.zeros(B, T, self.rows.shape[1])

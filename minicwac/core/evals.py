@@ -89,9 +89,20 @@ def generate_answers(model, tok: ChatTokenizer, prompts: list[str], max_new_toke
     for i in range(0, len(prompts), batch_size):
         rows = [prompt_ids(tok, p) + pre for p in prompts[i:i + batch_size]]
         ids, mask = _left_pad(rows, tok.pad_token_id, model_device(model))
-        new = model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=tok.eos_token_ids)
+        new = greedy(model, ids, mask, max_new_tokens, tok.eos_token_ids, tok.pad_token_id)
         out += [tok.decode(pre + [t for t in row if t not in tok.eos_token_ids]).strip() for row in new.tolist()]
     return out
+
+
+def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int],
+           pad_id: int) -> torch.Tensor:
+    """The new tokens of greedy decoding from left-padded prompts (B, <= max_new_tokens): minicwac's GPT returns
+    only them, a transformers model the prompt too (cut here)."""
+    if hasattr(model, "generation_config"):  # a transformers PreTrainedModel
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=list(eos), pad_token_id=pad_id)
+        return out[:, ids.shape[1]:]
+    return model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=eos)
 
 
 def first_answer_token(tok: ChatTokenizer, text: str) -> int:
@@ -111,7 +122,8 @@ def refusal_score(model, tok: ChatTokenizer, prompts: list[str], openings: list[
     for i in range(0, len(prompts), batch_size):
         rows = [prompt_ids(tok, p) for p in prompts[i:i + batch_size]]
         ids, mask = _left_pad(rows, tok.pad_token_id, model_device(model))
-        probs = logits_of(model(ids, attention_mask=mask))[:, -1].float().softmax(-1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # a left-padded prompt starts at position 0 in any model class
+        probs = logits_of(model(ids, attention_mask=mask, position_ids=pos))[:, -1].float().softmax(-1)
         p = probs[:, watch].sum(-1).clamp(1e-6, 1 - 1e-6)
         scores += (p.log() - (1 - p).log()).tolist()
     return sum(scores) / len(scores)
