@@ -435,9 +435,10 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     lam = (kit.settings.lam if kit is not None else 0.0) if lam is None else lam
     out = Path(out)
     ckpt = out / "checkpoint"
-    if not resume and ((out / "history.json").exists() or ckpt.exists()):
-        raise FileExistsError(f"{out} already holds a fine-tuning run; pass --resume to continue it, or choose "
-                              "another --out")
+    if not resume and out.exists() and any(out.iterdir()):  # never write over files we did not make
+        what = "a fine-tuning run; pass --resume to continue it" if ckpt.exists() else "files"
+        raise FileExistsError(f"{out} already holds {what}; choose another --out (or --resume a run that has "
+                              "a checkpoint)")
     if resume and not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt} not found: nothing to resume (run without --resume, with --save-every N)")
     out.mkdir(parents=True, exist_ok=True)

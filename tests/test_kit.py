@@ -225,3 +225,14 @@ def test_cli_errors_are_one_line(files):
     with pytest.raises(SystemExit, match="does not exist"):
         main(["calibrate", "--model", str(d / "aligned"), "--harmful", str(d / "nope.txt"), "--out", str(d / "k")])
     assert not (d / "o").exists() and not (d / "k").exists()
+
+
+def test_finetune_never_writes_over_a_folder_it_did_not_make(files, tok):
+    d = files
+    model, tok = load_checkpoint(d / "aligned")
+    seqs, _ = encode_data(tok, load_conversations(d / "data.jsonl"), 64)
+    (d / "mine").mkdir()
+    (d / "mine" / "config.json").write_text("my own file")
+    with pytest.raises(FileExistsError, match="already holds files"):
+        finetune(model, tok, seqs, None, d / "mine", method="sft", steps=1, progress=False)
+    assert (d / "mine" / "config.json").read_text() == "my own file"
