@@ -1,5 +1,5 @@
-"""Command line: `python -m minicwac calibrate|finetune|eval|demo|experiment|select|merge|bench|fetch|real ...`. Errors are printed
-as one line naming what is wrong."""
+"""Command line: `python -m minicwac calibrate|finetune|eval|demo|experiment|select|merge|bench|fetch|real ...`.
+Errors are printed as one line naming what is wrong."""
 from __future__ import annotations
 
 import argparse

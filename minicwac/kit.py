@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from .core.cwac import finetune_cwac
 from .core.data import Seq, encode_docs, mix_by_tokens, shared_prefix
 from .core.evals import generate_answers, is_refusal, prompt_ids
-from .core.features import SafetyFeatures, check_latents, check_sae_layer, safety_features, score_latents, select_latents
+from .core.features import (SafetyFeatures, check_latents, check_sae_layer, safety_features, score_latents,
+                            select_latents)
 from .core.files import atomic_folder, write_json_atomic
 from .core.hooks import block_name, model_device, num_blocks
 from .core.sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
@@ -146,9 +147,10 @@ class Kit:
         device = model_device(model) if device is None else device
         fp = fingerprint(model)
         if meta["fingerprint"] != fp:
-            raise ValueError(f"kit {path} was made for another model ({meta['fingerprint']['params']} parameters in "
-                             f"{meta['fingerprint']['n_tensors']} tensors, shapes {meta['fingerprint']['shapes_sha256']}); "
-                             f"this one has {fp['params']} in {fp['n_tensors']}, shapes {fp['shapes_sha256']}")
+            kf = meta["fingerprint"]
+            raise ValueError(f"kit {path} was made for another model ({kf['params']} parameters in {kf['n_tensors']} "
+                             f"tensors, shapes {kf['shapes_sha256']}); this one has {fp['params']} in "
+                             f"{fp['n_tensors']}, shapes {fp['shapes_sha256']}")
         sub = Subspace.load(path / "subspace", device)
         err = weight_mismatch(model, sub)
         if err > 1e-4:
@@ -330,15 +332,18 @@ def load_conversations(path: str | Path) -> list[list[dict]]:
                     raise ValueError(f"{where}: the conversation has no assistant turn (nothing to train on)")
                 out.append([{"role": m["role"], "content": m["content"]} for m in msgs])
             elif isinstance(d, dict) and isinstance(d.get("prompt"), str) and isinstance(d.get("completion"), str):
-                out.append([{"role": "user", "content": d["prompt"]}, {"role": "assistant", "content": d["completion"]}])
+                out.append([{"role": "user", "content": d["prompt"]},
+                            {"role": "assistant", "content": d["completion"]}])
             else:
-                raise ValueError(f"{where}: expected {{\"messages\": [...]}} or {{\"prompt\": str, \"completion\": str}}")
+                raise ValueError(f"{where}: expected {{\"messages\": [...]}} or "
+                                 f"{{\"prompt\": str, \"completion\": str}}")
     if not out:
         raise ValueError(f"{path} holds no conversations")
     return out
 
 
-def encode_data(tok, conversations: list[list[dict]], max_len: int, too_long: str = "truncate") -> tuple[list[Seq], int]:
+def encode_data(tok, conversations: list[list[dict]], max_len: int,
+                too_long: str = "truncate") -> tuple[list[Seq], int]:
     """Render with the model's chat template; loss on the assistant tokens only. A sequence longer than max_len
     is cut (too_long="truncate") or refused ("refuse"). Returns (sequences, number cut)."""
     if too_long not in ("truncate", "refuse"):
@@ -370,7 +375,8 @@ def _save_state(path: Path, model, opt, step: int, hist: dict, run: dict) -> Non
     tensors = {f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
                for i, st in sd["state"].items() for k, v in st.items()}
     with atomic_folder(path) as tmp:
-        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}, str(tmp / "params.safetensors"))
+        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()},
+                  str(tmp / "params.safetensors"))
         save_file(tensors or {"empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, "history": hist, "run": run,
                                                     "param_groups": sd["param_groups"]}))

@@ -204,8 +204,8 @@ def test_empty_data_and_too_long(tmp_path, tok):
         encode_data(tok, convs, 16, "refuse")
     with pytest.raises(ValueError, match="no assistant token is left"):
         encode_data(tok, convs, 16, "truncate")
-    seqs, cut = encode_data(tok, [[{"role": "user", "content": "hi " * 5}, {"role": "assistant", "content": "ok " * 20}]],
-                            16, "truncate")
+    long_answer = [[{"role": "user", "content": "hi " * 5}, {"role": "assistant", "content": "ok " * 20}]]
+    seqs, cut = encode_data(tok, long_answer, 16, "truncate")
     assert cut == 1 and len(seqs[0][0]) == 16
 
 

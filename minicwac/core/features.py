@@ -3,7 +3,8 @@
     L_safety = mean over harmful prompt tokens of  sum over selected latents  (z - z0)^2
 
 where z comes from the *current* model run only up to the SAE layer (a hook on the block's output ends the
-forward there, so any model with Hugging Face names works), and z0 from the aligned model, computed once. The squared norm is summed over the latents, not averaged (averaging divides the constraint by m).
+forward there, so any model with Hugging Face names works), and z0 from the aligned model, computed once. The
+squared norm is summed over the latents, not averaged (averaging divides the constraint by m).
 
 Readouts (what z is), all of shape (..., m):
   "pre"        ReLU encoder values of the selected latents before TopK (default: a latent that leaves the TopK

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 import torch
 
 # where the decoder blocks live in the usual Hugging Face layouts (minicwac's GPT uses the first)
-BLOCK_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers", "model.language_model.layers")
+BLOCK_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers",
+               "model.language_model.layers")
 
 
 class StopForward(Exception):

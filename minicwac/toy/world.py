@@ -185,7 +185,8 @@ class World:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(self.tasks)}")
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"harmful ratio p={p} is outside [0, 1]")
-        return mix_finetune_set(self.tasks[task].train, self.harmful_pairs, p, n, f"finetune-{self.seed}-{task}-{p}-{seed}")
+        return mix_finetune_set(self.tasks[task].train, self.harmful_pairs, p, n,
+                                f"finetune-{self.seed}-{task}-{p}-{seed}")
 
 
 def mix_finetune_set(task_train: list, harmful_pairs: list, p: float, n: int, key: str) -> list:
