@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .core.cwac import finetune_cwac
-from .core.data import Seq, encode_docs, mix_by_tokens, shared_prefix
-from .core.evals import generate_answers, is_refusal, prompt_ids
+from .core.data import Seq, encode_conversations, encode_docs, mix_by_tokens, shared_prefix
+from .core.evals import harmful_score, prompt_ids
 from .core.features import (SafetyFeatures, check_latents, check_sae_layer, safety_features, score_latents,
                             select_latents)
 from .core.files import atomic_folder, write_json_atomic
@@ -109,7 +109,7 @@ class Kit:
             raise ValueError(f"method {method} constrains every linear, but the kit was calibrated with --targets "
                              f"{self.settings.targets}; calibrate again with --targets all")
         if targets is not None:
-            names = [n for n in self.subspace.S if any(_fullmatch(p, n) for p in TARGETS[targets])]
+            names = [n for n in self.subspace.S if any(re.fullmatch(p, n) for p in TARGETS[targets])]
             sub = self.subspace.subset(names)
         return sub, (self.features if act else None)
 
@@ -152,7 +152,7 @@ class Kit:
                              f"tensors, shapes {kf['shapes_sha256']}); this one has {fp['params']} in "
                              f"{fp['n_tensors']}, shapes {fp['shapes_sha256']}")
         sub = Subspace.load(path / "subspace", device)
-        err = weight_mismatch(model, sub)
+        err = sub.mismatch(model)
         if err > 1e-4:
             raise ValueError(f"kit {path} was made for other weights of this architecture: |W S - W0S| / |W0S| = "
                              f"{err:.2g} (expected <= 1e-4 on the model it was calibrated on)")
@@ -160,23 +160,6 @@ class Kit:
         feats = SafetyFeatures(meta["layer"], meta["readout"], ids.to(device), keep.to(device), z0.to(device), sae,
                                idx.to(device))
         return cls(settings, sub, feats, fp, meta.get("report", {}))
-
-
-def _fullmatch(pattern: str, name: str) -> bool:
-    return re.fullmatch(pattern, name) is not None
-
-
-@torch.no_grad()
-def weight_mismatch(model, sub: Subspace) -> float:
-    """max over targets of ||W S - W0S|| / ||W0S||: 0 for the model the subspace was computed on."""
-    mods = dict(model.named_modules())
-    worst = 0.0
-    for n, S in sub.S.items():
-        if n not in mods:
-            raise ValueError(f"the kit constrains {n!r}, which this model does not have")
-        W = mods[n].weight.to(S.dtype)
-        worst = max(worst, float((W @ S - sub.W0S[n]).norm() / sub.W0S[n].norm().clamp(min=1e-30)))
-    return worst
 
 
 def generic_corpus(n: int = 2000) -> list[str]:
@@ -206,7 +189,6 @@ def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None,
     pre = shared_prefix(calib) if s.skip_prefix else 0
     sub = compute_subspace(model, calib, pad, patterns=TARGETS[s.targets], energy=s.energy, skip_ids=skip,
                            skip_prefix=pre, progress=progress)
-    hidden = model_hidden(model)
     layer = check_sae_layer(s.sae_layer, num_blocks(model))
     if sae_seqs is None:  # the harmful prompts (~harmful_frac of the tokens) and generic documents (the rest)
         docs = [ids for ids, _ in encode_docs(tok, corpus if corpus is not None else generic_corpus(), max_len)]
@@ -217,7 +199,7 @@ def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None,
     n_test = max(1, len(seqs) // 10)
     x_train = harvest(model, seqs[n_test:], layer, pad, skip)
     x_test = harvest(model, seqs[:n_test], layer, pad, skip)
-    d_sae = s.d_sae or 8 * hidden
+    d_sae = s.d_sae or 8 * x_train.shape[1]  # 8 x hidden
     sae, hist = train_sae(x_train, d_sae, min(s.sae_k, d_sae), layer, steps=s.sae_steps, lr=s.sae_lr, seed=s.seed,
                           batch_size=min(1024, len(x_train)), device=model_device(model), progress=progress)
     met = sae_metrics(sae, x_test)
@@ -241,13 +223,6 @@ def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None,
                       "ce_recovered": ce["recovered"], "train_tokens": len(x_train), "held_out_tokens": len(x_test)},
               "ranks": sub.cfg["ranks"]}
     return Kit(s, sub, feats, fingerprint(model), report)
-
-
-def model_hidden(model) -> int:
-    cfg = getattr(model, "config", None)
-    if cfg is not None and getattr(cfg, "hidden_size", None):
-        return int(cfg.hidden_size)
-    return next(m for m in model.modules() if isinstance(m, torch.nn.Embedding)).embedding_dim
 
 
 def kit_report(kit: Kit) -> str:
@@ -349,8 +324,7 @@ def encode_data(tok, conversations: list[list[dict]], max_len: int,
     if too_long not in ("truncate", "refuse"):
         raise ValueError(f"too_long={too_long!r}, expected 'truncate' or 'refuse'")
     seqs, cut = [], 0
-    for i, msgs in enumerate(conversations):
-        ids, mask = tok.encode_chat(msgs)
+    for i, (ids, mask) in enumerate(encode_conversations(tok, conversations, max_len=None)):
         if not any(mask):
             raise ValueError(f"conversation {i + 1}: the chat template marks no assistant token (nothing to train on)")
         if len(ids) > max_len:
@@ -452,11 +426,9 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
            "seed": seed, "data_sha256": hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16],
            "kit": None if kit is None else kit.fingerprint}
     state = _load_state(ckpt, model, run) if resume else None
-    reference = {n: S for n, S in (sub.W0S.items() if sub is not None else [])}
 
     def hs_curve(m):
-        answers = generate_answers(m, tok, eval_harmful, eval_tokens)
-        return {"hs": 100.0 * (1 - sum(map(is_refusal, answers)) / len(answers))}
+        return harmful_score(m, tok, eval_harmful, eval_tokens)
 
     def on_step(step, m, opt, hist):
         if save_every and step % save_every == 0 and step < steps:
@@ -466,9 +438,7 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
                          subspace=sub, features=feats, lam=lam, autocast_dtype=DTYPES[dtype], seed=seed,
                          eval_every=eval_every if eval_harmful else None, eval_fn=hs_curve if eval_harmful else None,
                          resume=state, on_step=on_step, desc=method, progress=progress)
-    leak = None
-    if sub is not None:  # the invariant on the written weights: W S = W0 S
-        leak = weight_mismatch(model, Subspace(sub.S, reference))
+    leak = None if sub is None else sub.mismatch(model)  # the invariant on the written weights: W S = W0 S
     from .hf import save_pretrained  # minicwac's own model class writes Hugging Face folders
     save_pretrained(model, tok, out / ".model.tmp")
     _move_into(out / ".model.tmp", out)
@@ -495,5 +465,4 @@ def plot_drift(curve: list[dict], path: Path, label: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["Kit", "KitSettings", "calibrate", "finetune", "load_conversations", "encode_data", "fingerprint",
-           "weight_mismatch"]
+__all__ = ["Kit", "KitSettings", "calibrate", "finetune", "load_conversations", "encode_data", "fingerprint"]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .core.baselines import safeinstr_mix
 from .core.cwac import finetune_cwac, train
-from .core.evals import evaluate_prompts, generate_answers, is_refusal, prompt_ids
+from .core.evals import evaluate_prompts, generate_answers, harmful_score, is_refusal, prompt_ids
 from .core.features import check_latents, check_sae_layer
 from .core.files import default_cache_dir, prepare_out, write_json_atomic
 from .fetch import DTYPES, fetch_prompts, load_prompts
@@ -220,8 +220,7 @@ def finetune_real(method: str, aligned, tok, rd: RealData, kit: Kit, task: str, 
     curve_prompts = rd.splits["eval"][::3]
 
     def curve(m):
-        answers = generate_answers(m, tok, curve_prompts, 24)
-        return {"hs": 100.0 * (1 - sum(map(is_refusal, answers)) / len(answers))}
+        return harmful_score(m, tok, curve_prompts, 24)
 
     model = clone(aligned)
     hist = finetune_cwac(model, seqs, steps=P.finetune_steps, batch_size=P.finetune_batch, lr=P.finetune_lr,

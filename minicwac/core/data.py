@@ -17,10 +17,10 @@ from .hooks import logits_of
 Seq = tuple[list[int], list[int]]  # (token ids, loss mask)
 
 
-def encode_conversations(tok, conversations: list[list[dict]], max_len: int,
+def encode_conversations(tok, conversations: list[list[dict]], max_len: int | None,
                          assistant_only: bool = True) -> list[Seq]:
     """Render each conversation (a list of {"role", "content"} messages) with the tokenizer's chat template;
-    mask = the assistant's tokens (every token when assistant_only is False). Cut at max_len."""
+    mask = the assistant's tokens (every token when assistant_only is False). Cut at max_len (None: not cut)."""
     out = []
     for messages in conversations:
         ids, mask = tok.encode_chat(messages)
@@ -48,12 +48,9 @@ def pack(seqs: list[Seq], block: int) -> list[Seq]:
 
 def collate(seqs: list[Seq], pad_id: int, device: torch.device | str = "cpu"):
     """Right-pad to the longest sequence: input_ids (B, T) and labels (B, T) with -100 where no loss is taken."""
-    T = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
-    for i, (ids, mask) in enumerate(seqs):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        labels[i, :len(ids)] = torch.tensor([t if m else -100 for t, m in zip(ids, mask)])
+    input_ids, _ = pad_right([ids for ids, _ in seqs], pad_id)
+    loss_mask, _ = pad_right([mask for _, mask in seqs], 0)  # padding is never a target
+    labels = input_ids.masked_fill(loss_mask == 0, -100)
     return input_ids.to(device), labels.to(device)
 
 

@@ -68,25 +68,28 @@ def capture(model: torch.nn.Module, names: list[str], what: str = "output", deta
             h.remove()
 
 
-def block_list(model: torch.nn.Module) -> str:
-    """The name of the ModuleList that holds the decoder blocks ("model.layers" for Llama-style models)."""
-    modules = dict(model.named_modules())
+def block_list(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The ModuleList that holds the decoder blocks, and its name ("model.layers" for Llama-style models)."""
     for name in BLOCK_LISTS:
-        if isinstance(modules.get(name), torch.nn.ModuleList):
-            return name
+        try:
+            blocks = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(blocks, torch.nn.ModuleList):
+            return name, blocks
     raise ValueError(f"{type(model).__name__} has no decoder block list; expected one of {', '.join(BLOCK_LISTS)}")
 
 
 def num_blocks(model: torch.nn.Module) -> int:
-    return len(dict(model.named_modules())[block_list(model)])
+    return len(block_list(model)[1])
 
 
 def block_name(model: torch.nn.Module, layer: int) -> str:
     """The module whose output is the residual stream after `layer` blocks (1..n): e.g. "model.layers.{layer-1}"."""
-    n = num_blocks(model)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n:
-        raise ValueError(f"layer={layer!r}, expected 1..{n} (the residual stream after that many blocks)")
-    return f"{block_list(model)}.{layer - 1}"
+    name, blocks = block_list(model)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= len(blocks):
+        raise ValueError(f"layer={layer!r}, expected 1..{len(blocks)} (the residual stream after that many blocks)")
+    return f"{name}.{layer - 1}"
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -174,6 +174,13 @@ class Subspace:
             out[name] = float((dW @ S).norm() / dW.norm().clamp(min=1e-30))
         return out
 
+    @torch.no_grad()
+    def mismatch(self, model) -> float:
+        """max over targets of ||W S - W0S|| / ||W0S||: 0 on the model the subspace was made from, and on every
+        model the weight constraint has kept."""
+        return max((float((W.to(S.dtype) @ S - self.W0S[n]).norm() / self.W0S[n].norm().clamp(min=1e-30))
+                    for n, W, S in self._weights(model)), default=0.0)
+
     def ranks(self) -> dict[str, tuple[int, int]]:
         """{name: (k, in)}."""
         return {n: (S.shape[1], S.shape[0]) for n, S in self.S.items()}

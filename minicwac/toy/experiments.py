@@ -12,7 +12,7 @@ from pathlib import Path
 from ..core.baselines import AsFTPenalty, alignment_projectors, safeinstr_mix, safelora_project_
 from ..core.cwac import finetune_cwac
 from ..core.data import encode_docs, mix_by_tokens, shared_prefix
-from ..core.evals import generate_answers, is_refusal, prompt_ids
+from ..core.evals import harmful_score, prompt_ids
 from ..core.features import (READOUTS, check_sae_layer, mean_diff_directions, safety_features, score_latents,
                              select_latents)
 from ..core.files import prepare_out, write_json_atomic
@@ -217,7 +217,7 @@ def run_method(method: str, toy: Toy, safety: ToySafety, task: str, p: float, se
     eval_prompts = [e.prompt for e in w.eval_harmful[::3]]
 
     def curve(m):
-        return {"hs": 100.0 * (1 - sum(map(is_refusal, generate_answers(m, tok, eval_prompts, 24))) / len(eval_prompts))}
+        return harmful_score(m, tok, eval_prompts, 24)
 
     hist = finetune_cwac(model, seqs, steps=r.finetune_steps, batch_size=r.finetune_batch, lr=r.finetune_lr,
                          pad_id=tok.pad_token_id, subspace=subspace, features=features, lam=lam,
