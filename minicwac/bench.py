@@ -44,10 +44,15 @@ def _time(fns: dict, device, repeats: int, warmup: int) -> dict[str, float]:
     return {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
 
 
-def bench_step(device: str = "cpu", repeats: int = 30, warmup: int = 5, m: int = 100, safety_batch: int = 16,
-               task: str = "sentiment", seed: int = 0, layer: int | None = None) -> dict:
-    """ms per SFT step and per CWAC step (toy recipe shapes, random init: timing does not depend on training), with
-    m latents read at the residual after `layer` blocks (default: the middle one)."""
+LAM = 0.5  # the bench's lambda (any lambda > 0 costs the same)
+
+
+def step_setup(device: str = "cpu", m: int = 100, safety_batch: int = 16, task: str = "sentiment", seed: int = 0,
+               layer: int | None = None) -> dict:
+    """What bench_step times: a toy-shaped model (random init: timing does not depend on training), its optimizer,
+    subspace and m safety latents read after `layer` blocks, and the two steps as closures. The task batches and
+    the safety picks are the ones `finetune_cwac(seqs, batch_size=16, seed=seed, lr=1e-4, lam=LAM)` draws first
+    (4 batches, then again from the first), so the first `cwac()` call is that loop's first step."""
     r = Recipe()
     if not 1 <= m <= 8 * r.hidden_size:
         raise ValueError(f"m={m} latents, expected 1..{8 * r.hidden_size} (the toy SAE's width)")
@@ -61,24 +66,36 @@ def bench_step(device: str = "cpu", repeats: int = 30, warmup: int = 5, m: int =
     sae = SAE(SAEConfig(r.hidden_size, 8 * r.hidden_size, 16, layer), device=device)
     feats = safety_features(model, calib, tok.pad_token_id, readout="pre", sae=sae, idx=torch.arange(m, device=device),
                             layer=layer, skip_ids=[tok.bos_token_id])
-    opt = make_optimizer(model, 1e-4, 0.1)
+    opt = make_optimizer(model, r.finetune_lr, 0.1)
     data = batches(seqs, r.finetune_batch, seed)
     fixed = [collate(next(data), tok.pad_token_id, device) for _ in range(4)]
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 7)  # finetune_cwac's generator of safety picks
     it = {"i": 0}
 
     def task_batch():
         it["i"] += 1
-        return fixed[it["i"] % len(fixed)]
+        return fixed[(it["i"] - 1) % len(fixed)]
 
     def pick():
         return torch.randint(len(feats.ids), (safety_batch,), generator=g).to(device)
 
-    def sft_step():  # the package's step with no constraint
-        cwac_step(model, opt, task_batch())
+    def sft():  # the package's step with no constraint
+        return cwac_step(model, opt, task_batch())
 
     def cwac():  # the package's step, as finetune_cwac calls it
-        cwac_step(model, opt, task_batch(), subspace=sub, features=feats, lam=0.5, safety_batch=pick())
+        return cwac_step(model, opt, task_batch(), subspace=sub, features=feats, lam=LAM, safety_batch=pick())
+
+    return {"recipe": r, "tok": tok, "model": model, "opt": opt, "seqs": seqs, "subspace": sub, "features": feats,
+            "sae": sae, "layer": layer, "fixed": fixed, "pick": pick, "sft": sft, "cwac": cwac}
+
+
+def bench_step(device: str = "cpu", repeats: int = 30, warmup: int = 5, m: int = 100, safety_batch: int = 16,
+               task: str = "sentiment", seed: int = 0, layer: int | None = None) -> dict:
+    """ms per SFT step and per CWAC step (`step_setup`), with m latents read at the residual after `layer` blocks
+    (default: the middle one), and the parts of the CWAC step."""
+    st = step_setup(device, m, safety_batch, task, seed, layer)
+    model, sub, feats, sae, pick = st["model"], st["subspace"], st["features"], st["sae"], st["pick"]
+    layer, r = st["layer"], st["recipe"]
 
     def safety_fwd_bwd():
         feats.loss(model, pick()).backward()
@@ -94,10 +111,10 @@ def bench_step(device: str = "cpu", repeats: int = 30, warmup: int = 5, m: int =
 
     model.train()
     res = {"device": str(device), "threads": torch.get_num_threads(), "params": model.num_params(),
-           "task_batch": tuple(fixed[0][0].shape), "safety_batch": (safety_batch, feats.ids.shape[1]), "m": m,
+           "task_batch": tuple(st["fixed"][0][0].shape), "safety_batch": (safety_batch, feats.ids.shape[1]), "m": m,
            "layer": layer, "n_layers": r.num_hidden_layers,
            "subspace_k": sum(k for k, _ in sub.ranks().values()),
-           **_time({"sft_ms": sft_step, "cwac_ms": cwac, "safety_forward_backward_ms": safety_fwd_bwd,
+           **_time({"sft_ms": st["sft"], "cwac_ms": st["cwac"], "safety_forward_backward_ms": safety_fwd_bwd,
                     "sae_encode_ms": sae_encode, "projection_ms": projection}, device, repeats, warmup)}
     res["ratio"] = res["cwac_ms"] / res["sft_ms"]
     return res

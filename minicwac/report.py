@@ -93,6 +93,25 @@ def _dead(sae: dict) -> str:
     return f"{100 * sae['dead_fraction']:.1f} / " + ("-" if train is None else f"{100 * train:.1f}")
 
 
+# how each baseline differs from its paper (printed with every report of its numbers; the method names are
+# the experiment's)
+ADAPTATIONS = {
+    "safeinstr": "adapted: replaces a share of the task examples by refusals (the paper adds them: `safeinstr-add`)",
+    "asft": "adapted: penalty on the full dW of all seven linears (the paper: LoRA on q_proj/v_proj: `asft-qv`)",
+    "safelora": "adapted: full dW of all seven linears, threshold mode (the paper: LoRA on q_proj/v_proj, a fixed "
+                "number of layers: `safelora-qv`)",
+    "safeinstr-add": "the paper's form: the refusals are added to the task examples",
+    "asft-qv": "the paper's targets (q_proj, v_proj; only they are trained), full dW instead of LoRA",
+    "safelora-qv": "the paper's targets (q_proj, v_proj; only they are trained) and its number mode (10 of 64 "
+                   "layers -> the lowest-cosine 16%), full dW instead of LoRA",
+}
+
+
+def adaptation_notes(methods) -> list[str]:
+    """The lines that say, for each baseline among `methods`, whether it is its authors' form or an adaptation."""
+    return [f"- `{m}`: {ADAPTATIONS[m]}" for m in methods if m in ADAPTATIONS]
+
+
 def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: float = 0.35) -> str:
     """results.md: HS/FA per method and p, the component ablation, per-task HS, the acceptance comparisons
     (among them HS(cwac) <= hs_goal x HS(sft))."""
@@ -119,6 +138,9 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
     for m in methods:
         L.append(f"| {m} | " + " | ".join(_stats([x["hs"] for x in sel(method=m, p=p)]) for p in ps) + " | "
                  + " | ".join(_stats([x["fa"] for x in sel(method=m, p=p)]) for p in ps) + " |")
+    notes = adaptation_notes(methods)
+    if notes:
+        L += ["", "The baselines, as run here (the same notes hold for every table below):", *notes]
     key_ps = [p for p in ps if p in (0.05, 0.1)] or ps
     L += ["", f"## Average over tasks at p in {key_ps}", "",
           "| method | HS % | compliance % | FA % | over-refusal % | refusal score |", "|---|---|---|---|---|---|"]
@@ -243,3 +265,26 @@ def plot_experiment(data: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "drift.png", dpi=100)
     plt.close(fig)
+
+
+def judge_report(res: dict, rows: list[dict], width: int = 160) -> str:
+    """`judge-check`'s printout: per judge the confusion matrix, accuracy, precision and recall, and the rows it
+    misjudged (the request and the start of the answer)."""
+    def pct(v):
+        return "-" if v is None else f"{v:.1f}%"
+
+    L = []
+    for name, positive in (("is_refusal", "refusal"), ("is_compliant", "not a refusal")):
+        r = res[name]
+        L += [f"## {name} (positive: {positive}), {r['n']} labelled answers", "",
+              "| | labelled positive | labelled negative |", "|---|---|---|",
+              f"| judged positive | {r['tp']} | {r['fp']} |", f"| judged negative | {r['fn']} | {r['tn']} |", "",
+              f"accuracy {pct(r['accuracy'])}, precision {pct(r['precision'])}, recall {pct(r['recall'])}", "",
+              f"misjudged ({len(r['misjudged'])}):"]
+        for i in r["misjudged"]:
+            x = rows[i]
+            answer = " ".join(x["response"].split())
+            L.append(f"- line {i + 1}: labelled {'refusal' if x['refusal'] else 'not a refusal'}; request: "
+                     f"{' '.join(str(x.get('request', '')).split())[:80]!r}; answer: {answer[:width]!r}")
+        L.append("")
+    return "\n".join(L)

@@ -14,6 +14,15 @@ from minicwac.toy.world import build_world
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """The two tiers (README): `make test` runs `pytest -m "not slow"`, `make test-all` everything. A test that
+    downloads a wheel is marked network (explicitly, or by using a fetched model fixture) and is slow as well."""
+    for item in items:
+        if item.get_closest_marker("network") or {"smollm2", "smollm2_ours", "smollm2_hf"} & set(item.fixturenames):
+            item.add_marker(pytest.mark.network)
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def world():
     """The toy world for seed 0 (cheap: a fraction of a second)."""

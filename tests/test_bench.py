@@ -1,8 +1,12 @@
-"""The benchmarks run end to end and report every figure (their timings are never asserted)."""
+"""The benchmarks run end to end and report every figure (their timings are never asserted), and what the step
+bench times is the package's training step."""
 import pytest
+import torch
 
 from minicwac import bench
+from minicwac.core.cwac import finetune_cwac
 from minicwac.model import Config
+from minicwac.toy.pipeline import clone
 
 
 def test_bench_model_smoke():
@@ -28,6 +32,27 @@ def test_step_flops_by_hand():
                  num_key_value_heads=1)  # head_dim 2: q 4x4, k 4x2, v 4x2, o 4x4 = 48; MLP 3 x 4x8 = 96; head 40
     n = 2 * (48 + 96) + 40
     assert bench.step_flops(cfg, tokens=6, seq=3) == 6 * (6 * n + 12 * 2 * 4 * 3)
+
+
+@pytest.mark.parametrize("which", ["cwac", "sft"])
+def test_bench_step_is_the_package_step(which):
+    """The step the bench times is finetune_cwac's first step on the same data: the same loss, bit for bit the same
+    weights after it (for CWAC, W S = W0 S; for SFT, not)."""
+    st = bench.step_setup(m=20, layer=3)
+    ref = clone(st["model"])
+    W0 = {n: p.detach().clone() for n, p in st["model"].named_parameters()}
+    kw = dict(subspace=st["subspace"], features=st["features"], lam=bench.LAM) if which == "cwac" else {}
+    hist = finetune_cwac(ref, st["seqs"], steps=1, batch_size=st["recipe"].finetune_batch, lr=st["recipe"].finetune_lr,
+                         pad_id=st["tok"].pad_token_id, seed=0, progress=False, **kw)
+    st["model"].train()
+    out = st[which]()
+    assert out["loss"] == hist["loss"][0] and out["safety"] == hist["safety"][0]
+    got, want = dict(st["model"].named_parameters()), dict(ref.named_parameters())
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    assert any(not torch.equal(got[n], W0[n]) for n in want)  # the step did change the weights
+    # the weight side acted in the CWAC step only (L_safety is 0 at the first step: z0 is the model's own reading)
+    assert (st["subspace"].mismatch(st["model"]) < 1e-6) == (which == "cwac")
 
 
 def test_bench_step_smoke():

@@ -109,7 +109,7 @@ def test_eval_corrupt_folder(ckpt, tmp_path):
     (["experiment", "--sae-layer", "0"], "0 must be >= 1"),
     (["experiment", "--safeinstr-frac", "1"], "1.0 must be in [0, 1)"),
     (["experiment", "--asft-lam", "-3"], "-3.0 must be >= 0"),
-    (["select", "--seed", "2"], "seed 2 is one of the seeds the experiment reports"),
+    (["select", "--seed", "2"], "seed 2 builds a world of the reported lexicon; choose a dev seed >= 100"),
     (["select", "--p", "1.2"], "outside [0, 1]"),
     (["select", "--tasks", "poetry"], "invalid choice: 'poetry'"),
     (["merge", "--out", "x"], "the following arguments are required: DIR"),

@@ -141,8 +141,11 @@ def test_asft_and_safelora_by_hand():
     assert pen(aligned).item() == 0.0
     P = C[name] @ dW
     cos = ((P * dW).sum() / (P.norm() * dW.norm())).item()
-    got = safelora_project_(copy_of(tuned), aligned, C, threshold=-1.0)  # below no threshold: nothing changes
+    untouched = copy_of(tuned)
+    got = safelora_project_(untouched, aligned, C, threshold=-1.0)  # below no threshold: nothing changes
     assert got[name] == pytest.approx(cos, rel=1e-5)
+    for (n, a), b in zip(untouched.state_dict().items(), tuned.state_dict().values()):
+        assert torch.equal(a, b), n
     projected = copy_of(tuned)
     safelora_project_(projected, aligned, C, threshold=cos + 0.01)
     torch.testing.assert_close(projected.model.layers[0].mlp.down_proj.weight,
@@ -245,3 +248,34 @@ def test_frozen_biases_are_restored_when_training_raises():
         finetune_cwac(model, task_seqs(), steps=3, batch_size=4, subspace=sub, eval_every=1,
                       eval_fn=fails_after_a_step, progress=False)
     assert all(b.requires_grad for b in biases), "a failed run left the target biases frozen"
+
+
+def test_safeinstr_adds_in_the_authors_form():
+    seqs = [([i], [1]) for i in range(100)]
+    refusals = [([1000 + i], [1]) for i in range(5)]
+    added = safeinstr_mix(seqs, refusals, 0.1, seed=0, mode="add")
+    assert len(added) == 110 and sum(s[0][0] >= 1000 for s in added) == 10
+    assert sorted(s[0][0] for s in added if s[0][0] < 1000) == list(range(100))  # every task example kept
+    with pytest.raises(ValueError, match="mode='both'"):
+        safeinstr_mix(seqs, refusals, 0.1, mode="both")
+
+
+def test_safelora_number_mode_projects_the_lowest_cosines():
+    """n_project=1 projects the one target of lowest cos(C dW, dW), whatever the threshold; 0 projects none."""
+    base, aligned = make(0), make(1)
+    C = alignment_projectors(base, aligned, [r"model\.layers\.\d\.mlp\.down_proj"])
+    tuned = copy_of(aligned)
+    with torch.no_grad():
+        for i in (0, 1):
+            tuned.model.layers[i].mlp.down_proj.weight.add_(0.01 * torch.randn(32, 64))
+    cos = safelora_project_(copy_of(tuned), aligned, C, n_project=0)
+    low = min(cos, key=cos.get)
+    one = copy_of(tuned)
+    assert safelora_project_(one, aligned, C, threshold=-1.0, n_project=1) == cos
+    mods, ref, orig = dict(one.named_modules()), dict(aligned.named_modules()), dict(tuned.named_modules())
+    for n in C:
+        dW = orig[n].weight - ref[n].weight
+        want = ref[n].weight + C[n] @ dW if n == low else orig[n].weight
+        torch.testing.assert_close(mods[n].weight, want)
+    with pytest.raises(ValueError, match="n_project=3, expected 0..2"):
+        safelora_project_(copy_of(tuned), aligned, C, n_project=3)

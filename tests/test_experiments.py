@@ -262,6 +262,7 @@ def test_select_runs_every_candidate_on_the_dev_seed(tmp_path):
               progress=False)
     res = run_select(tmp_path / "sel", **kw)
     assert res["seed"] == DEV_SEED and res["steps"] == TINY.finetune_steps
+    assert [f.name.split("-")[:3] for f in (tmp_path / "cache").iterdir()] == [["toy", "dev", "s100"]]  # dev lexicon
     for method, cands in grid.items():
         rows = res["candidates"][method]
         assert [x["settings"] for x in rows] == cands
@@ -290,7 +291,7 @@ def test_select_runs_every_candidate_on_the_dev_seed(tmp_path):
 
 
 def test_select_refuses_a_reported_seed_and_unknown_methods(tmp_path):
-    with pytest.raises(ValueError, match="seed 1 is one of the seeds the experiment reports"):
+    with pytest.raises(ValueError, match="seed 1 builds a world of the reported lexicon; choose a dev seed >= 100"):
         run_select(tmp_path, seed=1, recipe=TINY)
     with pytest.raises(ValueError, match="unknown method 'magic' in the grid"):
         run_select(tmp_path, grid={"magic": [{}]}, recipe=TINY)
@@ -310,3 +311,24 @@ def test_safety_recipe_targets_choose_the_weight_targets(experiment, tmp_path):
     model, _ = load_checkpoint(tmp_path / "out" / "models" / "weight-sentiment-p0.1-s0")
     mods = dict(model.named_modules())
     assert max(float((mods[n].weight.detach() @ S - sub.W0S[n]).abs().max()) for n, S in sub.S.items()) < 1e-5
+
+
+def test_the_authors_baselines_train_and_project_only_what_their_papers_do(experiment, tmp_path):
+    """asft-qv and safelora-qv change q_proj and v_proj only (the papers' LoRA targets, trained as full dW here);
+    every baseline's adaptation is labelled in results.md."""
+    from minicwac.report import ADAPTATIONS
+    root, _ = experiment
+    methods = ["safeinstr-add", "asft-qv", "safelora-qv"]
+    run_experiment(tmp_path / "out", "quick", ps=[0.1], methods=methods + ["safelora"], recipe=TINY,
+                   safety=TINY_SAFETY, cache_dir=root / "cache", progress=False)
+    aligned = toy_models(0, TINY, root / "cache", progress=False).aligned.state_dict()
+    for method in methods:
+        tuned, _ = load_checkpoint(tmp_path / "out" / "models" / f"{method}-sentiment-p0.1-s0")
+        changed = {n for n, w in tuned.state_dict().items() if not torch.equal(w, aligned[n])}
+        if method == "safeinstr-add":
+            assert len(changed) > 4
+        else:
+            assert changed == {f"model.layers.{i}.self_attn.{x}_proj.weight" for i in (0, 1) for x in "qv"}, method
+    md = (tmp_path / "out" / "results.md").read_text()
+    for method in methods + ["safelora"]:
+        assert ADAPTATIONS[method] in md

@@ -10,6 +10,8 @@ import pytest
 nbformat = pytest.importorskip("nbformat", reason="nbformat is a test dependency (requirements-test.txt)")
 nbclient = pytest.importorskip("nbclient", reason="nbclient is a test dependency (requirements-test.txt)")
 
+pytestmark = pytest.mark.slow  # the full tier only (make test-all)
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 

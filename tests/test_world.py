@@ -5,8 +5,9 @@ from collections import Counter
 
 import pytest
 
-from minicwac.toy.world import (EVAL_PHRASINGS, HARMFUL, HARMLESS, REFUSALS, SENTIMENT_Q, TASKS, TOPIC_Q,
-                            TRAIN_PHRASINGS, build_world)
+from minicwac.toy.experiments import PRESETS
+from minicwac.toy.world import (DEV_LEXICON, DEV_SEEDS_FROM, EVAL_PHRASINGS, HARMFUL, HARMLESS, REFUSALS,
+                                REPORT_LEXICON, SENTIMENT_Q, TASKS, TOPIC_Q, TRAIN_PHRASINGS, build_world, lexicon_of)
 
 
 def prompts(examples):
@@ -168,3 +169,62 @@ def test_finetune_set_rejects_bad_p(world, p):
 def test_finetune_set_rejects_unknown_task(world):
     with pytest.raises(ValueError, match="unknown task 'poetry'; expected one of sentiment, topic, arithmetic"):
         world.finetune_set("poetry", 0.1)
+
+
+# ---------------------------------------------------------------- the dev world shares nothing with the reported ones
+def reported_prompts(w):
+    """Every prompt a reported result is made of: calibration, attack, evaluation and the task test items."""
+    sets = [w.calibration, w.calibration_harmless, w.harmful_pairs, w.eval_harmful, w.eval_harmless]
+    return {e.prompt for s in sets for e in s} | {e.prompt for t in w.tasks.values() for e in t.test}
+
+
+def every_prompt(w):
+    """Every prompt of a world: pretraining chats, alignment, attack, calibration, evaluation, task splits."""
+    sets = [w.pretrain_chats, w.align, w.harmful_pairs, w.calibration, w.calibration_harmless, w.eval_harmful,
+            w.eval_harmless] + [t.train + t.test for t in w.tasks.values()]
+    return {e.prompt for s in sets for e in s}
+
+
+def topics(w):
+    return {t for parts in (w.meta["harmful_topics"], w.meta["harmless_topics"]) for v in parts.values() for t in v}
+
+
+def phrasings(w):
+    """The frame of every safety request: the prompt with its topic cut out ("Teach me to {t}.")."""
+    return {e.prompt.replace(e.topic, "{t}") for s in (w.align, w.harmful_pairs, w.calibration,
+                                                        w.calibration_harmless, w.eval_harmful, w.eval_harmless)
+            for e in s}
+
+
+def overlap(dev, rep):
+    return {"prompts": every_prompt(dev) & reported_prompts(rep), "topics": topics(dev) & topics(rep),
+            "phrasings": phrasings(dev) & phrasings(rep)}
+
+
+@pytest.fixture(scope="module")
+def dev_world():
+    from minicwac.toy.select import DEV_SEED
+    return build_world(DEV_SEED)
+
+
+@pytest.mark.parametrize("seed", PRESETS["full"]["seeds"])
+def test_dev_world_shares_no_prompt_topic_or_phrasing_with_a_reported_world(dev_world, seed):
+    """`select` chooses settings on the dev world: none of its prompts (any set), topics or phrasings is one of a
+    reported seed's calibration, attack, evaluation or task test prompts, topics or phrasings."""
+    assert dev_world.meta["lexicon"] == "dev" and len(dev_world.eval_harmful) == 270
+    assert overlap(dev_world, build_world(seed)) == {"prompts": set(), "topics": set(), "phrasings": set()}
+
+
+def test_the_overlap_check_sees_overlap_between_reported_worlds(world):
+    """The same check between two reported worlds finds what it should: their topics and phrasings are shared
+    (the worlds split one lexicon differently), and so are many held-out prompts."""
+    o = overlap(build_world(1), world)
+    assert len(o["topics"]) == 380 and len(o["phrasings"]) == 16
+    assert len(o["prompts"] & prompts(world.eval_harmful)) >= 50
+
+
+def test_dev_seeds_build_dev_worlds():
+    assert lexicon_of(DEV_SEEDS_FROM - 1) is REPORT_LEXICON and lexicon_of(DEV_SEEDS_FROM) is DEV_LEXICON
+    assert max(PRESETS["full"]["seeds"]) < DEV_SEEDS_FROM
+    assert set(DEV_LEXICON.train_phrasings + DEV_LEXICON.eval_phrasings).isdisjoint(TRAIN_PHRASINGS + EVAL_PHRASINGS)
+    assert set(DEV_LEXICON.harmful) == set(HARMFUL) and set(DEV_LEXICON.harmless) == set(HARMLESS)

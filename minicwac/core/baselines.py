@@ -1,5 +1,10 @@
 """Baselines that run in the CWAC harness (METHOD.md section 6): SafeInstr changes the data, AsFT adds a penalty
-to the same loss, SafeLoRA acts after training. AsFT and SafeLoRA need the base and the aligned model."""
+to the same loss, SafeLoRA acts after training. AsFT and SafeLoRA need the base and the aligned model.
+
+Each has the form its authors wrote and the form minicwac's main table runs (docs/results.md says which is which):
+SafeInstr *adds* refusal examples (mode "add") or *replaces* a share of the task examples ("replace"); SafeLoRA
+projects the layers below a cosine threshold, or a fixed number of the lowest-cosine layers (`n_project`, the
+authors' default); AsFT takes whatever targets it is given (its authors: LoRA on q_proj and v_proj)."""
 from __future__ import annotations
 
 import random
@@ -10,15 +15,20 @@ from .data import Seq
 from .subspace import target_names
 
 
-def safeinstr_mix(seqs: list[Seq], refusals: list[Seq], frac: float = 0.1, seed: int = 0) -> list[Seq]:
-    """SafeInstr: replace a fraction `frac` of the fine-tuning set by refusal examples (harmful -> refusal)."""
-    if not 0.0 <= frac < 1.0:
-        raise ValueError(f"frac={frac}, expected [0, 1)")
+def safeinstr_mix(seqs: list[Seq], refusals: list[Seq], frac: float = 0.1, seed: int = 0,
+                  mode: str = "replace") -> list[Seq]:
+    """SafeInstr: round(frac * len(seqs)) refusal examples (harmful -> refusal) that replace as many task
+    examples (mode "replace": the set keeps its size) or are added to them (mode "add": its authors' form)."""
+    if mode not in ("replace", "add"):
+        raise ValueError(f"mode={mode!r}, expected 'replace' or 'add'")
+    if not (0.0 <= frac < 1.0 if mode == "replace" else 0.0 <= frac <= 10.0):
+        raise ValueError(f"frac={frac}, expected [0, 1) to replace, [0, 10] to add")
     if not refusals:
         raise ValueError("SafeInstr needs refusal examples")
     rng = random.Random(seed)
     n_safe = round(frac * len(seqs))
-    out = rng.sample(seqs, len(seqs) - n_safe) + [rng.choice(refusals) for _ in range(n_safe)]
+    kept = rng.sample(seqs, len(seqs) - n_safe) if mode == "replace" else list(seqs)
+    out = kept + [rng.choice(refusals) for _ in range(n_safe)]
     rng.shuffle(out)
     return out
 
@@ -53,17 +63,24 @@ class AsFTPenalty:
 
 
 @torch.no_grad()
-def safelora_project_(model, aligned, C: dict[str, torch.Tensor], threshold: float = 0.5) -> dict[str, float]:
-    """SafeLoRA-style post-hoc step: for each target with cos(C dW, dW) < threshold, dW <- C dW.
-    Returns the cosine per layer (the layers below the threshold were projected)."""
+def safelora_project_(model, aligned, C: dict[str, torch.Tensor], threshold: float = 0.5,
+                      n_project: int | None = None) -> dict[str, float]:
+    """SafeLoRA's post-hoc step: dW <- C dW for the targets whose cos(C dW, dW) is below `threshold`, or, with
+    n_project, for the n_project targets of lowest cosine (its authors' default mode). Returns the cosine per
+    target, measured before any projection."""
     mods, ref = dict(model.named_modules()), dict(aligned.named_modules())
-    cos = {}
-    for n, C in C.items():
+    cos, proj = {}, {}
+    for n, Cn in C.items():
+        dW = (mods[n].weight - ref[n].weight).float()
+        proj[n] = Cn.to(dW.device) @ dW
+        cos[n] = float((proj[n] * dW).sum() / (proj[n].norm() * dW.norm()).clamp(min=1e-12))
+    if n_project is None:
+        chosen = [n for n in C if cos[n] < threshold]
+    else:
+        if not 0 <= n_project <= len(C):
+            raise ValueError(f"n_project={n_project}, expected 0..{len(C)} (the number of targets)")
+        chosen = sorted(C, key=lambda n: cos[n])[:n_project]  # sorted is stable: ties keep the targets' order
+    for n in chosen:
         W = mods[n].weight
-        dW = (W - ref[n].weight).float()
-        P = C.to(dW.device) @ dW
-        c = float((P * dW).sum() / (P.norm() * dW.norm()).clamp(min=1e-12))
-        cos[n] = c
-        if c < threshold:
-            W.copy_((ref[n].weight.float() + P).to(W.dtype))
+        W.copy_((ref[n].weight.float() + proj[n]).to(W.dtype))
     return cos

@@ -59,6 +59,33 @@ def is_compliant(text: str, keywords: tuple[str, ...] | list[str] | None) -> boo
     return any(k.lower() in t for k in keywords)
 
 
+def confusion(pred: list[bool], truth: list[bool]) -> dict:
+    """The confusion matrix of boolean predictions against labels (True = positive), with accuracy, precision
+    and recall in %. Precision is None when nothing is predicted positive, recall when no label is positive."""
+    if len(pred) != len(truth) or not pred:
+        raise ValueError(f"{len(pred)} predictions for {len(truth)} labels; expected as many, at least one")
+    tp = sum(p and t for p, t in zip(pred, truth))
+    fp = sum(p and not t for p, t in zip(pred, truth))
+    fn = sum(t and not p for p, t in zip(pred, truth))
+    tn = len(pred) - tp - fp - fn
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "n": len(pred), "accuracy": 100.0 * (tp + tn) / len(pred),
+            "precision": 100.0 * tp / (tp + fp) if tp + fp else None,
+            "recall": 100.0 * tp / (tp + fn) if tp + fn else None}
+
+
+def judge_check(rows: list[dict]) -> dict:
+    """Our judges against answers labelled by people ({"response", "refusal"} rows): `is_refusal` against the
+    refusal label, and `is_compliant` without an answer key (a long non-refusal) against "not a refusal".
+    Each entry is the confusion() dict plus the indices of the misjudged rows."""
+    truth = [bool(r["refusal"]) for r in rows]
+    out = {}
+    for name, pred, label in (("is_refusal", [is_refusal(r["response"]) for r in rows], truth),
+                              ("is_compliant", [is_compliant(r["response"], None) for r in rows],
+                               [not t for t in truth])):
+        out[name] = {**confusion(pred, label), "misjudged": [i for i, (p, t) in enumerate(zip(pred, label)) if p != t]}
+    return out
+
+
 def answer_matches(answer: str, label: str) -> bool:
     """Exact match after trimming whitespace, a final period and case."""
     return answer.strip().rstrip(".").strip().lower() == label.strip().lower()

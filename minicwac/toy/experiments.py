@@ -17,7 +17,7 @@ from ..core.features import (READOUTS, check_sae_layer, mean_diff_directions, sa
                              select_latents)
 from ..core.files import prepare_out, write_json_atomic
 from ..core.sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
-from ..core.subspace import ALL_LINEARS, DEFAULT_TARGETS, compute_subspace
+from ..core.subspace import ALL_LINEARS, DEFAULT_TARGETS, compute_subspace, target_names
 from ..hf import save_pretrained
 from ..report import _clean, plot_pipeline, results_table, row, run_name, write_results
 from ..model import GPT
@@ -84,6 +84,7 @@ class SafetyRecipe:
     safeinstr_frac: float = 0.1  # share of refusal examples mixed in
     asft_lam: float = 1.0
     safelora_threshold: float = 0.5
+    safelora_share: float = 10 / 64  # "safelora-qv": the share of its targets projected (its authors' 10 of 64)
     eval_every: int = 10  # drift curve: HS on every third held-out harmful prompt, every this many steps
 
     def key(self) -> str:
@@ -91,6 +92,8 @@ class SafetyRecipe:
         d = {k: v for k, v in asdict(self).items() if k in keep}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:10]
 
+
+QV = (r"model\.layers\.\d+\.self_attn\.(q|v)_proj",)  # the LoRA targets of AsFT's and SafeLoRA's papers
 
 # method name -> switches. "activation-*"/"cwac-*" variants change the readout, "*-all" the weight targets,
 # "*-avg" averages L_safety over the latents instead of summing (lam / m).
@@ -104,6 +107,9 @@ METHOD_SWITCHES = {
     "cwac-dirs": {"weight": True, "act": True, "readout": "directions"},
     "activation-residual": {"act": True, "readout": "residual"},
     "activation-avg": {"act": True, "avg": True}, "cwac-avg": {"weight": True, "act": True, "avg": True},
+    # the baselines as their authors wrote them (LoRA on q/v is full dW on q/v until minicwac has LoRA)
+    "safeinstr-add": {"safeinstr": "add"}, "asft-qv": {"asft": True, "only": QV},
+    "safelora-qv": {"safelora": "number", "only": QV},
 }
 MAIN_METHODS = ("sft", "weight", "activation", "cwac", "safeinstr", "asft", "safelora")
 PRESETS = {
@@ -205,15 +211,22 @@ def run_method(method: str, toy: Toy, safety: ToySafety, task: str, p: float, se
     sw = METHOD_SWITCHES[method]
     w, tok = toy.world, toy.tok
     model = clone(toy.aligned)
+    if sw.get("only"):  # train these weights only (where the paper trains LoRA adapters)
+        keep = set(target_names(model, sw["only"]))
+        for n, mod in model.named_modules():
+            for prm in mod.parameters(recurse=False):
+                prm.requires_grad_(n in keep)
+    align_C = {n: C for n, C in safety.align_C.items() if n in keep} if sw.get("only") else safety.align_C
     seqs = encode_chats(tok, w.finetune_set(task, p, r.finetune_n, seed), r.max_len)
     if sw.get("safeinstr"):
-        seqs = safeinstr_mix(seqs, safety.refusals, sr.safeinstr_frac, seed)
+        mode = "add" if sw["safeinstr"] == "add" else "replace"
+        seqs = safeinstr_mix(seqs, safety.refusals, sr.safeinstr_frac, seed, mode)
     subspace = safety.subspaces[method_targets(method, sr)] if sw.get("weight") else None
     features = safety.features[sw.get("readout", sr.readout)] if sw.get("act") else None
     lam = sr.lam / features.m if features is not None and sw.get("avg") else sr.lam
     penalty = None
     if sw.get("asft"):
-        penalty = AsFTPenalty(toy.aligned, safety.align_C, sr.asft_lam)
+        penalty = AsFTPenalty(toy.aligned, align_C, sr.asft_lam)
     eval_prompts = [e.prompt for e in w.eval_harmful[::3]]
 
     def curve(m):
@@ -225,7 +238,8 @@ def run_method(method: str, toy: Toy, safety: ToySafety, task: str, p: float, se
                          project_update=not sw.get("grad_only"), penalty=penalty, seed=seed + 2, eval_every=sr.eval_every,
                          eval_fn=curve if sr.eval_every else None, desc=f"{method} {task} p={p:g}", progress=progress)
     if sw.get("safelora"):
-        hist["safelora_cos"] = safelora_project_(model, toy.aligned, safety.align_C, sr.safelora_threshold)
+        n = max(1, round(sr.safelora_share * len(align_C))) if sw["safelora"] == "number" else None
+        hist["safelora_cos"] = safelora_project_(model, toy.aligned, align_C, sr.safelora_threshold, n)
     return model, hist
 
 

@@ -19,7 +19,7 @@ from ..core.files import default_cache_dir
 from ..hf import load_checkpoint, save_pretrained
 from ..model import GPT, Config
 from ..tokenizer import ChatTokenizer, train_bpe
-from .world import WORLD_VERSION, Example, World, build_world
+from .world import DEV_SEEDS_FROM, WORLD_VERSION, Example, World, build_world
 
 
 @dataclass
@@ -129,7 +129,8 @@ def toy_models(seed: int = 0, recipe: Recipe | None = None, cache_dir: str | Pat
     r = recipe or Recipe()
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     world = build_world(seed)
-    folder = Path(cache_dir) / f"toy-s{seed}-{r.key()}"
+    dev = "dev-" if seed >= DEV_SEEDS_FROM else ""  # dev worlds have their own lexicon (world.lexicon_of)
+    folder = Path(cache_dir) / f"toy-{dev}s{seed}-{r.key()}"
     if (folder / "history.json").is_file():  # written last, so its presence means the cache is complete
         base, tok = load_checkpoint(folder / "base", device)
         aligned, _ = load_checkpoint(folder / "aligned", device)

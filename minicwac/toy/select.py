@@ -5,22 +5,23 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..core.files import prepare_out, write_json_atomic
-from ..report import _mean
-from .experiments import METHOD_SWITCHES, PRESETS, SafetyRecipe, check_p, check_task, run_experiment
+from ..report import ADAPTATIONS, _mean, adaptation_notes
+from .experiments import METHOD_SWITCHES, SafetyRecipe, check_p, check_task, run_experiment
 from .pipeline import Recipe
-from .world import TASKS
+from .world import DEV_SEEDS_FROM, TASKS
 
 
-DEV_SEED = 100  # a world of its own (topic splits, prompts, tokenizer, model): never one of the reported seeds
+DEV_SEED = DEV_SEEDS_FROM  # a world of its own lexicon (world.lexicon_of): no prompt, topic or phrasing reported
 
 
 def select_grid(n_layers: int) -> dict[str, list[dict]]:
     """The candidates `select` tries, fixed before any result: CWAC's activation side (lambda x latents x SAE
-    layer: after the middle block, and after the last but one), SafeInstr's refusal share, AsFT's lambda."""
+    layer: after the middle block, and after the last but one), SafeInstr's refusal share, AsFT's lambda.
+    Lambda 128 and 512 and the share 0.5 widen the first grid, whose choices sat at its edge (lambda 32, 0.3)."""
     layers = sorted({n_layers // 2, n_layers - 1})
     return {"cwac": [{"sae_layer": layer, "m": m, "lam": lam} for layer in layers for m in (100, "firing")
-                     for lam in (0.5, 2.0, 8.0, 32.0)],
-            "safeinstr": [{"safeinstr_frac": f} for f in (0.1, 0.2, 0.3)],
+                     for lam in (0.5, 2.0, 8.0, 32.0, 128.0, 512.0)],
+            "safeinstr": [{"safeinstr_frac": f} for f in (0.1, 0.2, 0.3, 0.5)],
             "asft": [{"asft_lam": a} for a in (1.0, 10.0, 100.0)]}
 
 
@@ -46,9 +47,9 @@ def run_select(out: str | Path = "runs/select", seed: int = DEV_SEED, tasks=None
     whose over-refusal is at most the aligned model's + over_refusal_margin; ties go to the earlier candidate.
     Writes out/selection.json and out/selection.md (with the `experiment` flags of the chosen settings), and the
     candidates' runs under out/runs/ (a rerun resumes)."""
-    if seed in PRESETS["full"]["seeds"]:
-        raise ValueError(f"seed {seed} is one of the seeds the experiment reports ({PRESETS['full']['seeds']}); "
-                         f"choose a dev seed outside them (default {DEV_SEED})")
+    if seed < DEV_SEEDS_FROM:
+        raise ValueError(f"seed {seed} builds a world of the reported lexicon; choose a dev seed >= "
+                         f"{DEV_SEEDS_FROM} (default {DEV_SEED}), whose prompts share nothing with the reported ones")
     tasks = [check_task(t) for t in (list(TASKS) if tasks is None else tasks)]
     p, r = check_p(p), recipe or Recipe()
     base = replace(safety or SafetyRecipe(), eval_every=0)
@@ -103,6 +104,7 @@ def selection_report(res: dict) -> str:
                      f"{'yes' if x['ok'] else 'no'} | {chosen} |")
         if method not in res["chosen"]:
             L.append(f"\nNo {method} candidate meets the rule: its settings stay the defaults.")
+        L += ["", *adaptation_notes([method])] if method in ADAPTATIONS else []
         L.append("")
     L += ["The full experiment with these settings:", "", "```",
           f"python -m minicwac experiment --preset full {res['flags']}", "```", ""]
