@@ -1,7 +1,7 @@
 """`python -m minicwac`: every user error exits non-zero with exactly one `minicwac: error:` line on stderr.
 
-The required cases run the real command in a subprocess; further cases call `main()` in-process (same code,
-without paying a torch import per case)."""
+The required cases run the real command in a subprocess (the full tier: `slow`, a torch import each); further
+cases call `main()` in-process (same code, without paying a torch import per case: the fast tier)."""
 from __future__ import annotations
 
 import os
@@ -51,6 +51,7 @@ def ckpt(tok, tmp_path):
 
 
 # --- subprocess: the real command line ------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("args, match", [
     (["demo", "--p", "1.5"], "p=1.5 is outside [0, 1]"),
     (["demo", "--bogus"], "unrecognized arguments: --bogus"),
@@ -70,6 +71,7 @@ def test_argument_errors(tmp_path, args, match):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_unwritable_output_folder(tmp_path):
     """An output folder below a regular file is reported before any training starts."""
     (tmp_path / "afile").write_text("x")
@@ -79,11 +81,13 @@ def test_unwritable_output_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no cache, no training
 
 
+@pytest.mark.slow
 def test_eval_missing_folder(tmp_path):
     proc = run_cli(["eval", "--model", str(tmp_path / "nope")], tmp_path)
     assert_one_error_line(proc, "does not exist")
 
 
+@pytest.mark.slow
 def test_eval_corrupt_folder(ckpt, tmp_path):
     (ckpt / "config.json").write_text("{oops")
     proc = run_cli(["eval", "--model", str(ckpt)], tmp_path)

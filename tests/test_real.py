@@ -183,6 +183,7 @@ def test_run_real_bad_input(tiny, tok, tmp_path):
     assert not (tmp_path / "o").exists()  # nothing written before the input was checked
 
 
+@pytest.mark.slow
 def test_cli_real_errors(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS))

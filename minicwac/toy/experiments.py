@@ -115,7 +115,7 @@ MAIN_METHODS = ("sft", "weight", "activation", "cwac", "safeinstr", "asft", "saf
 PRESETS = {
     "quick": {"seeds": [0], "tasks": ["sentiment"], "ps": [0.1], "methods": list(MAIN_METHODS)},
     "full": {"seeds": [0, 1, 2], "tasks": list(TASKS), "ps": [0.0, 0.05, 0.1, 0.2, 0.5],
-             "methods": list(MAIN_METHODS) + ["weight-all", "cwac-all"]},
+             "methods": list(MAIN_METHODS) + ["weight-all", "cwac-all", "safeinstr-add", "asft-qv", "safelora-qv"]},
 }
 
 
