@@ -140,15 +140,11 @@ def fetch(target: str, dir: str | Path | None = None, dtype: str | None = None,
     applies to models only."""
     if target in MODELS:
         return fetch_model(target, dir, dtype or "bf16", log)
-    if target in LABELLED_SETS:
-        if dtype is not None:
-            raise ValueError(f"dtype applies to models only ({', '.join(MODELS)}), not to {target}")
-        return fetch_labels(target, dir, log)
-    if target not in PROMPT_SETS:
+    if target not in FETCH_TARGETS:
         raise ValueError(f"unknown fetch target {target!r}; expected one of {', '.join(FETCH_TARGETS)}")
     if dtype is not None:
         raise ValueError(f"dtype applies to models only ({', '.join(MODELS)}), not to {target}")
-    return fetch_prompts(target, dir, log)
+    return (fetch_labels if target in LABELLED_SETS else fetch_prompts)(target, dir, log)
 
 
 # --- wheels ------------------------------------------------------------------------------------------------------

@@ -211,12 +211,13 @@ def run_method(method: str, toy: Toy, safety: ToySafety, task: str, p: float, se
     sw = METHOD_SWITCHES[method]
     w, tok = toy.world, toy.tok
     model = clone(toy.aligned)
-    if sw.get("only"):  # train these weights only (where the paper trains LoRA adapters)
+    align_C = safety.align_C
+    if sw.get("only"):  # train these weights only (where the paper trains LoRA adapters); the baseline acts on them
         keep = set(target_names(model, sw["only"]))
         for n, mod in model.named_modules():
             for prm in mod.parameters(recurse=False):
                 prm.requires_grad_(n in keep)
-    align_C = {n: C for n, C in safety.align_C.items() if n in keep} if sw.get("only") else safety.align_C
+        align_C = {n: C for n, C in align_C.items() if n in keep}
     seqs = encode_chats(tok, w.finetune_set(task, p, r.finetune_n, seed), r.max_len)
     if sw.get("safeinstr"):
         mode = "add" if sw["safeinstr"] == "add" else "replace"

@@ -5,7 +5,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..core.files import prepare_out, write_json_atomic
-from ..report import ADAPTATIONS, _mean, adaptation_notes
+from ..report import _mean, adaptation_notes
 from .experiments import METHOD_SWITCHES, SafetyRecipe, check_p, check_task, run_experiment
 from .pipeline import Recipe
 from .world import DEV_SEEDS_FROM, TASKS
@@ -104,7 +104,8 @@ def selection_report(res: dict) -> str:
                      f"{'yes' if x['ok'] else 'no'} | {chosen} |")
         if method not in res["chosen"]:
             L.append(f"\nNo {method} candidate meets the rule: its settings stay the defaults.")
-        L += ["", *adaptation_notes([method])] if method in ADAPTATIONS else []
+        notes = adaptation_notes([method])
+        L += ["", *notes] if notes else []
         L.append("")
     L += ["The full experiment with these settings:", "", "```",
           f"python -m minicwac experiment --preset full {res['flags']}", "```", ""]
