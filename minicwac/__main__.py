@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--lam", type=_lam, default=None, help="weight of L_safety (default: the kit's)")
     t.add_argument("--dtype", default="fp32", choices=["fp32", "bf16-mixed"],
                    help="bf16-mixed: float32 weights with bf16 compute (the constraint stays exact)")
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default="cpu", help="cpu or cuda; under torchrun each process takes cuda:LOCAL_RANK")
+    t.add_argument("--offload", action="store_true",
+                   help="under torchrun: keep the weight shards, gradients and AdamW states in CPU memory")
     t.add_argument("--eval-harmful", default=None, help="harmful prompts for the drift curve (HS against step)")
     t.add_argument("--eval-every", type=_positive_int, default=None, help="steps between drift points")
     t.add_argument("--save-every", type=_positive_int, default=None, help="a resumable checkpoint every N steps")
@@ -389,23 +391,32 @@ def _finetune(args) -> None:
         raise ValueError(f"--method {args.method} needs --kit (a folder written by calibrate)")
     if (args.eval_every is None) != (args.eval_harmful is None):
         raise ValueError("--eval-harmful and --eval-every go together")
+    from . import dist
+    ranks = dist.init(args.device) if dist.launched() else None  # torchrun: FSDP2 over its processes
+    say = print if ranks is None or ranks.main else (lambda *a, **k: None)
     convs = load_conversations(args.data)
     eval_harmful = load_prompts(args.eval_harmful) if args.eval_harmful else None
-    model, tok = load_checkpoint(args.model, args.device, torch.float32)  # the projection needs float32 weights
+    # the projection needs float32 weights; a sharded run reads the folder on the CPU and shards it onto its device
+    model, tok = load_checkpoint(args.model, "cpu" if ranks else args.device, torch.float32)
     kit = Kit.load(args.kit, model) if args.kit else None
     seqs, cut = encode_data(tok, convs, args.max_len, args.too_long)
     if cut:
-        print(f"{cut} of {len(seqs)} conversations were longer than --max-len {args.max_len} and were cut")
+        say(f"{cut} of {len(seqs)} conversations were longer than --max-len {args.max_len} and were cut")
     epochs = 1.0 if args.steps is None and args.epochs is None else args.epochs
-    res = finetune(model, tok, seqs, kit, args.out, method=args.method, steps=args.steps, epochs=epochs, lr=args.lr,
-                   batch_size=args.batch_size, lam=args.lam, dtype=args.dtype, eval_harmful=eval_harmful,
-                   eval_every=args.eval_every or 0, save_every=args.save_every or 0, resume=args.resume,
-                   seed=args.seed, progress=not args.quiet)
+    try:
+        res = finetune(model, tok, seqs, kit, args.out, method=args.method, steps=args.steps, epochs=epochs,
+                       lr=args.lr, batch_size=args.batch_size, lam=args.lam, dtype=args.dtype,
+                       eval_harmful=eval_harmful, eval_every=args.eval_every or 0, save_every=args.save_every or 0,
+                       resume=args.resume, seed=args.seed, progress=not args.quiet, ranks=ranks, offload=args.offload)
+    finally:
+        if ranks is not None:
+            dist.close()
     h = res["history"]
-    print(f"{args.method}: {len(h['step'])} steps, task loss {h['task'][0]:.3f} -> {h['task'][-1]:.3f}"
-          + (f", L_safety {h['safety'][-1]:.4f}" if any(h["safety"]) else "")
-          + ("" if res["relative_WS_error"] is None else f", |W S - W0S| / |W0S| = {res['relative_WS_error']:.1e}"))
-    print(f"wrote {args.out} (a Hugging Face folder), history.json" + (", drift.png" if h.get("curve") else ""))
+    say(f"{args.method}: {len(h['step'])} steps, task loss {h['task'][0]:.3f} -> {h['task'][-1]:.3f}"
+        + (f", L_safety {h['safety'][-1]:.4f}" if any(h["safety"]) else "")
+        + ("" if res["relative_WS_error"] is None else f", |W S - W0S| / |W0S| = {res['relative_WS_error']:.1e}"))
+    say(f"wrote {args.out} (a Hugging Face folder), history.json" + (", drift.png" if h.get("curve") else "")
+        + ("" if ranks is None else f"; trained on {ranks.world} ranks"))
 
 
 if __name__ == "__main__":

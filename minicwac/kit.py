@@ -356,12 +356,18 @@ def _save_state(path: Path, model, opt, step: int, hist: dict, run: dict) -> Non
                                                     "param_groups": sd["param_groups"]}))
 
 
-def _load_state(path: Path, model, run: dict) -> dict:
+def _check_run(path: Path, run: dict) -> dict:
+    """The checkpoint's state.json, refused if it was written by a run with other settings."""
     meta = json.loads((path / "state.json").read_text())
     if meta["run"] != run:
         diff = next(k for k in set(run) | set(meta["run"]) if run.get(k) != meta["run"].get(k))
         raise ValueError(f"{path} is a checkpoint of another run ({diff}: {meta['run'].get(diff)!r} there, "
                          f"{run.get(diff)!r} now); use the same flags to resume, or another --out")
+    return meta
+
+
+def _load_state(path: Path, model, run: dict) -> dict:
+    meta = _check_run(path, run)
     params = load_file(str(path / "params.safetensors"))
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -388,12 +394,15 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
              steps: int | None = None, epochs: float | None = None, lr: float = 2e-5, batch_size: int = 8,
              lam: float | None = None, dtype: str = "fp32", eval_harmful: list[str] | None = None,
              eval_every: int = 0, eval_tokens: int = 32, save_every: int = 0, resume: bool = False, seed: int = 0,
-             progress: bool = True) -> dict:
+             progress: bool = True, ranks=None, offload: bool = False) -> dict:
     """Fine-tune `model` on `seqs` with `method` and the kit's constraints; write OUT as a Hugging Face folder
     (model + tokenizer), OUT/history.json and, with eval prompts, OUT/drift.png (HS against step).
 
     save_every N: a resumable checkpoint (OUT/checkpoint) every N steps; resume=True continues from it and ends
-    with the same weights as an uninterrupted run. dtype "bf16-mixed": float32 weights, bf16 autocast."""
+    with the same weights as an uninterrupted run. dtype "bf16-mixed": float32 weights, bf16 autocast.
+    ranks (`dist.init()` in a torchrun process): the model is sharded with FSDP2 (`dist.shard_model`, offload:
+    weights, gradients and AdamW states in CPU memory), each rank trains on its part of every global batch, the
+    checkpoint is sharded (`dist.save_sharded`) and rank 0 writes the folder."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if dtype not in DTYPES:
@@ -408,6 +417,11 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
         steps = max(1, math.ceil(epochs * max(1, len(seqs) // batch_size)))
     if method != "sft" and kit is None:
         raise ValueError(f"method {method} needs a kit (python -m minicwac calibrate ...)")
+    if ranks is not None and eval_harmful:
+        raise ValueError("the drift curve (--eval-harmful) is not supported in a sharded run; run eval on the "
+                         "written folder")
+    if offload and ranks is None:
+        raise ValueError("offload applies to a sharded run (started by torchrun)")
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError(f"the model's weights are {next(model.parameters()).dtype}; load them in float32 (bf16 "
                          "weights cannot hold the projected values: use dtype='bf16-mixed' for bf16 compute)")
@@ -421,33 +435,60 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
                               "a checkpoint)")
     if resume and not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt} not found: nothing to resume (run without --resume, with --save-every N)")
-    out.mkdir(parents=True, exist_ok=True)
+    main = ranks is None or ranks.main
+    if ranks is not None:
+        from . import dist
+        dist.barrier()  # every rank has checked OUT before rank 0 writes into it
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     run = {"method": method, "steps": steps, "lr": lr, "batch_size": batch_size, "lam": lam, "dtype": dtype,
            "seed": seed, "data_sha256": hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16],
            "kit": None if kit is None else kit.fingerprint}
-    state = _load_state(ckpt, model, run) if resume else None
+    state, extra = None, {}
+    if ranks is None:
+        state = _load_state(ckpt, model, run) if resume else None
+        save_state = lambda step, m, opt, hist: _save_state(ckpt, m, opt, step, hist, run)  # noqa: E731
+    else:  # FSDP2: shard the model and the constraint; every rank writes its shards of the checkpoint
+        dist.shard_model(model, ranks, dtype, offload)
+        sub = sub.shard(model) if sub is not None else None
+        feats = feats.to(ranks.device) if feats is not None else None
+        if resume:
+            meta = _check_run(ckpt, run)
+            state = {"step": meta["step"], "history": meta["history"],
+                     "optimizer": lambda opt: dist.load_sharded(ckpt, model, opt)}
+        save_state = lambda step, m, opt, hist: dist.save_sharded(  # noqa: E731
+            ckpt, m, opt, ranks, {"step": step, "history": hist, "run": run})
+        extra = {"rank": ranks.rank, "world": ranks.world, "device": ranks.device}
 
     def hs_curve(m):
         return harmful_score(m, tok, eval_harmful, eval_tokens)
 
     def on_step(step, m, opt, hist):
         if save_every and step % save_every == 0 and step < steps:
-            _save_state(ckpt, m, opt, step, hist, run)
+            save_state(step, m, opt, hist)
 
     hist = finetune_cwac(model, seqs, steps=steps, batch_size=batch_size, lr=lr, pad_id=tok.pad_token_id,
-                         subspace=sub, features=feats, lam=lam, autocast_dtype=DTYPES[dtype], seed=seed,
+                         subspace=sub, features=feats, lam=lam, seed=seed,
+                         autocast_dtype=DTYPES[dtype] if ranks is None else None,  # FSDP2 casts by its own policy
                          eval_every=eval_every if eval_harmful else None, eval_fn=hs_curve if eval_harmful else None,
-                         resume=state, on_step=on_step, desc=method, progress=progress)
+                         resume=state, on_step=on_step, desc=method, progress=progress and main, **extra)
     leak = None if sub is None else sub.mismatch(model)  # the invariant on the written weights: W S = W0 S
-    from .hf import save_pretrained  # minicwac's own model class writes Hugging Face folders
-    save_pretrained(model, tok, out / ".model.tmp")
-    _move_into(out / ".model.tmp", out)
+    if ranks is not None:  # the largest over every rank's shards; then the whole model, gathered to rank 0
+        leak = None if sub is None else dist.max_over_ranks(leak, ranks.device)
+        full = dist.full_state(model)
+        model = dist.unsharded(model, full) if main else None
     result = {"run": run, "history": hist, "relative_WS_error": leak}
-    write_json_atomic(out / "history.json", result)
-    if hist.get("curve"):
-        plot_drift(hist["curve"], out / "drift.png", method)
-    if ckpt.exists():
-        shutil.rmtree(ckpt)  # the run is complete: its resumable checkpoint (written by us) is no longer needed
+    if main:
+        from .hf import save_pretrained  # minicwac's own model class writes Hugging Face folders
+        save_pretrained(model, tok, out / ".model.tmp")
+        _move_into(out / ".model.tmp", out)
+        write_json_atomic(out / "history.json", {**result, "ranks": 1 if ranks is None else ranks.world})
+        if hist.get("curve"):
+            plot_drift(hist["curve"], out / "drift.png", method)
+        if ckpt.exists():
+            shutil.rmtree(ckpt)  # the run is complete: its resumable checkpoint (written by us) is no longer needed
+    if ranks is not None:
+        dist.barrier()
     return result
 
 

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import torch
 from tqdm.auto import tqdm
 
-from .data import Seq, batches, collate, lm_loss, lr_at, make_optimizer
+from .data import Seq, batches, collate, lm_loss, lr_at, make_optimizer, n_targets
 from .features import SafetyFeatures
 from .hooks import model_device
 from .subspace import Subspace
@@ -35,19 +35,21 @@ def autocast(model, dtype: torch.dtype | None):
 def cwac_step(model, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], *,
               subspace: Subspace | None = None, features: SafetyFeatures | None = None, lam: float = 0.0,
               safety_batch: torch.Tensor | None = None, penalty: Callable | None = None, grad_clip: float = 1.0,
-              project_update: bool = True, project_grad: bool = False,
-              autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+              project_update: bool = True, project_grad: bool = False, autocast_dtype: torch.dtype | None = None,
+              n_task: int | None = None, n_safety: int | None = None) -> dict[str, float]:
     """One optimizer step of the method (the docstring of this module is its math). Returns the loss terms.
 
     batch: (input_ids, labels) with labels -100 where no loss is taken. safety_batch: indices into the
     features' fixed harmful prompts (all of them if None). project_update (default): the exact weight constraint;
     the gradient is projected first too, so the clip norm measures the update that is actually applied and a
     constrained run is not slowed down by a part of g that is thrown away. project_grad without project_update:
-    the gradient-only variant (the paper's wording; not exact under AdamW)."""
+    the gradient-only variant (the paper's wording; not exact under AdamW). n_task, n_safety: when `batch` and
+    `safety_batch` are one rank's part of a global batch, the global counts of loss tokens; each loss is then
+    this rank's sum over the global count, and the ranks' gradients add up to those of the global means."""
     input_ids, labels = batch
     with autocast(model, autocast_dtype):
-        task = lm_loss(model, input_ids, labels)
-        safety = features.loss(model, safety_batch) if features is not None and lam > 0 else None
+        task = lm_loss(model, input_ids, labels, n_task)
+        safety = features.loss(model, safety_batch, n_safety) if features is not None and lam > 0 else None
     loss = task if safety is None else task + lam * safety
     if penalty is not None:
         loss = loss + penalty(model)  # AsFT, in float32 outside autocast
@@ -68,23 +70,31 @@ def finetune_cwac(model, seqs: list[Seq], *, steps: int, batch_size: int = 16, l
                   safety_batch: int = 16, project_grad: bool = False, project_update: bool = True,
                   penalty: Callable | None = None, autocast_dtype: torch.dtype | None = None, seed: int = 0,
                   eval_every: int | None = None, eval_fn: Callable | None = None, resume: dict | None = None,
-                  on_step: Callable | None = None, desc: str = "cwac", progress: bool = True) -> dict:
+                  on_step: Callable | None = None, desc: str = "cwac", progress: bool = True, rank: int = 0,
+                  world: int = 1, device: torch.device | None = None) -> dict:
     """Train `model` in place for `steps` calls of `cwac_step`. Returns a history: step, loss, task, safety, lr
     (+ "curve" from eval_fn every `eval_every` steps and at step 0: the drift curve).
 
     subspace: the weight constraint. features + lam: the activation constraint on `safety_batch` harmful prompts
     per step. penalty(model) -> scalar: any extra loss term (AsFT). AdamW, warmup then cosine decay.
     resume: {"step": k, "optimizer": state_dict, "history": ...} from `on_step` continues a run at step k with
-    the same batches as an uninterrupted run (the data order and the safety picks are replayed).
-    on_step(step, model, opt, history) is called after every step (checkpoints)."""
+    the same batches as an uninterrupted run (the data order and the safety picks are replayed); "optimizer" may
+    also be a function that loads the weights and the optimizer state itself (a sharded checkpoint).
+    on_step(step, model, opt, history) is called after every step (checkpoints).
+    rank, world: this process's place in a data-parallel run (`minicwac.dist`): every rank draws the same global
+    batch of `batch_size` sequences (and `safety_batch` prompts) and trains on its 1/world part of it, so one
+    command gives the same run on 1 or N ranks; the history holds the global losses."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1")
     if not seqs:
         raise ValueError("no training sequences")
     if lam < 0:
         raise ValueError(f"lam={lam}, expected >= 0")
-    device = model_device(model)
-    subspace = subspace.to(device) if subspace is not None else None
+    if world > 1 and (batch_size % world or safety_batch % world or penalty is not None):
+        raise ValueError(f"on {world} ranks --batch-size ({batch_size}) and the safety batch ({safety_batch}) must be "
+                         f"multiples of {world}, and no extra penalty term is supported")
+    device = model_device(model) if device is None else device  # where the batches go (not where offloaded weights are)
+    subspace = subspace.to(model_device(model)) if subspace is not None else None
     warmup = max(1, steps // 20) if warmup is None else warmup
     # a target's bias would shift its output on the protected inputs: not trained (restored however we leave)
     frozen = [b for b in subspace.biases(model) if b.requires_grad] if subspace is not None and project_update else []
@@ -99,7 +109,10 @@ def finetune_cwac(model, seqs: list[Seq], *, steps: int, batch_size: int = 16, l
         hist = {"step": [], "loss": [], "task": [], "safety": [], "lr": [], "curve": []}
         if resume is not None:
             start, hist = resume["step"], resume["history"]
-            opt.load_state_dict(resume["optimizer"])
+            if callable(resume["optimizer"]):  # a sharded checkpoint loads itself (`dist.load_sharded`)
+                resume["optimizer"](opt)
+            else:
+                opt.load_state_dict(resume["optimizer"])
             for _ in range(start):  # replay the random draws of the steps already taken
                 next(data)
                 if use_safety:
@@ -111,10 +124,22 @@ def finetune_cwac(model, seqs: list[Seq], *, steps: int, batch_size: int = 16, l
                                  initial=start, total=steps)):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps, lr, warmup)
+            batch = next(data)
             pick = torch.randint(len(features.ids), (safety_batch,), generator=g).to(device) if use_safety else None
-            out = cwac_step(model, opt, collate(next(data), pad_id, device), subspace=subspace, features=features,
+            counts = {}
+            if world > 1:  # this rank's part of the global batch; the losses normalised by the global counts
+                counts = {"n_task": n_targets(batch),
+                          "n_safety": int(features.keep[pick].sum()) if use_safety else None}
+                batch = batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]
+                pick = pick.chunk(world)[rank] if use_safety else None
+            out = cwac_step(model, opt, collate(batch, pad_id, device), subspace=subspace, features=features,
                             lam=lam, safety_batch=pick, penalty=penalty, grad_clip=grad_clip,
-                            project_update=project_update, project_grad=project_grad, autocast_dtype=autocast_dtype)
+                            project_update=project_update, project_grad=project_grad, autocast_dtype=autocast_dtype,
+                            **counts)
+            if world > 1:  # the global losses: the sum of the ranks' parts
+                total = torch.tensor([out["loss"], out["task"], out["safety"]], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(total)
+                out = dict(zip(("loss", "task", "safety"), total.tolist()))
             hist["step"].append(step)
             for k, v in out.items():
                 hist[k].append(v)

@@ -54,15 +54,25 @@ def collate(seqs: list[Seq], pad_id: int, device: torch.device | str = "cpu"):
     return input_ids.to(device), labels.to(device)
 
 
-def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+            n_targets: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose *target* has a label.
 
-    Right padding needs no attention mask: with causal attention no real token ever sees a pad after it.
+    n_targets: divide the summed loss by this count instead (the targets of the whole global batch when this is
+    one rank's part of it: the ranks' gradients then sum to the global mean's). Right padding needs no attention
+    mask: with causal attention no real token ever sees a pad after it.
     """
     logits = logits_of(model(input_ids))  # (B, T, V)
     if not (labels[:, 1:] != -100).any():  # no target at all (e.g. answers cut off by max_len): a zero loss, not NaN
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                         reduction="mean" if n_targets is None else "sum")
+    return ce if n_targets is None else ce / n_targets
+
+
+def n_targets(seqs: list[Seq]) -> int:
+    """The positions `lm_loss` takes a loss at: every masked token but a sequence's first (it has no context)."""
+    return sum(sum(mask[1:]) for _, mask in seqs)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:

@@ -115,8 +115,9 @@ class SafetyFeatures:
             return x.float() @ self.directions
         return x.float()
 
-    def loss(self, model, batch: torch.Tensor | None = None) -> torch.Tensor:
-        """L_safety on the prompts `batch` (indices into the fixed set; all of them if None)."""
+    def loss(self, model, batch: torch.Tensor | None = None, n_tokens: int | None = None) -> torch.Tensor:
+        """L_safety on the prompts `batch` (indices into the fixed set; all of them if None). n_tokens: divide the
+        sum over tokens by this count instead of taking the mean (one rank's part of a global batch)."""
         ids, keep, z0 = (self.ids, self.keep, self.z0) if batch is None else \
             (self.ids[batch], self.keep[batch], self.z0[batch])
         T = int(keep.any(0).nonzero().max()) + 1  # drop the padding columns this batch does not need
@@ -124,7 +125,8 @@ class SafetyFeatures:
         x = residual(model, ids, self.layer, grad=True)  # (B, T, hidden): nothing above the SAE layer runs
         with torch.autocast(x.device.type, enabled=False):  # z and z0 in float32, also under bf16-mixed
             z = self.readout_of(x.float())
-        return ((z - z0) ** 2).sum(-1)[keep].mean()  # summed over features, averaged over tokens
+        per_token = ((z - z0) ** 2).sum(-1)[keep]  # summed over features, averaged over tokens
+        return per_token.mean() if n_tokens is None else per_token.sum() / n_tokens
 
     def to(self, device) -> "SafetyFeatures":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731

@@ -19,20 +19,29 @@ def atomic_folder(path: str | Path):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as e:
         raise OSError(f"cannot write {path}: {e.strerror or e}") from None
-    old = path.with_name(f".{path.name}.old")
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; a checkpoint is meant to be shared
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
+        replace_folder(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Put the finished folder `tmp` in the place of `path` (an old one is removed only after the new one is in
+    place; interrupted between the two renames, the old one is put back)."""
+    old = path.with_name(f".{path.name}.old")
+    os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; a checkpoint is meant to be shared
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
+    try:
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             path.rename(old)
         tmp.rename(path)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not path.exists():  # interrupted between the two renames: put the old one back
+        if old.exists() and not path.exists():
             old.rename(path)
         raise
 

@@ -149,20 +149,40 @@ class Subspace:
         modules = dict(model.named_modules())
         return [modules[n].bias for n in self.S if getattr(modules.get(n), "bias", None) is not None]
 
+    def shard(self, model) -> "Subspace":
+        """The same constraint for a model whose weights are sharded by rows (FSDP2's `fully_shard`, `minicwac.dist`):
+        W0S is split by the same rows as each weight (a DTensor laid out like it); S stays whole on every rank.
+        Row i of W S - W0S needs only row i of W, so every projection then runs on the local shard, no
+        communication."""
+        from torch.distributed.tensor import distribute_tensor
+        W0S = {}
+        for name, W, S in self._weights(model):
+            if not hasattr(W, "device_mesh"):
+                raise ValueError(f"{name}.weight is not sharded (a DTensor); shard the model first")
+            W0S[name] = distribute_tensor(self.W0S[name].to(W.device_mesh.device_type), W.device_mesh, W.placements,
+                                          src_data_rank=None)  # every rank holds W0S: each keeps its own rows
+        return Subspace({n: S.to(W.device_mesh.device_type) for n, S in self.S.items()}, W0S, dict(self.cfg),
+                        self.spectra)
+
     @torch.no_grad()
     def project_(self, model) -> None:
-        """The weight constraint: W <- W - (W S - W0S) S^T for every target (in the subspace's float dtype)."""
+        """The weight constraint: W <- W - (W S - W0S) S^T for every target (in the subspace's float dtype); on
+        row-sharded weights, on each rank's rows."""
         for name, W, S in self._weights(model):
+            W, W0S = _local(W), _local(self.W0S[name])
+            S, W0S = S.to(W.device), W0S.to(W.device)  # no-ops unless the weights are offloaded to the CPU
             Wf = W.to(S.dtype)
-            W.copy_(Wf - (Wf @ S - self.W0S[name]) @ S.T)
+            W.copy_(Wf - (Wf @ S - W0S) @ S.T)
 
     @torch.no_grad()
     def project_grad_(self, model) -> None:
         """Remove the gradient's component on S: g <- g - (g S) S^T (what the paper does; not exact under Adam)."""
         for _, W, S in self._weights(model):
             if W.grad is not None:
-                g = W.grad.to(S.dtype)
-                W.grad.copy_(g - (g @ S) @ S.T)
+                grad = _local(W.grad)
+                S = S.to(grad.device)
+                g = grad.to(S.dtype)
+                grad.copy_(g - (g @ S) @ S.T)
 
     @torch.no_grad()
     def leak(self, model, reference) -> dict[str, float]:
@@ -177,9 +197,14 @@ class Subspace:
     @torch.no_grad()
     def mismatch(self, model) -> float:
         """max over targets of ||W S - W0S|| / ||W0S||: 0 on the model the subspace was made from, and on every
-        model the weight constraint has kept."""
-        return max((float((W.to(S.dtype) @ S - self.W0S[n]).norm() / self.W0S[n].norm().clamp(min=1e-30))
-                    for n, W, S in self._weights(model)), default=0.0)
+        model the weight constraint has kept. On row-sharded weights: over this rank's rows of every target."""
+        out = 0.0
+        for n, W, S in self._weights(model):
+            W, W0S = _local(W), _local(self.W0S[n])
+            if W.numel():  # a rank may hold no rows of a small matrix
+                S, W0S = S.to(W.device), W0S.to(W.device)
+                out = max(out, float((W.to(S.dtype) @ S - W0S).norm() / W0S.norm().clamp(min=1e-30)))
+        return out
 
     def ranks(self) -> dict[str, tuple[int, int]]:
         """{name: (k, in)}."""
@@ -215,6 +240,11 @@ class Subspace:
                              f"got {sorted(tensors)[:4]}")
         evals = {k[:-len(".weight.evals")]: v for k, v in tensors.items() if k.endswith(".weight.evals")}
         return cls(S, W0S, cfg, evals)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (a DTensor), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def prompts_hash(seqs: list[list[int]]) -> str:

@@ -1,0 +1,182 @@
+"""Past one device: the same fine-tuning under FSDP2, started by torchrun. No collective code of our own: sharding,
+gathering and checkpointing are torch.distributed's (`fully_shard`, `get_model_state_dict`, `dcp.save`).
+
+    torchrun --nproc_per_node 8 -m minicwac finetune --device cuda ...   # 8 GPUs, NCCL
+    torchrun --nproc_per_node 2 -m minicwac finetune --device cpu ...    # 2 CPU processes, gloo
+
+What each piece does:
+- `shard_model`: `fully_shard` on every decoder block, then on the whole model (embeddings, final norm, head).
+  Every weight is split by rows (dim 0) over the ranks and kept in float32 (the master shards); "bf16-mixed"
+  computes in bf16 (`MixedPrecisionPolicy`) and reduces gradients in float32, so the projection acts on float32
+  weights and W S = W0 S stays exact. The ranks' gradients are summed, not averaged: each rank's loss is already
+  its share of the global batch's mean (`core.cwac.finetune_cwac` with rank, world).
+- The weight constraint runs on each rank's rows (`Subspace.shard`): row i of W S - W0S needs only row i of W.
+- L_safety's partial forward runs the sharded blocks up to the SAE layer like any forward.
+- `full_state`: the whole model gathered to rank 0's CPU for the Hugging Face folder.
+- `save_sharded` / `load_sharded`: a resumable checkpoint in which every rank writes its own shards of the weights
+  and of the AdamW states as safetensors (torch.distributed.checkpoint's Hugging Face writer: the shard offsets
+  live in the safetensors headers; nothing is pickled), plus state.json (step, history, run, param groups).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .core.files import replace_folder
+from .core.hooks import block_list
+
+
+def launched() -> bool:
+    """True in a process torchrun started (it sets LOCAL_RANK and WORLD_SIZE), even with one process."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@dataclass
+class Ranks:
+    """This process's place in the run."""
+
+    rank: int
+    world: int
+    device: torch.device  # where the batches and the computation go
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: str = "cpu") -> Ranks:
+    """Join the process group torchrun set up: NCCL on GPUs (one per process, cuda:LOCAL_RANK), gloo on the CPU."""
+    kind = str(device).split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: a sharded run needs cpu (gloo) or cuda (NCCL)")
+    dev = torch.device("cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda, but no GPU is visible")
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", device_id=dev if kind == "cuda" else None)
+    return Ranks(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def shard_model(model: torch.nn.Module, ranks: Ranks, dtype: str = "fp32", offload: bool = False) -> torch.nn.Module:
+    """FSDP2 on `model` in place: each decoder block is one unit, the rest (embeddings, norm, head) the root unit.
+
+    dtype "bf16-mixed": bf16 compute over float32 master shards, gradients reduced in float32. offload: the
+    shards, their gradients and the AdamW states live in CPU memory (the optimizer step runs there)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    if dtype not in ("fp32", "bf16-mixed"):
+        raise ValueError(f"dtype={dtype!r}, expected fp32 or bf16-mixed")
+    if next(model.parameters()).dtype != torch.float32:
+        raise ValueError("shard a float32 model: the master shards the constraint acts on are float32")
+    mesh = init_device_mesh(ranks.device.type, (ranks.world,))
+    kw = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
+          "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if dtype == "bf16-mixed" else MixedPrecisionPolicy()}
+    units = [fully_shard(block, **kw) for block in block_list(model)[1]] + [fully_shard(model, **kw)]
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)  # sum the ranks' gradients: each loss is already its share of the mean
+        unit.set_force_sum_reduction_for_comms(True)  # as a plain SUM (gloo has no pre-scaled sum)
+    return model
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict, gathered to rank 0's CPU (every rank must call this; the others get {})."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unsharded(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain (unsharded) copy of minicwac's `model` holding `state` (from `full_state`), for saving."""
+    with torch.device("meta"):
+        plain = type(model)(model.config, device="meta")
+    if plain.config.tie_word_embeddings:
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    plain.load_state_dict(state, assign=True)
+    if plain.config.tie_word_embeddings:
+        plain.lm_head.weight = plain.model.embed_tokens.weight
+    return plain.eval()
+
+
+def _tensors(model, opt) -> dict:
+    """What a sharded checkpoint holds: the weights' and the AdamW states' shards (tensors only)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)["state"]}
+
+
+def save_sharded(path: Path, model, opt, ranks: Ranks, meta: dict) -> None:
+    """Write the resumable checkpoint `path`: every rank its shards, rank 0 state.json (meta + param groups).
+    It is written beside `path` and renamed into place by rank 0, so an interrupted save leaves the old one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    tmp = path.with_name(f".{path.name}.tmp")
+    if ranks.main and tmp.exists():
+        shutil.rmtree(tmp)  # our own leftover of an interrupted save
+    dist.barrier()
+    dcp.save(_tensors(model, opt), storage_writer=dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True))
+    groups = get_optimizer_state_dict(model, opt)["param_groups"]
+    if ranks.main:
+        (tmp / "state.json").write_text(json.dumps({**meta, "param_groups": groups}))
+        replace_folder(tmp, path)
+    dist.barrier()
+
+
+def load_sharded(path: Path, model, opt) -> dict:
+    """Load the weights and the AdamW states of a `save_sharded` checkpoint into `model` and `opt` (each rank its
+    shards); returns its state.json."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    meta = json.loads((path / "state.json").read_text())
+    state = _tensors(model, opt)  # the layout to read into (AdamW states created if the optimizer has none yet)
+    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(path)))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, {"state": state["optim"], "param_groups": meta["param_groups"]})
+    return meta
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def close() -> None:
+    """Leave the process group (the end of a torchrun process)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_local(fn, world: int, *args) -> None:
+    """Run fn(ranks, *args) in `world` new CPU processes on this machine (gloo, a free local port), as torchrun
+    would start them: for tests and benchmarks. `fn` must be a module-level function; results go through files."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_entry, args=(world, port, fn, args), nprocs=world, start_method="spawn")
+
+
+def _entry(rank: int, world: int, port: int, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    ranks = init("cpu")
+    try:
+        fn(ranks, *args)
+    finally:
+        close()
+
+
+def max_over_ranks(x: float, device: torch.device) -> float:
+    """The largest of every rank's `x` (e.g. the leak measured on each rank's shards)."""
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
