@@ -12,6 +12,7 @@ from .toy.select import DEV_SEED
 from .fetch import DTYPES, FETCH_TARGETS, MODELS, MissingDependencyError, fetch
 from .real import PRESETS as REAL_PRESETS
 from .real import REAL_DTYPES, REAL_METHODS
+from .core.lora import LINEARS as LORA_LINEARS
 from .toy.world import TASKS
 
 
@@ -147,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--dtype", default="fp32", choices=["fp32", "bf16-mixed"],
                    help="bf16-mixed: float32 weights with bf16 compute (the constraint stays exact)")
     t.add_argument("--device", default="cpu", help="cpu or cuda; under torchrun each process takes cuda:LOCAL_RANK")
+    t.add_argument("--lora-r", type=_positive_int, default=None,
+                   help="train LoRA adapters of this rank only (the weight constraint exact on them)")
+    t.add_argument("--lora-alpha", type=_positive_float, default=None, help="LoRA scale alpha / r (default alpha 2r)")
+    t.add_argument("--lora-targets", nargs="+", default=None, choices=LORA_LINEARS, metavar="NAME",
+                   help=f"block linears that get adapters (default all: {' '.join(LORA_LINEARS)})")
+    t.add_argument("--save-adapter", action="store_true",
+                   help="with --lora-r: write a PEFT adapter folder instead of the merged model")
     t.add_argument("--offload", action="store_true",
                    help="under torchrun: keep the weight shards, gradients and AdamW states in CPU memory")
     t.add_argument("--eval-harmful", default=None, help="harmful prompts for the drift curve (HS against step)")
@@ -392,6 +400,11 @@ def _finetune(args) -> None:
     if (args.eval_every is None) != (args.eval_harmful is None):
         raise ValueError("--eval-harmful and --eval-every go together")
     from . import dist
+    from .core.lora import LoRASettings
+    if args.lora_r is None and (args.lora_alpha is not None or args.lora_targets or args.save_adapter):
+        raise ValueError("--lora-alpha, --lora-targets and --save-adapter need --lora-r")
+    lora = None if args.lora_r is None else LoRASettings(args.lora_r, args.lora_alpha,
+                                                         tuple(args.lora_targets or LORA_LINEARS)).check()
     ranks = dist.init(args.device) if dist.launched() else None  # torchrun: FSDP2 over its processes
     say = print if ranks is None or ranks.main else (lambda *a, **k: None)
     convs = load_conversations(args.data)
@@ -407,7 +420,8 @@ def _finetune(args) -> None:
         res = finetune(model, tok, seqs, kit, args.out, method=args.method, steps=args.steps, epochs=epochs,
                        lr=args.lr, batch_size=args.batch_size, lam=args.lam, dtype=args.dtype,
                        eval_harmful=eval_harmful, eval_every=args.eval_every or 0, save_every=args.save_every or 0,
-                       resume=args.resume, seed=args.seed, progress=not args.quiet, ranks=ranks, offload=args.offload)
+                       resume=args.resume, seed=args.seed, progress=not args.quiet, ranks=ranks, offload=args.offload,
+                       lora=lora, adapter=args.save_adapter, base_model=str(args.model))
     finally:
         if ranks is not None:
             dist.close()
@@ -415,7 +429,8 @@ def _finetune(args) -> None:
     say(f"{args.method}: {len(h['step'])} steps, task loss {h['task'][0]:.3f} -> {h['task'][-1]:.3f}"
         + (f", L_safety {h['safety'][-1]:.4f}" if any(h["safety"]) else "")
         + ("" if res["relative_WS_error"] is None else f", |W S - W0S| / |W0S| = {res['relative_WS_error']:.1e}"))
-    say(f"wrote {args.out} (a Hugging Face folder), history.json" + (", drift.png" if h.get("curve") else "")
+    what = "a PEFT adapter folder" if args.save_adapter else "a Hugging Face folder"
+    say(f"wrote {args.out} ({what}), history.json" + (", drift.png" if h.get("curve") else "")
         + ("" if ranks is None else f"; trained on {ranks.world} ranks"))
 
 

@@ -94,10 +94,14 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def unsharded(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A plain (unsharded) copy of minicwac's `model` holding `state` (from `full_state`), for saving."""
+def unsharded(model: torch.nn.Module, state: dict[str, torch.Tensor], lora=None) -> torch.nn.Module:
+    """A plain (unsharded) copy of minicwac's `model` holding `state` (from `full_state`), for saving; with the
+    same LoRA adapters (`core.lora.LoRASettings`) if it has some."""
     with torch.device("meta"):
         plain = type(model)(model.config, device="meta")
+        if lora is not None:
+            from .core.lora import add_lora
+            add_lora(plain, lora)
     if plain.config.tie_word_embeddings:
         state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
     plain.load_state_dict(state, assign=True)

@@ -37,6 +37,7 @@ from .core.features import (SafetyFeatures, check_latents, check_sae_layer, safe
                             select_latents)
 from .core.files import atomic_folder, write_json_atomic
 from .core.hooks import block_name, model_device, num_blocks
+from .core.lora import LoRASettings, add_lora, merge_lora, save_adapter
 from .core.sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
 from .core.subspace import ALL_LINEARS, DEFAULT_TARGETS, Subspace, compute_subspace
 
@@ -394,7 +395,8 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
              steps: int | None = None, epochs: float | None = None, lr: float = 2e-5, batch_size: int = 8,
              lam: float | None = None, dtype: str = "fp32", eval_harmful: list[str] | None = None,
              eval_every: int = 0, eval_tokens: int = 32, save_every: int = 0, resume: bool = False, seed: int = 0,
-             progress: bool = True, ranks=None, offload: bool = False) -> dict:
+             progress: bool = True, ranks=None, offload: bool = False, lora: LoRASettings | None = None,
+             adapter: bool = False, base_model: str | None = None) -> dict:
     """Fine-tune `model` on `seqs` with `method` and the kit's constraints; write OUT as a Hugging Face folder
     (model + tokenizer), OUT/history.json and, with eval prompts, OUT/drift.png (HS against step).
 
@@ -402,7 +404,10 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     with the same weights as an uninterrupted run. dtype "bf16-mixed": float32 weights, bf16 autocast.
     ranks (`dist.init()` in a torchrun process): the model is sharded with FSDP2 (`dist.shard_model`, offload:
     weights, gradients and AdamW states in CPU memory), each rank trains on its part of every global batch, the
-    checkpoint is sharded (`dist.save_sharded`) and rank 0 writes the folder."""
+    checkpoint is sharded (`dist.save_sharded`) and rank 0 writes the folder.
+    lora: train LoRA adapters only (`core.lora`), the weight constraint made exact on them (A S = 0); OUT is the
+    merged model, or with adapter=True a PEFT adapter folder (adapter_config.json, adapter_model.safetensors; its
+    base_model_name_or_path is `base_model`) and the tokenizer."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if dtype not in DTYPES:
@@ -425,7 +430,13 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError(f"the model's weights are {next(model.parameters()).dtype}; load them in float32 (bf16 "
                          "weights cannot hold the projected values: use dtype='bf16-mixed' for bf16 compute)")
+    if adapter and lora is None:
+        raise ValueError("an adapter folder needs LoRA (--lora-r)")
     sub, feats = kit.constraint(method) if kit is not None else (None, None)
+    if lora is not None:
+        lora.check()
+        if adapter and model.config.model_type == "gpt2":
+            raise ValueError("a GPT-2 adapter cannot be written in PEFT's layout (GPT-2 fuses q, k, v): save merged")
     lam = (kit.settings.lam if kit is not None else 0.0) if lam is None else lam
     out = Path(out)
     ckpt = out / "checkpoint"
@@ -443,7 +454,9 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
         out.mkdir(parents=True, exist_ok=True)
     run = {"method": method, "steps": steps, "lr": lr, "batch_size": batch_size, "lam": lam, "dtype": dtype,
            "seed": seed, "data_sha256": hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16],
-           "kit": None if kit is None else kit.fingerprint}
+           "kit": None if kit is None else kit.fingerprint, "lora": None if lora is None else asdict(lora)}
+    if lora is not None:
+        add_lora(model, lora, seed)
     state, extra = None, {}
     if ranks is None:
         state = _load_state(ckpt, model, run) if resume else None
@@ -476,11 +489,15 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     if ranks is not None:  # the largest over every rank's shards; then the whole model, gathered to rank 0
         leak = None if sub is None else dist.max_over_ranks(leak, ranks.device)
         full = dist.full_state(model)
-        model = dist.unsharded(model, full) if main else None
+        model = dist.unsharded(model, full, lora) if main else None
     result = {"run": run, "history": hist, "relative_WS_error": leak}
     if main:
         from .hf import save_pretrained  # minicwac's own model class writes Hugging Face folders
-        save_pretrained(model, tok, out / ".model.tmp")
+        if adapter:
+            save_adapter(model, out / ".model.tmp", lora, base_model=base_model)
+            tok.save(out / ".model.tmp")
+        else:
+            save_pretrained(merge_lora(model) if lora is not None else model, tok, out / ".model.tmp")
         _move_into(out / ".model.tmp", out)
         write_json_atomic(out / "history.json", {**result, "ranks": 1 if ranks is None else ranks.world})
         if hist.get("curve"):

@@ -143,6 +143,13 @@ class Subspace:
                                  f"({self.W0S[name].shape[0]}, {S.shape[0]})")
             yield name, W, S
 
+    def _adapters(self, model):
+        """(name, module, S) of the targets that carry a LoRA adapter (`core.lora`): their constraint is A S = 0."""
+        modules = dict(model.named_modules())
+        for name, _, S in self._weights(model):
+            if hasattr(modules[name], "lora_A"):
+                yield name, modules[name], S
+
     def biases(self, model) -> list[torch.nn.Parameter]:
         """The biases of the target layers (GPT-2 and Qwen2 have some). (W - W0) S = 0 keeps W x for inputs x in
         the subspace, but a changed bias would still move those outputs, so CWAC keeps these frozen."""
@@ -168,7 +175,16 @@ class Subspace:
     def project_(self, model) -> None:
         """The weight constraint: W <- W - (W S - W0S) S^T for every target (in the subspace's float dtype); on
         row-sharded weights, on each rank's rows."""
+        adapted = {}
+        for name, m, S in self._adapters(model):  # LoRA (W0 frozen): A <- A - (A S) S^T, so (W - W0) S = 0
+            A = _local(m.lora_A)
+            S = S.to(A.device)
+            Af = A.to(S.dtype)
+            A.copy_(Af - (Af @ S) @ S.T)
+            adapted[name] = True
         for name, W, S in self._weights(model):
+            if name in adapted:
+                continue
             W, W0S = _local(W), _local(self.W0S[name])
             S, W0S = S.to(W.device), W0S.to(W.device)  # no-ops unless the weights are offloaded to the CPU
             Wf = W.to(S.dtype)
@@ -177,7 +193,9 @@ class Subspace:
     @torch.no_grad()
     def project_grad_(self, model) -> None:
         """Remove the gradient's component on S: g <- g - (g S) S^T (what the paper does; not exact under Adam)."""
-        for _, W, S in self._weights(model):
+        adapters = {n: m.lora_A for n, m, _ in self._adapters(model)}
+        for name, W, S in self._weights(model):
+            W = adapters.get(name, W)  # with LoRA, A's gradient
             if W.grad is not None:
                 grad = _local(W.grad)
                 S = S.to(grad.device)
@@ -199,11 +217,20 @@ class Subspace:
         """max over targets of ||W S - W0S|| / ||W0S||: 0 on the model the subspace was made from, and on every
         model the weight constraint has kept. On row-sharded weights: over this rank's rows of every target."""
         out = 0.0
+        adapters = {n: m for n, m, _ in self._adapters(model)}
         for n, W, S in self._weights(model):
+            m = adapters.get(n)
+            A = m.lora_A if m is not None else None
+            A = A.full_tensor() if hasattr(A, "full_tensor") else A  # every rank gathers A (r x in): a collective
             W, W0S = _local(W), _local(self.W0S[n])
-            if W.numel():  # a rank may hold no rows of a small matrix
-                S, W0S = S.to(W.device), W0S.to(W.device)
-                out = max(out, float((W.to(S.dtype) @ S - W0S).norm() / W0S.norm().clamp(min=1e-30)))
+            if not W.numel():  # a rank may hold no rows of a small matrix
+                continue
+            S, W0S = S.to(W.device), W0S.to(W.device)
+            if m is not None:  # LoRA: W S - W0S = scale B (A S), W0 being frozen
+                err = m.scale * _local(m.lora_B).to(S.dtype) @ (A.to(S.device, S.dtype) @ S)
+            else:
+                err = W.to(S.dtype) @ S - W0S
+            out = max(out, float(err.norm() / W0S.norm().clamp(min=1e-30)))
         return out
 
     def ranks(self) -> dict[str, tuple[int, int]]:

@@ -1,0 +1,166 @@
+"""LoRA with CWAC's weight constraint made exact on the adapter.
+
+    W = W0 + (alpha / r) B A          A: (r x in), B: (out x r); W0 frozen, B starts at 0
+    after every step:  A <- A - (A S) S^T
+
+Then A S = 0, so (W - W0) S = (alpha / r) B (A S) = 0 whatever B and the optimizer do: the layer's response to the
+safety subspace is the aligned model's, as with the full-weight constraint W <- W - (W S - W0S) S^T (which needs
+W0S; the adapter's needs only S). `Subspace.project_` does this for every target that carries an adapter.
+
+    names = add_lora(model, r=16, alpha=32)       # every linear of every block by default; the rest frozen
+    ... fine-tune (finetune_cwac with the kit's subspace: A is projected after each step) ...
+    save_adapter(model, "adapter/")                # PEFT's layout: adapter_config.json + adapter_model.safetensors
+    merge_lora(model)                              # or fold B A into W: a plain model for save_pretrained
+
+`constrain_peft_` applies the same projection to a PEFT model's `lora_A` weights, for users who train with peft.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from .files import atomic_folder
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRASettings:
+    r: int = 16
+    alpha: float | None = None  # None: 2 r (a scale of 2)
+    targets: tuple[str, ...] = LINEARS  # module name endings inside the decoder blocks
+
+    def check(self) -> "LoRASettings":
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"lora r={self.r!r}, expected a positive integer")
+        if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"lora alpha={self.alpha!r}, expected a finite number > 0")
+        bad = [t for t in self.targets if t not in LINEARS]
+        if bad or not self.targets:
+            raise ValueError(f"lora targets {list(bad or self.targets)}: expected some of {', '.join(LINEARS)}")
+        self.targets = tuple(self.targets)
+        return self
+
+    @property
+    def scale(self) -> float:
+        return (2 * self.r if self.alpha is None else self.alpha) / self.r
+
+
+class LoRALinear(nn.Linear):
+    """A frozen nn.Linear (same weight and bias parameters, same name in the model) plus a trainable B A."""
+
+    def __init__(self, base: nn.Linear, r: int, scale: float, generator: torch.Generator | None = None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        # A as nn.Linear (and PEFT) initialise it: kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))
+        bound = 1 / math.sqrt(self.in_features)
+        A = torch.rand(r, self.in_features, generator=generator) * 2 * bound - bound if kw["device"] != torch.device(
+            "meta") else torch.empty(r, self.in_features)
+        self.lora_A = nn.Parameter(A.to(**kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
+        self.r, self.scale = r, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def merged(self) -> torch.Tensor:
+        """W0 + scale B A."""
+        return self.weight + self.scale * self.lora_B @ self.lora_A
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_lora(model: nn.Module, settings: LoRASettings, seed: int = 0) -> list[str]:
+    """Put an adapter on every `settings.targets` linear of every decoder block (in place) and freeze every other
+    parameter; A drawn from `seed`. Returns the adapted module names (the subspace's names:
+    model.layers.{i}.mlp.down_proj, ...)."""
+    from .hooks import block_list
+    settings.check()
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA adapters")
+    blocks, _ = block_list(model)
+    rx = re.compile(re.escape(blocks) + r"\.\d+\..*\.(" + "|".join(settings.targets) + ")")
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and rx.fullmatch(n)]
+    if not names:
+        raise ValueError(f"no linear layer named {', '.join(settings.targets)} in the decoder blocks")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(n), settings.r, settings.scale, g))
+    return names
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight (W0 + scale B A) and put back plain nn.Linear modules, trainable."""
+    for n, m in lora_modules(model).items():
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin.weight = nn.Parameter(m.merged())
+        if m.bias is not None:
+            lin.bias = nn.Parameter(m.bias.detach())
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent), child, lin)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def save_adapter(model: nn.Module, path: str | Path, settings: LoRASettings, base_model: str | None = None) -> Path:
+    """The adapters as a PEFT adapter folder: adapter_model.safetensors (base_model.model.<name>.lora_A.weight,
+    ...lora_B.weight) and adapter_config.json. peft's PeftModel.from_pretrained loads it onto the transformers
+    model of the same folder (Llama-style families; GPT-2's fused layout differs: save it merged)."""
+    if getattr(getattr(model, "config", None), "model_type", None) == "gpt2":
+        raise ValueError("a GPT-2 adapter cannot be written in PEFT's layout (GPT-2 fuses q, k, v): save merged")
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("the model has no LoRA adapters")
+    tensors = {}
+    for n, m in mods.items():
+        tensors[f"base_model.model.{n}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
+        tensors[f"base_model.model.{n}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous()
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.r, "lora_alpha": settings.scale * settings.r,
+           "target_modules": sorted({n.rsplit(".", 1)[1] for n in mods}), "lora_dropout": 0.0, "bias": "none",
+           "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+           "base_model_name_or_path": base_model, "modules_to_save": None, "use_rslora": False, "use_dora": False}
+    with atomic_folder(path) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "minicwac_lora.json").write_text(json.dumps(asdict(settings)))
+    return Path(path)
+
+
+@torch.no_grad()
+def constrain_peft_(peft_model: nn.Module, subspace) -> int:
+    """The exact constraint on a PEFT LoRA model: lora_A <- lora_A - (lora_A S) S^T on every adapter of every module
+    the subspace names (call it after each optimizer step). Returns how many lora_A weights were projected."""
+    modules = dict(peft_model.named_modules())
+    n = 0
+    for name, S in subspace.S.items():
+        hits = [m for k, m in modules.items() if k.endswith("." + name) and hasattr(m, "lora_A")]
+        if not hits:
+            raise ValueError(f"no LoRA module for the subspace layer {name!r} in the PEFT model")
+        for m in hits:
+            for lin in m.lora_A.values():
+                A = lin.weight
+                Sd = S.to(A.device, torch.float32)
+                Af = A.float()
+                A.copy_(Af - (Af @ Sd) @ Sd.T)
+                n += 1
+    return n
