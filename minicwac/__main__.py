@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--device", default="cpu")
     b.add_argument("--repeats", type=_positive_int, default=None, help="timed steps (default: step 30, model 10)")
     b.add_argument("--m", type=_positive_int, default=None, help="safety latents (--what step; default 100)")
+    b.add_argument("--fsdp", action="store_true",
+                   help="--what step: the sharded step, FSDP2 over --ranks CPU processes (gloo) started here")
+    b.add_argument("--ranks", type=_positive_int, default=2, help="processes for --fsdp (default 2)")
     b.add_argument("--sae-layer", type=_positive_int, default=None,
                    help="SAE after this many blocks (--what step; default: the middle one)")
     b.add_argument("--shape", default="tiny", choices=["tiny", "llama-1b", "llama-8b"], help="model shape (--what model)")
@@ -247,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "fetch" and args.dtype is not None and args.target not in MODELS:
         ap.error(f"--dtype applies to models only ({', '.join(MODELS)}), not to {args.target}")
-    if args.cmd == "bench" and args.what == "model" and (args.m is not None or args.sae_layer is not None):
-        ap.error("--m and --sae-layer apply to --what step only")
+    if args.cmd == "bench" and args.what == "model" and (args.m is not None or args.sae_layer is not None
+                                                         or args.fsdp):
+        ap.error("--m, --sae-layer and --fsdp apply to --what step only")
+    if args.cmd == "bench" and args.fsdp and args.device != "cpu":
+        ap.error("bench --fsdp starts its CPU processes itself; on GPUs run finetune under torchrun")
     try:
         if args.cmd == "demo":
             from .report import results_table
@@ -290,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}/selection.json and selection.md; chosen: {res['flags'] or 'the defaults'}")
         elif args.cmd == "bench":
             from . import bench
-            if args.what == "step":
+            if args.what == "step" and args.fsdp:
+                print(bench.format_step_fsdp(bench.bench_step_fsdp(args.ranks, args.repeats or 20, m=args.m or 100,
+                                                                   layer=args.sae_layer)))
+            elif args.what == "step":
                 print(bench.format_step(bench.bench_step(args.device, args.repeats or 30, m=args.m or 100,
                                                          layer=args.sae_layer)))
             else:

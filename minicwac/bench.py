@@ -120,6 +120,78 @@ def bench_step(device: str = "cpu", repeats: int = 30, warmup: int = 5, m: int =
     return res
 
 
+def bench_step_fsdp(world: int = 2, repeats: int = 20, warmup: int = 3, m: int = 100, safety_batch: int = 16,
+                    layer: int | None = None) -> dict:
+    """The same two steps sharded with FSDP2 over `world` CPU processes (gloo) on this machine: each rank takes its
+    part of the same global batches (`step_setup`), as `finetune --` under torchrun does. ms per step (rank 0's
+    median; every step ends with the ranks in step, since the gradients are reduced across them), and the leak
+    ||W S - W0S|| / ||W0S|| on every rank's shards after the timed steps."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from . import dist
+    if world < 2:
+        raise ValueError(f"--ranks {world}: a sharded benchmark needs at least 2 processes")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        dist.run_local(_fsdp_rank, world, str(out), repeats, warmup, m, safety_batch, layer)
+        return json.loads(out.read_text())
+
+
+def _fsdp_rank(ranks, out: str, repeats: int, warmup: int, m: int, safety_batch: int, layer: int | None) -> None:
+    import json
+    from pathlib import Path
+
+    from . import dist
+    st = step_setup("cpu", m, safety_batch, layer=layer)
+    model = dist.shard_model(st["model"], ranks)
+    sub, feats = st["subspace"].shard(model), st["features"]
+    opt = make_optimizer(model, st["recipe"].finetune_lr, 0.1)
+    k, i = ranks.rank, {"n": 0}
+    if safety_batch % ranks.world or st["fixed"][0][0].shape[0] % ranks.world:
+        raise ValueError(f"the task batch and the safety batch ({safety_batch}) must split evenly over {ranks.world}")
+
+    def task_part():  # this rank's rows of the global batch; the loss normalised by the global target count
+        ids, labels = st["fixed"][i["n"] % len(st["fixed"])]
+        i["n"] += 1
+        rows = ids.shape[0] // ranks.world
+        part = slice(k * rows, (k + 1) * rows)
+        return (ids[part], labels[part]), int((labels[:, 1:] != -100).sum())
+
+    def sft():
+        batch, n = task_part()
+        return cwac_step(model, opt, batch, n_task=n)
+
+    def cwac():
+        batch, n = task_part()
+        pick = st["pick"]()
+        return cwac_step(model, opt, batch, subspace=sub, features=feats, lam=LAM, n_task=n,
+                         safety_batch=pick.chunk(ranks.world)[k], n_safety=int(feats.keep[pick].sum()))
+
+    model.train()
+    res = {"ranks": ranks.world, "backend": "gloo", "threads": torch.get_num_threads(),
+           "params": sum(p.numel() for p in model.parameters()), "m": m, "layer": st["layer"],
+           **_time({"sft_ms": sft, "cwac_ms": cwac}, "cpu", repeats, warmup)}
+    res["ratio"] = res["cwac_ms"] / res["sft_ms"]
+    res["leak"] = dist.max_over_ranks(sub.mismatch(model), ranks.device)
+    if ranks.main:
+        Path(out).write_text(json.dumps(res))
+
+
+def format_step_fsdp(res: dict) -> str:
+    return "\n".join([
+        f"CWAC step vs SFT step sharded with FSDP2 over {res['ranks']} CPU processes ({res['backend']}, "
+        f"{res['threads']} thread(s) each), toy model {res['params'] / 1e6:.2f}M params, {res['m']} latents after "
+        f"block {res['layer']}; each rank takes 1/{res['ranks']} of the same global batch",
+        "| part | ms |", "|---|---|",
+        f"| SFT step | {res['sft_ms']:.2f} |",
+        f"| CWAC step | {res['cwac_ms']:.2f} |",
+        f"| ratio CWAC / SFT | {res['ratio']:.2f} |",
+        f"| leak: max over every rank's shards of norm(W S - W0S) / norm(W0S), after the timed steps | "
+        f"{res['leak']:.1e} |"])
+
+
 def format_step(res: dict) -> str:
     return "\n".join([
         f"CWAC step vs SFT step on {res['device']} ({res['threads']} threads), toy model {res['params'] / 1e6:.2f}M "

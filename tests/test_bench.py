@@ -67,3 +67,16 @@ def test_bench_step_at_a_later_layer_with_more_latents():
     assert "500 latents after block 3 of 4" in bench.format_step(res)
     with pytest.raises(ValueError, match="m=0 latents"):
         bench.bench_step(m=0)
+
+
+@pytest.mark.slow
+def test_bench_step_fsdp_reports_the_sharded_step():
+    """bench --what step --fsdp: 2 CPU processes (gloo) time the sharded SFT and CWAC steps; the constraint held."""
+    from minicwac.bench import bench_step_fsdp, format_step_fsdp
+    res = bench_step_fsdp(2, repeats=2, warmup=1, m=8)
+    assert res["ranks"] == 2 and res["sft_ms"] > 0 and res["cwac_ms"] > 0
+    assert res["ratio"] == pytest.approx(res["cwac_ms"] / res["sft_ms"])
+    assert res["leak"] <= 1e-6
+    assert "ratio CWAC / SFT" in format_step_fsdp(res)
+    with pytest.raises(ValueError, match="at least 2"):
+        bench_step_fsdp(1)
