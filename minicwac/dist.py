@@ -78,7 +78,8 @@ def shard_model(model: torch.nn.Module, ranks: Ranks, dtype: str = "fp32", offlo
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError("shard a float32 model: the master shards the constraint acts on are float32")
     mesh = init_device_mesh(ranks.device.type, (ranks.world,))
-    kw = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
+    kw = {"mesh": mesh, "offload_policy": CPUOffloadPolicy(pin_memory=ranks.device.type == "cuda") if offload
+          else OffloadPolicy(),
           "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if dtype == "bf16-mixed" else MixedPrecisionPolicy()}
     units = [fully_shard(block, **kw) for block in block_list(model)[1]] + [fully_shard(model, **kw)]

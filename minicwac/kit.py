@@ -396,7 +396,7 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
              lam: float | None = None, dtype: str = "fp32", eval_harmful: list[str] | None = None,
              eval_every: int = 0, eval_tokens: int = 32, save_every: int = 0, resume: bool = False, seed: int = 0,
              progress: bool = True, ranks=None, offload: bool = False, lora: LoRASettings | None = None,
-             adapter: bool = False, base_model: str | None = None) -> dict:
+             adapter: bool = False, base_model: str | None = None, checkpointing: bool = False) -> dict:
     """Fine-tune `model` on `seqs` with `method` and the kit's constraints; write OUT as a Hugging Face folder
     (model + tokenizer), OUT/history.json and, with eval prompts, OUT/drift.png (HS against step).
 
@@ -407,7 +407,8 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     checkpoint is sharded (`dist.save_sharded`) and rank 0 writes the folder.
     lora: train LoRA adapters only (`core.lora`), the weight constraint made exact on them (A S = 0); OUT is the
     merged model, or with adapter=True a PEFT adapter folder (adapter_config.json, adapter_model.safetensors; its
-    base_model_name_or_path is `base_model`) and the tokenizer."""
+    base_model_name_or_path is `base_model`) and the tokenizer. checkpointing: recompute each block's activations
+    in the backward pass (memory that no longer grows with depth, about a third more compute)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if dtype not in DTYPES:
@@ -457,6 +458,7 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
            "kit": None if kit is None else kit.fingerprint, "lora": None if lora is None else asdict(lora)}
     if lora is not None:
         add_lora(model, lora, seed)
+    model.gradient_checkpointing = checkpointing
     state, extra = None, {}
     if ranks is None:
         state = _load_state(ckpt, model, run) if resume else None

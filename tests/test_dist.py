@@ -40,7 +40,7 @@ def folder(tmp_path_factory, tok):
     return d
 
 
-def _finetune(ranks, d, out, resume=False, die_after=None):
+def _finetune(ranks, d, out, resume=False, die_after=None, dtype="fp32"):
     """One rank of a sharded CWAC fine-tune through `kit.finetune` (die_after: stop right after that checkpoint)."""
     model, tok = load_checkpoint(d / "aligned", dtype=torch.float32)
     kit = Kit.load(d / "kit", model)
@@ -56,7 +56,7 @@ def _finetune(ranks, d, out, resume=False, die_after=None):
         dist.save_sharded = save_then_die
     try:
         finetune(model, tok, seqs, kit, d / out, method="cwac", steps=5, batch_size=4, lr=1e-3, save_every=2,
-                 resume=resume, progress=False, ranks=ranks)
+                 resume=resume, progress=False, ranks=ranks, dtype=dtype)
     except KeyboardInterrupt:
         pass
 
@@ -102,6 +102,11 @@ def test_two_ranks_match_one_and_keep_the_constraint_on_every_shard(folder):
         assert sum(r["rows"][n] for r in reports) == sub.W0S[n].shape[0]  # the two shards cover every row
         assert reports[0]["rows"][n] != reports[1]["rows"][n] or sub.W0S[n].shape[0] % 2 == 0
         assert max(r["leak"][n] for r in reports) <= 1e-6, n
+
+    dist.run_local(_finetune, 2, d, "two-bf16", False, None, "bf16-mixed")  # bf16 compute, float32 master shards
+    h = json.loads((d / "two-bf16" / "history.json").read_text())
+    assert h["relative_WS_error"] <= 1e-6 and h["history"]["task"] != h2["history"]["task"]
+    assert sub.mismatch(load_checkpoint(d / "two-bf16")[0]) <= 1e-6
 
     transformers = pytest.importorskip("transformers", reason="the load check uses transformers (test-only)")
     hf = transformers.AutoModelForCausalLM.from_pretrained(d / "two", attn_implementation="eager").eval()

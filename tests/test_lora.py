@@ -152,24 +152,29 @@ def test_constrain_peft_keeps_a_peft_model_exact():
                                          {"model.layers.0.mlp.down_proj": torch.zeros(32, 2)}))
 
 
-def _lora_rank(ranks, d, out):
+def _lora_rank(ranks, d, out, offload=False):
     model, tok = load_checkpoint(d / "aligned", dtype=torch.float32)
     kit = Kit.load(d / "kit", model)
     seqs, _ = encode_data(tok, load_conversations(d / "data.jsonl"), 64)
     finetune(model, tok, seqs, kit, d / out, method="cwac", steps=5, batch_size=4, lr=1e-3, progress=False,
-             ranks=ranks, lora=LoRASettings(r=4))
+             ranks=ranks, lora=LoRASettings(r=4), checkpointing=True, offload=offload)
 
 
 def test_lora_cwac_on_two_ranks_matches_one(folder):  # noqa: F811
+    """LoRA + CWAC under FSDP2 on 2 ranks, with activation checkpointing, against one process without it; the
+    same with the shards offloaded to CPU memory."""
     d = folder
     model, tok = load_checkpoint(d / "aligned", dtype=torch.float32)
     seqs, _ = encode_data(tok, load_conversations(d / "data.jsonl"), 64)
     finetune(model, tok, seqs, Kit.load(d / "kit", model), d / "lora-one", method="cwac", steps=5, batch_size=4,
              lr=1e-3, progress=False, lora=LoRASettings(r=4))
-    dist.run_local(_lora_rank, 2, d, "lora-two")
+    dist.run_local(_lora_rank, 2, d, "lora-two")  # + activation checkpointing inside the sharded blocks
     one, two = _weights(d / "lora-one"), _weights(d / "lora-two")
     for n in one:
         torch.testing.assert_close(two[n], one[n], atol=1e-5, rtol=0, msg=n)
+    dist.run_local(_lora_rank, 2, d, "lora-offload", True)  # CPU offload of shards, gradients and AdamW states
+    for n, w in _weights(d / "lora-offload").items():
+        torch.testing.assert_close(w, two[n], atol=0, rtol=0, msg=n)
     h = json.loads((d / "lora-two" / "history.json").read_text())
     assert h["ranks"] == 2 and h["relative_WS_error"] <= 1e-6
     assert Subspace.load(d / "kit" / "subspace").mismatch(load_checkpoint(d / "lora-two")[0]) <= 1e-6
