@@ -420,8 +420,12 @@ def _finetune(args) -> None:
     say = print if ranks is None or ranks.main else (lambda *a, **k: None)
     convs = load_conversations(args.data)
     eval_harmful = load_prompts(args.eval_harmful) if args.eval_harmful else None
-    # the projection needs float32 weights; a sharded run reads the folder on the CPU and shards it onto its device
-    model, tok = load_checkpoint(args.model, "cpu" if ranks else args.device, torch.float32)
+    if ranks is None:  # the projection needs float32 weights
+        model, tok = load_checkpoint(args.model, args.device, torch.float32)
+    else:  # sharded as it is read: each rank reads its own rows (+ LoRA adapters, drawn the same on every rank)
+        from .hf import load_tokenizer
+        model = dist.load_pretrained(args.model, ranks, args.dtype, args.offload, lora, args.seed)
+        tok = load_tokenizer(args.model)
     kit = Kit.load(args.kit, model) if args.kit else None
     seqs, cut = encode_data(tok, convs, args.max_len, args.too_long)
     if cut:

@@ -174,7 +174,7 @@ def _fsdp_rank(ranks, out: str, repeats: int, warmup: int, m: int, safety_batch:
            "params": sum(p.numel() for p in model.parameters()), "m": m, "layer": st["layer"],
            **_time({"sft_ms": sft, "cwac_ms": cwac}, "cpu", repeats, warmup)}
     res["ratio"] = res["cwac_ms"] / res["sft_ms"]
-    res["leak"] = dist.max_over_ranks(sub.mismatch(model), ranks.device)
+    res["leak"] = dist.max_over_ranks(sub.mismatch(model))
     if ranks.main:
         Path(out).write_text(json.dumps(res))
 

@@ -89,6 +89,39 @@ def shard_model(model: torch.nn.Module, ranks: Ranks, dtype: str = "fp32", offlo
     return model
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    return hasattr(next(model.parameters()), "device_mesh")
+
+
+def load_pretrained(path: str | Path, ranks: Ranks, dtype: str = "fp32", offload: bool = False, lora=None,
+                    seed: int = 0) -> torch.nn.Module:
+    """A Hugging Face folder as a sharded float32 model, no rank ever holding the whole of it: the model is built
+    on the meta device (with the LoRA adapters of `lora`, if any), sharded, and each rank reads only its own rows
+    of every tensor from the safetensors files (torch.distributed.checkpoint's Hugging Face reader, which casts
+    to float32 as it copies). The folder is checked first (`hf.check_pretrained`). GPT-2's checkpoint names and
+    layouts are not the model's: it is read whole on every rank, then sharded."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+
+    from .core.lora import add_lora, init_lora_
+    from .hf import check_pretrained
+    from .hf import load_pretrained as load_whole
+    model, _, found, _ = check_pretrained(path)
+    if model.config.model_type == "gpt2":
+        model = load_whole(path, "cpu", torch.float32)
+        if lora is not None:
+            add_lora(model, lora, seed)
+        return shard_model(model, ranks, dtype, offload)
+    if lora is not None:
+        add_lora(model, lora, seed)  # on the meta device: drawn below, once the shards exist
+    shard_model(model, ranks, dtype, offload)
+    model.to_empty(device="cpu" if offload else ranks.device)
+    state = {k: v for k, v in model.state_dict().items() if k in found}  # not the adapters, nor a tied head
+    load(state, storage_reader=HuggingFaceStorageReader(str(path)))
+    if lora is not None:
+        init_lora_(model, seed)
+    return model.eval()
+
+
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole state dict, gathered to rank 0's CPU (every rank must call this; the others get {})."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -180,8 +213,9 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
         close()
 
 
-def max_over_ranks(x: float, device: torch.device) -> float:
+def max_over_ranks(x: float) -> float:
     """The largest of every rank's `x` (e.g. the leak measured on each rank's shards)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)

@@ -175,6 +175,33 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     The model is built on the meta device and the tensors are assigned, so no second (float32) copy of the
     weights is ever made. Every check (names, shapes) runs on the file headers before any weight is read.
     """
+    model, files, found, plan = check_pretrained(path)
+    cfg = model.config
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    sd = {}
+    for f in files:  # one file open at a time
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as h:
+                for hf, names, how in plan:
+                    if found[hf][0] != f:
+                        continue
+                    t = h.get_tensor(hf)
+                    t = t.to(dtype) if dtype is not None else t
+                    sd.update(zip(names, _from_stored(t, how, [ours[n][0] for n in names])))
+        except SafetensorError as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
+    if cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model.load_state_dict(sd, assign=True)
+    if cfg.tie_word_embeddings:  # assign replaced the parameter objects: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def check_pretrained(path: str | Path) -> tuple[GPT, list[Path], dict, list]:
+    """Every check of a Hugging Face folder that needs no weight: config, file names, tensor names and shapes
+    (read from the safetensors headers). Returns the model on the meta device, the weight files, {checkpoint
+    name: (file, shape)} and the name plan (checkpoint name, our names, how)."""
     path = Path(path)
     cfg = _read_config(path)
     with torch.device("meta"):
@@ -198,24 +225,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     for hf, shape in expected.items():
         if found[hf][1] != shape:
             raise ValueError(f"{found[hf][0]}: {hf} has shape {found[hf][1]}, expected {shape} from config.json")
-    sd = {}
-    for f in files:  # one file open at a time
-        try:
-            with safe_open(str(f), framework="pt", device=str(device)) as h:
-                for hf, names, how in plan:
-                    if found[hf][0] != f:
-                        continue
-                    t = h.get_tensor(hf)
-                    t = t.to(dtype) if dtype is not None else t
-                    sd.update(zip(names, _from_stored(t, how, [ours[n][0] for n in names])))
-        except SafetensorError as e:
-            raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
-    if cfg.tie_word_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    model.load_state_dict(sd, assign=True)
-    if cfg.tie_word_embeddings:  # assign replaced the parameter objects: tie them again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+    return model, files, found, plan
 
 
 def save_pretrained(model: GPT, tokenizer: ChatTokenizer | None, path: str | Path) -> Path:

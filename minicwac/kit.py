@@ -37,7 +37,7 @@ from .core.features import (SafetyFeatures, check_latents, check_sae_layer, safe
                             select_latents)
 from .core.files import atomic_folder, write_json_atomic
 from .core.hooks import block_name, model_device, num_blocks
-from .core.lora import LoRASettings, add_lora, merge_lora, save_adapter
+from .core.lora import LoRASettings, add_lora, lora_modules, merge_lora, save_adapter
 from .core.sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
 from .core.subspace import ALL_LINEARS, DEFAULT_TARGETS, Subspace, compute_subspace
 
@@ -83,10 +83,12 @@ class KitSettings:
 
 
 def fingerprint(model) -> dict:
-    """What identifies the model a kit belongs to: its parameter names and shapes (hashed), and their count.
-    The weights themselves are checked by W S = W0 S when the kit is loaded."""
-    shapes = [(n, list(p.shape)) for n, p in model.named_parameters()]
-    return {"params": sum(p.numel() for p in model.parameters()), "n_tensors": len(shapes),
+    """What identifies the model a kit belongs to: its parameter names and shapes (hashed), and their count; LoRA
+    adapters (`core.lora`) are not part of it. The weights themselves are checked by W S = W0 S when the kit is
+    loaded."""
+    params = [(n, p) for n, p in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))]
+    shapes = [(n, list(p.shape)) for n, p in params]
+    return {"params": sum(p.numel() for _, p in params), "n_tensors": len(shapes),
             "shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]}
 
 
@@ -153,7 +155,11 @@ class Kit:
                              f"tensors, shapes {kf['shapes_sha256']}); this one has {fp['params']} in "
                              f"{fp['n_tensors']}, shapes {fp['shapes_sha256']}")
         sub = Subspace.load(path / "subspace", device)
-        err = sub.mismatch(model)
+        sharded = hasattr(next(model.parameters()), "device_mesh")  # FSDP2 (`dist.load_pretrained`)
+        err = sub.shard(model).mismatch(model) if sharded else sub.mismatch(model)
+        if sharded:
+            from .dist import max_over_ranks
+            err = max_over_ranks(err)
         if err > 1e-4:
             raise ValueError(f"kit {path} was made for other weights of this architecture: |W S - W0S| / |W0S| = "
                              f"{err:.2g} (expected <= 1e-4 on the model it was calibrated on)")
@@ -456,7 +462,7 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     run = {"method": method, "steps": steps, "lr": lr, "batch_size": batch_size, "lam": lam, "dtype": dtype,
            "seed": seed, "data_sha256": hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16],
            "kit": None if kit is None else kit.fingerprint, "lora": None if lora is None else asdict(lora)}
-    if lora is not None:
+    if lora is not None and not lora_modules(model):  # (`dist.load_pretrained` adds them before it shards)
         add_lora(model, lora, seed)
     model.gradient_checkpointing = checkpointing
     state, extra = None, {}
@@ -464,7 +470,8 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
         state = _load_state(ckpt, model, run) if resume else None
         save_state = lambda step, m, opt, hist: _save_state(ckpt, m, opt, step, hist, run)  # noqa: E731
     else:  # FSDP2: shard the model and the constraint; every rank writes its shards of the checkpoint
-        dist.shard_model(model, ranks, dtype, offload)
+        if not dist.is_sharded(model):
+            dist.shard_model(model, ranks, dtype, offload)
         sub = sub.shard(model) if sub is not None else None
         feats = feats.to(ranks.device) if feats is not None else None
         if resume:
@@ -489,7 +496,7 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
                          resume=state, on_step=on_step, desc=method, progress=progress and main, **extra)
     leak = None if sub is None else sub.mismatch(model)  # the invariant on the written weights: W S = W0 S
     if ranks is not None:  # the largest over every rank's shards; then the whole model, gathered to rank 0
-        leak = None if sub is None else dist.max_over_ranks(leak, ranks.device)
+        leak = None if sub is None else dist.max_over_ranks(leak)
         full = dist.full_state(model)
         model = dist.unsharded(model, full, lora) if main else None
     result = {"run": run, "history": hist, "relative_WS_error": leak}

@@ -17,7 +17,7 @@ from test_kit import HARMFUL, HARMLESS, conversations
 from minicwac import dist
 from minicwac.__main__ import main
 from minicwac.core.subspace import Subspace
-from minicwac.hf import load_checkpoint, save_pretrained
+from minicwac.hf import load_checkpoint, load_pretrained, save_pretrained
 from minicwac.kit import Kit, KitSettings, calibrate, encode_data, finetune, load_conversations
 from minicwac.model import GPT
 
@@ -171,3 +171,31 @@ def test_sharded_errors(folder, tmp_path):
         dist.init("tpu")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "unused.safetensors"))  # nothing of the above wrote a file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unused.safetensors"]
+
+
+def _load_rank(ranks, src, out):
+    """Every rank reads its rows of `src`; the gathered whole goes to `out` (rank 0)."""
+    model = dist.load_pretrained(src, ranks)
+    assert dist.is_sharded(model) and all(p.dtype == torch.float32 for p in model.parameters())
+    full = dist.full_state(model)
+    if ranks.main:
+        save_file({k: v.contiguous() for k, v in full.items() if k != "lm_head.weight" or
+                   not model.config.tie_word_embeddings}, str(out))
+
+
+@pytest.mark.parametrize("family", [dict(model_type="llama", tie_word_embeddings=True),
+                                    dict(model_type="gpt2", num_key_value_heads=4, hidden_act="gelu_new",
+                                         tie_word_embeddings=True)])
+def test_sharded_reading_gives_the_folder_in_float32(tmp_path, family):
+    """A bf16 folder read row by row on 2 ranks (GPT-2: read whole, then sharded) is the folder's model in float32,
+    tied head included."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(intermediate_size=70, **family), dtype=torch.bfloat16)
+    save_pretrained(model, None, tmp_path / "m")
+    dist.run_local(_load_rank, 2, tmp_path / "m", tmp_path / "full.safetensors")
+    full = load_file(tmp_path / "full.safetensors")
+    ref = load_pretrained(tmp_path / "m", dtype=torch.float32)
+    for n, p in ref.state_dict().items():
+        if n == "lm_head.weight" and ref.config.tie_word_embeddings:
+            continue
+        torch.testing.assert_close(full[n], p, atol=0, rtol=0, msg=n)

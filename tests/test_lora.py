@@ -15,7 +15,7 @@ from minicwac.__main__ import main
 from minicwac.core.cwac import finetune_cwac
 from minicwac.core.lora import LoRALinear, LoRASettings, add_lora, constrain_peft_, lora_modules, merge_lora
 from minicwac.core.subspace import ALL_LINEARS, Subspace, compute_subspace
-from minicwac.hf import load_checkpoint
+from minicwac.hf import load_checkpoint, load_tokenizer
 from minicwac.kit import Kit, encode_data, finetune, load_conversations
 
 
@@ -153,11 +153,14 @@ def test_constrain_peft_keeps_a_peft_model_exact():
 
 
 def _lora_rank(ranks, d, out, offload=False):
-    model, tok = load_checkpoint(d / "aligned", dtype=torch.float32)
+    """A rank of a LoRA run as the command line starts it: the model sharded as it is read, adapters included."""
+    lora = LoRASettings(r=4)
+    model = dist.load_pretrained(d / "aligned", ranks, offload=offload, lora=lora)
+    tok = load_tokenizer(d / "aligned")
     kit = Kit.load(d / "kit", model)
     seqs, _ = encode_data(tok, load_conversations(d / "data.jsonl"), 64)
     finetune(model, tok, seqs, kit, d / out, method="cwac", steps=5, batch_size=4, lr=1e-3, progress=False,
-             ranks=ranks, lora=LoRASettings(r=4), checkpointing=True, offload=offload)
+             ranks=ranks, lora=lora, checkpointing=True, offload=offload)
 
 
 def test_lora_cwac_on_two_ranks_matches_one(folder):  # noqa: F811

@@ -57,7 +57,7 @@ class LoRASettings:
 class LoRALinear(nn.Linear):
     """A frozen nn.Linear (same weight and bias parameters, same name in the model) plus a trainable B A."""
 
-    def __init__(self, base: nn.Linear, r: int, scale: float, generator: torch.Generator | None = None):
+    def __init__(self, base: nn.Linear, r: int, scale: float):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
@@ -65,11 +65,7 @@ class LoRALinear(nn.Linear):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
-        # A as nn.Linear (and PEFT) initialise it: kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))
-        bound = 1 / math.sqrt(self.in_features)
-        A = torch.rand(r, self.in_features, generator=generator) * 2 * bound - bound if kw["device"] != torch.device(
-            "meta") else torch.empty(r, self.in_features)
-        self.lora_A = nn.Parameter(A.to(**kw))
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))  # drawn by `init_lora_`
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         self.r, self.scale = r, scale
 
@@ -100,11 +96,33 @@ def add_lora(model: nn.Module, settings: LoRASettings, seed: int = 0) -> list[st
         raise ValueError(f"no linear layer named {', '.join(settings.targets)} in the decoder blocks")
     for p in model.parameters():
         p.requires_grad_(False)
-    g = torch.Generator().manual_seed(seed)
     for n in names:
         parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(n), settings.r, settings.scale, g))
+        setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(n), settings.r, settings.scale))
+    if next(model.parameters()).device.type != "meta":  # a model built on the meta device is drawn once it exists
+        init_lora_(model, seed)
     return names
+
+
+@torch.no_grad()
+def init_lora_(model: nn.Module, seed: int = 0) -> None:
+    """B = 0 and A drawn as nn.Linear (and PEFT) draw it, U(-1/sqrt(in), 1/sqrt(in)), from one generator seeded
+    `seed`, module by module: the same values on one process and on every row-sharded rank (each keeps its rows)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in lora_modules(model).values():
+        bound = 1 / math.sqrt(m.in_features)
+        _set(m.lora_A, torch.rand(tuple(m.lora_A.shape), generator=g) * 2 * bound - bound)
+        _set(m.lora_B, torch.zeros(tuple(m.lora_B.shape)))
+
+
+def _set(p: torch.Tensor, full: torch.Tensor) -> None:
+    """p <- full; a row-sharded p (a DTensor) takes its own rows of `full`."""
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        full = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements, src_data_rank=None)
+        p.to_local().copy_(full.to_local())
+    else:
+        p.copy_(full)
 
 
 @torch.no_grad()

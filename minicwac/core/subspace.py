@@ -215,7 +215,8 @@ class Subspace:
     @torch.no_grad()
     def mismatch(self, model) -> float:
         """max over targets of ||W S - W0S|| / ||W0S||: 0 on the model the subspace was made from, and on every
-        model the weight constraint has kept. On row-sharded weights: over this rank's rows of every target."""
+        model the weight constraint has kept. With LoRA, W is the effective W0 + scale B A. On row-sharded weights:
+        over this rank's rows of every target."""
         out = 0.0
         adapters = {n: m for n, m, _ in self._adapters(model)}
         for n, W, S in self._weights(model):
@@ -226,10 +227,9 @@ class Subspace:
             if not W.numel():  # a rank may hold no rows of a small matrix
                 continue
             S, W0S = S.to(W.device), W0S.to(W.device)
-            if m is not None:  # LoRA: W S - W0S = scale B (A S), W0 being frozen
-                err = m.scale * _local(m.lora_B).to(S.dtype) @ (A.to(S.device, S.dtype) @ S)
-            else:
-                err = W.to(S.dtype) @ S - W0S
+            err = W.to(S.dtype) @ S - W0S
+            if m is not None:  # LoRA: the effective weight is W + scale B A
+                err = err + m.scale * _local(m.lora_B).to(S.dtype) @ (A.to(S.device, S.dtype) @ S)
             out = max(out, float(err.norm() / W0S.norm().clamp(min=1e-30)))
         return out
 
