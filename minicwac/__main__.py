@@ -1,5 +1,5 @@
 """Command line: `python -m minicwac COMMAND ...` with COMMAND one of calibrate, finetune, eval, demo, experiment,
-select, merge, bench, fetch, judge-check, real.
+select, merge, plan, bench, fetch, judge-check, real; `torchrun ... -m minicwac finetune ...` shards it (FSDP2).
 Errors are printed as one line naming what is wrong."""
 from __future__ import annotations
 
@@ -197,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--cache", default=None, help="cache of base/aligned models and SAEs")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    pl = sub.add_parser("plan", help="bytes per GPU of a (sharded) fine-tune before you run it, and whether it fits")
+    from .plan import add_arguments as plan_arguments
+    plan_arguments(pl)
+
     b = sub.add_parser("bench", help="benchmarks (timings reported, not asserted)")
     b.add_argument("--what", required=True, choices=["step", "model"],
                    help="step: CWAC step / SFT step on the toy model; model: minicwac vs transformers on a real shape")
@@ -308,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(bench.format_model(bench.bench_model(args.shape, args.device, args.dtype, args.batch, args.seq,
                                                            args.repeats or 10, compile=args.compile,
                                                            hf=not args.no_hf)))
+        elif args.cmd == "plan":
+            from .plan import run as run_plan
+            print(run_plan(args))
         elif args.cmd == "real":
             from .real import run_real
             out = args.out or f"runs/real-{args.preset}"
