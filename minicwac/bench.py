@@ -192,6 +192,90 @@ def format_step_fsdp(res: dict) -> str:
         f"{res['leak']:.1e} |"])
 
 
+def bench_sharded(ranks, shape: str = "tiny", steps: int = 10, batch: int | None = None, seq: int | None = None,
+                  m: int = 100, rank_frac: float = 0.5, checkpointing: bool = False) -> dict:
+    """A short sharded fine-tune of a random model of `shape` in this torchrun process group: `steps` SFT steps, then
+    `steps` CWAC steps (S a random orthonormal basis of rank_frac x in per down_proj, W0S = W S; m latents of a
+    random SAE in the middle), through `finetune_cwac` as `finetune` runs it. bf16-mixed on GPUs, fp32 on CPU;
+    `batch` sequences of `seq` tokens per rank. Returns ms per step (the median after 2 warm-up steps), the peak
+    GPU memory (the largest over the ranks) against `plan`'s figure, and the leak on every rank's shards."""
+    from . import dist
+    from .core.cwac import finetune_cwac
+    from .core.subspace import Subspace, target_names
+    from .model import GPT, Config
+    from .plan import plan, rank_k
+    cuda = ranks.device.type == "cuda"
+    dtype, batch, seq = "bf16-mixed" if cuda else "fp32", batch or (8 if cuda else 2), seq or (2048 if cuda else 64)
+    if steps < 3:
+        raise ValueError(f"--repeats {steps}: the sharded benchmark needs at least 3 steps (2 are warm-up)")
+    cfg = Config(**SHAPES[shape])
+    with torch.device("meta"):
+        model = GPT(cfg, device="meta")
+    dist.shard_model(model, ranks, dtype)
+    model.to_empty(device=ranks.device)
+    g = torch.Generator(ranks.device).manual_seed(ranks.rank)  # random weights: the timings do not depend on them
+    with torch.no_grad():
+        for p in model.parameters():
+            p.to_local().normal_(0, cfg.initializer_range, generator=g) if p.dim() > 1 else p.to_local().fill_(1.0)
+    model.gradient_checkpointing = checkpointing
+    cpu = torch.Generator().manual_seed(0)  # the same S, prompts and data on every rank
+    S, W0S = {}, {}
+    for n in target_names(model):
+        W = model.get_submodule(n).weight
+        S[n] = torch.linalg.qr(torch.randn(W.shape[1], rank_k(rank_frac, W.shape[1]), generator=cpu).to(
+            ranks.device))[0]
+        W0S[n] = W.detach().full_tensor() @ S[n]
+    sub = Subspace(S, W0S).shard(model)
+    layer = cfg.num_hidden_layers // 2
+    sae = SAE(SAEConfig(cfg.hidden_size, 8 * cfg.hidden_size, 32, layer), device=ranks.device)
+    prompts = torch.randint(3, cfg.vocab_size, (32, 64), generator=cpu).tolist()
+    feats = safety_features(model, prompts, 0, readout="pre", sae=sae, idx=torch.arange(m, device=ranks.device),
+                            layer=layer)
+    seqs = [(torch.randint(3, cfg.vocab_size, (seq,), generator=cpu).tolist(), [1] * seq)
+            for _ in range(batch * ranks.world * steps)]
+    res = {"shape": shape, "ranks": ranks.world, "device": str(ranks.device.type), "dtype": dtype,
+           "params": sum(p.numel() for p in model.parameters()), "batch_per_rank": batch, "seq": seq, "m": m,
+           "checkpointing": checkpointing, "subspace_k": sum(s.shape[1] for s in S.values())}
+    for name, kw in (("sft", {}), ("cwac", {"subspace": sub, "features": feats, "lam": LAM})):
+        times = []
+
+        def tick(*_):
+            _sync(ranks.device)
+            times.append(time.perf_counter())
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        tick()
+        finetune_cwac(model, seqs, steps=steps, batch_size=batch * ranks.world, lr=1e-5, safety_batch=16,
+                      rank=ranks.rank, world=ranks.world, device=ranks.device, on_step=tick, progress=False, **kw)
+        ms = sorted(1000 * (b - a) for a, b in zip(times[2:], times[3:]))
+        res[f"{name}_ms"] = ms[len(ms) // 2]
+        res[f"{name}_peak_gb"] = dist.max_over_ranks(torch.cuda.max_memory_allocated() / 1e9) if cuda else None
+        res[f"{name}_plan_gb"] = plan(cfg, ranks.world, method=name, batch_size=batch, seq_len=seq, dtype=dtype,
+                                      rank_frac=rank_frac, checkpointing=checkpointing)["gpu_bytes"] / 1e9
+    res["ratio"] = res["cwac_ms"] / res["sft_ms"]
+    res["tokens_per_s"] = batch * ranks.world * seq / (res["cwac_ms"] / 1000)
+    res["leak"] = dist.max_over_ranks(sub.mismatch(model))
+    return res
+
+
+def format_sharded(res: dict) -> str:
+    def peak(name):
+        if res[f"{name}_peak_gb"] is None:
+            return f"- (CPU) | {res[f'{name}_plan_gb']:.1f}"
+        return f"{res[f'{name}_peak_gb']:.1f} | {res[f'{name}_plan_gb']:.1f}"
+    return "\n".join([
+        f"A sharded fine-tune of a random {res['shape']} model ({res['params'] / 1e9:.2f} B params) with FSDP2 on "
+        f"{res['ranks']} {res['device']} rank(s), {res['dtype']}, {res['batch_per_rank']} x {res['seq']} tokens per "
+        f"rank, checkpointing {'on' if res['checkpointing'] else 'off'}; CWAC: {res['m']} latents, subspace k = "
+        f"{res['subspace_k']} over the down_proj",
+        "| step | ms | peak GPU GB (largest rank) | `plan` GB |", "|---|---|---|---|",
+        f"| SFT | {res['sft_ms']:.1f} | {peak('sft')} |",
+        f"| CWAC | {res['cwac_ms']:.1f} | {peak('cwac')} |",
+        f"ratio CWAC / SFT {res['ratio']:.2f}; {res['tokens_per_s']:.0f} tokens/s (CWAC); leak (max over every rank's "
+        f"shards of norm(W S - W0S) / norm(W0S)) {res['leak']:.1e}"])
+
+
 def format_step(res: dict) -> str:
     return "\n".join([
         f"CWAC step vs SFT step on {res['device']} ({res['threads']} threads), toy model {res['params'] / 1e6:.2f}M "

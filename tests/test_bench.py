@@ -1,5 +1,7 @@
 """The benchmarks run end to end and report every figure (their timings are never asserted), and what the step
 bench times is the package's training step."""
+import os
+
 import pytest
 import torch
 
@@ -80,3 +82,26 @@ def test_bench_step_fsdp_reports_the_sharded_step():
     assert "ratio CWAC / SFT" in format_step_fsdp(res)
     with pytest.raises(ValueError, match="at least 2"):
         bench_step_fsdp(1)
+
+
+@pytest.mark.slow
+def test_bench_sharded_under_torchrun(tmp_path):
+    """bench --what sharded, as a GPU session runs it, on 2 CPU processes: SFT and CWAC steps timed, the plan's
+    figure beside them, the leak on every shard."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "sharded.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), "-m", "minicwac", "bench", "--what", "sharded",
+                        "--shape", "tiny", "--repeats", "3", "--seq", "32", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["ranks"] == 2 and res["sft_ms"] > 0 and res["cwac_ms"] > 0 and res["leak"] <= 1e-6
+    assert res["cwac_peak_gb"] is None and res["cwac_plan_gb"] > res["sft_plan_gb"] > 0  # no GPU: no peak
+    assert r.stdout.count("ratio CWAC / SFT") == 1  # rank 0 reports

@@ -124,6 +124,7 @@ def test_eval_corrupt_folder(ckpt, tmp_path):
     (["bench", "--what", "model", "--m", "50"], "--m, --sae-layer and --fsdp apply to --what step only"),
     (["bench", "--what", "step", "--fsdp", "--device", "cuda"], "starts its CPU processes itself"),
     (["plan", "--shape", "llama-8b", "--gpus", "0"], "gpus=0, expected an integer >= 1"),
+    (["bench", "--what", "sharded"], "start it with torchrun"),
     (["finetune", "--model", "m", "--data", "d", "--out", "o", "--method", "sft", "--save-adapter"], "need --lora-r"),
     (["bench", "--what", "step", "--m", "5000"], "m=5000 latents, expected 1..1024"),
     (["bench", "--what", "step", "--sae-layer", "5"], "sae_layer=5, expected 1..4"),

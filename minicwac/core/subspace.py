@@ -166,8 +166,9 @@ class Subspace:
         for name, W, S in self._weights(model):
             if not hasattr(W, "device_mesh"):
                 raise ValueError(f"{name}.weight is not sharded (a DTensor); shard the model first")
-            W0S[name] = distribute_tensor(self.W0S[name].to(W.device_mesh.device_type), W.device_mesh, W.placements,
-                                          src_data_rank=None)  # every rank holds W0S: each keeps its own rows
+            # every rank holds W0S: each keeps its own rows, no communication
+            W0S[name] = distribute_tensor(self.W0S[name].detach().to(W.device_mesh.device_type), W.device_mesh,
+                                          W.placements, src_data_rank=None)
         return Subspace({n: S.to(W.device_mesh.device_type) for n, S in self.S.items()}, W0S, dict(self.cfg),
                         self.spectra)
 
