@@ -5,6 +5,8 @@ gathering and checkpointing are torch.distributed's (`fully_shard`, `get_model_s
     torchrun --nproc_per_node 2 -m minicwac finetune --device cpu ...    # 2 CPU processes, gloo
 
 What each piece does:
+- `load_pretrained`: the model built on the meta device, sharded, then each rank reads only its own rows of every
+  tensor of a Hugging Face folder (no rank ever holds the whole model).
 - `shard_model`: `fully_shard` on every decoder block, then on the whole model (embeddings, final norm, head).
   Every weight is split by rows (dim 0) over the ranks and kept in float32 (the master shards); "bf16-mixed"
   computes in bf16 (`MixedPrecisionPolicy`) and reduces gradients in float32, so the projection acts on float32

@@ -413,7 +413,8 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     checkpoint is sharded (`dist.save_sharded`) and rank 0 writes the folder.
     lora: train LoRA adapters only (`core.lora`), the weight constraint made exact on them (A S = 0); OUT is the
     merged model, or with adapter=True a PEFT adapter folder (adapter_config.json, adapter_model.safetensors; its
-    base_model_name_or_path is `base_model`) and the tokenizer. checkpointing: recompute each block's activations
+    base_model_name_or_path is `base_model`) and the tokenizer; `model` itself is left merged (or, with
+    adapter=True, with its adapters). checkpointing: recompute each block's activations
     in the backward pass (memory that no longer grows with depth, about a third more compute)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")

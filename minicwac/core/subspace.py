@@ -161,30 +161,31 @@ class Subspace:
         W0S is split by the same rows as each weight (a DTensor laid out like it); S stays whole on every rank.
         Row i of W S - W0S needs only row i of W, so every projection then runs on the local shard, no
         communication."""
-        from torch.distributed.tensor import distribute_tensor
-        W0S = {}
+        from torch.distributed.tensor import DTensor, distribute_tensor
+        S_, W0S = {}, {}
         for name, W, S in self._weights(model):
             if not hasattr(W, "device_mesh"):
                 raise ValueError(f"{name}.weight is not sharded (a DTensor); shard the model first")
+            dev = W.to_local().device  # beside the shards: the CPU when they are offloaded
             # every rank holds W0S: each keeps its own rows, no communication
-            W0S[name] = distribute_tensor(self.W0S[name].detach().to(W.device_mesh.device_type), W.device_mesh,
-                                          W.placements, src_data_rank=None)
-        return Subspace({n: S.to(W.device_mesh.device_type) for n, S in self.S.items()}, W0S, dict(self.cfg),
-                        self.spectra)
+            d = distribute_tensor(self.W0S[name].detach().to(W.device_mesh.device_type), W.device_mesh, W.placements,
+                                  src_data_rank=None)
+            W0S[name] = DTensor.from_local(d.to_local().to(dev), W.device_mesh, W.placements, shape=d.shape,
+                                           stride=d.stride())
+            S_[name] = S.to(dev)
+        return Subspace(S_, W0S, dict(self.cfg), self.spectra)
 
     @torch.no_grad()
     def project_(self, model) -> None:
         """The weight constraint: W <- W - (W S - W0S) S^T for every target (in the subspace's float dtype); on
         row-sharded weights, on each rank's rows."""
-        adapted = {}
-        for name, m, S in self._adapters(model):  # LoRA (W0 frozen): A <- A - (A S) S^T, so (W - W0) S = 0
-            A = _local(m.lora_A)
-            S = S.to(A.device)
-            Af = A.to(S.dtype)
-            A.copy_(Af - (Af @ S) @ S.T)
-            adapted[name] = True
+        adapters = {n: m for n, m, _ in self._adapters(model)}
         for name, W, S in self._weights(model):
-            if name in adapted:
+            if name in adapters:  # LoRA (W0 frozen): A <- A - (A S) S^T, so (W - W0) S = 0
+                A = _local(adapters[name].lora_A)
+                S = S.to(A.device)
+                Af = A.to(S.dtype)
+                A.copy_(Af - (Af @ S) @ S.T)
                 continue
             W, W0S = _local(W), _local(self.W0S[name])
             S, W0S = S.to(W.device), W0S.to(W.device)  # no-ops unless the weights are offloaded to the CPU
