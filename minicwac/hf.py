@@ -252,5 +252,20 @@ def save_pretrained(model: GPT, tokenizer: ChatTokenizer | None, path: str | Pat
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[GPT, ChatTokenizer]:
-    """Model and tokenizer from one folder."""
+    """Model and tokenizer from one folder. A LoRA adapter folder (adapter_config.json, no config.json) is loaded
+    onto its base model (the local folder its base_model_name_or_path names) and merged."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        from .core.lora import load_adapter, merge_lora
+        try:
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"{path / 'adapter_config.json'} is not valid JSON ({e})") from None
+        if not base or not (Path(base) / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a LoRA adapter for {base!r}, which is not a local model folder; "
+                                    "pass the base model's folder as base_model_name_or_path")
+        model = load_pretrained(base, device, dtype)
+        load_adapter(model, path)
+        tok_from = path if (path / "tokenizer.json").is_file() else Path(base)
+        return merge_lora(model).eval(), load_tokenizer(tok_from)
     return load_pretrained(path, device, dtype), load_tokenizer(path)

@@ -99,10 +99,21 @@ def test_lora_finetune_merged_and_adapter_folders(folder, tmp_path):  # noqa: F8
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "history.json"} <= set(files)
     assert "model.safetensors" not in files
     ids = torch.tensor([tok.encode_chat([{"role": "user", "content": HARMFUL[0]}], add_generation_prompt=True)[0]])
+    ours_again, _ = load_checkpoint(tmp_path / "adapter")  # the adapter folder, put onto its base and merged
+    for (n, a), b in zip(merged.named_parameters(), ours_again.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=n)
+    (tmp_path / "harmful.txt").write_text("\n".join(HARMFUL) + "\n")
+    assert main(["eval", "--model", str(tmp_path / "adapter"), "--harmful", str(tmp_path / "harmful.txt"),
+                 "--max-new-tokens", "2"]) == 0
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "gone"}))
+    with pytest.raises(FileNotFoundError, match="'gone', which is not a local model folder"):
+        load_checkpoint(tmp_path / "adapter")
     transformers = pytest.importorskip("transformers", reason="the load checks use transformers (test-only)")
     peft = pytest.importorskip("peft", reason="the adapter check uses peft (test-only)")
     hf_merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
     hf_base = transformers.AutoModelForCausalLM.from_pretrained(d / "aligned", attn_implementation="eager")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
     hf_adapted = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
     with torch.no_grad():
         ours = merged(ids)

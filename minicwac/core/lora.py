@@ -10,6 +10,7 @@ W0S; the adapter's needs only S). `Subspace.project_` does this for every target
     names = add_lora(model, r=16, alpha=32)       # every linear of every block by default; the rest frozen
     ... fine-tune (finetune_cwac with the kit's subspace: A is projected after each step) ...
     save_adapter(model, "adapter/")                # PEFT's layout: adapter_config.json + adapter_model.safetensors
+    load_adapter(model, "adapter/")                # ... and back onto a base model
     merge_lora(model)                              # or fold B A into W: a plain model for save_pretrained
 
 `constrain_peft_` applies the same projection to a PEFT model's `lora_A` weights, for users who train with peft.
@@ -162,6 +163,41 @@ def save_adapter(model: nn.Module, path: str | Path, settings: LoRASettings, bas
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "minicwac_lora.json").write_text(json.dumps(asdict(settings)))
     return Path(path)
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str | Path, seed: int = 0) -> LoRASettings:
+    """Put the adapters of a PEFT-layout folder (`save_adapter`'s, or peft's own LoRA with default settings) onto
+    `model` (in place). Returns their settings; every tensor is checked against the model's shapes."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: an adapter folder has adapter_config.json and "
+                                    "adapter_model.safetensors")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+        settings = LoRASettings(int(cfg["r"]), float(cfg["lora_alpha"]), tuple(cfg["target_modules"])).check()
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{cfg_file} is not a LoRA adapter config this package reads ({type(e).__name__}: {e})") \
+            from None
+    if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("bias", "none") != "none":
+        raise ValueError(f"{cfg_file}: DoRA, rsLoRA and trained biases are not supported")
+    tensors = load_file(str(weights))
+    names = add_lora(model, settings, seed)
+    want = {f"base_model.model.{n}.lora_{x}.weight": (n, x) for n in names for x in "AB"}
+    if set(tensors) != set(want):
+        odd = sorted(set(tensors) ^ set(want))
+        raise ValueError(f"{weights}: tensor {odd[0]} is {'unexpected' if odd[0] in tensors else 'missing'} "
+                         f"({len(odd)} names differ from the model's adapters)")
+    mods = lora_modules(model)
+    for key, (n, x) in want.items():
+        p = getattr(mods[n], f"lora_{x}")
+        if tuple(tensors[key].shape) != tuple(p.shape):
+            raise ValueError(f"{weights}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(p.shape)}")
+        p.copy_(tensors[key])
+    return settings
 
 
 @torch.no_grad()
