@@ -18,8 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from jinja2 import nodes
-from jinja2.exceptions import SecurityError, TemplateError
+from jinja2 import nodes, pass_context
+from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
@@ -44,9 +44,26 @@ TOY_CHAT_TEMPLATE = (
 )
 
 
+# A rendered chat may hold at most MAX_RENDER_CHARS characters plus RENDER_CHARS_PER_INPUT_CHAR per character of
+# message content: far more than any real template writes (a few hundred characters per turn around the content),
+# yet a template whose loops explode stops there instead of taking all memory. Values that a template builds with
+# `+`, `*` or `**` are held to the same limit.
+MAX_RENDER_CHARS = 1_000_000
+RENDER_CHARS_PER_INPUT_CHAR = 10
+
+
 class ChatTemplateError(TemplateError, ValueError):
-    """Raised by a chat template's `raise_exception(...)` (a jinja2 TemplateError, as in transformers, and a
-    ValueError)."""
+    """A chat template that cannot be used: raised by its `raise_exception(...)` (a jinja2 TemplateError, as in
+    transformers), or for a template that does not compile, fails while rendering or renders too much. A
+    ValueError, so that `python -m minicwac` prints it as one line."""
+
+
+class ChatTemplateUnsafeError(ChatTemplateError, SecurityError):
+    """A chat template tried something the sandbox forbids (a jinja2 SecurityError, as in transformers)."""
+
+
+class ChatMessagesError(ValueError):
+    """Chat messages that are not a list of {"role": str, "content": str} dicts."""
 
 
 # --- The Jinja environment -----------------------------------------------------------------------------------
@@ -60,6 +77,8 @@ class ChatTemplateError(TemplateError, ValueError):
 _generation_track: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar(
     "minicwac_generation_track", default=None)
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# While a chat is rendered: the most characters a value built by the template may have (see MAX_RENDER_CHARS).
+_render_limit: ContextVar[int] = ContextVar("minicwac_render_limit", default=MAX_RENDER_CHARS)
 
 
 class _GenerationBlock(Extension):
@@ -83,7 +102,7 @@ class _GenerationBlock(Extension):
 
 
 def _raise_exception(message):
-    raise ChatTemplateError(f"chat template error: {message}")
+    raise ChatTemplateError(f"chat template error: {_squash(message)}")
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
@@ -124,14 +143,172 @@ class _TemplateNamespace(Namespace):
         Namespace.__setitem__(self, name, value)
 
 
+class _TooLarge(Exception):
+    """A value the template builds with `operator` would have about `size` characters, more than `limit`."""
+
+    def __init__(self, operator: str, size: int, limit: int):
+        super().__init__(operator, size, limit)
+        self.operator, self.size, self.limit = operator, size, limit
+
+
+def _result_size(operator: str, left, right) -> int:
+    """About how many characters, items or decimal digits `left <operator> right` would have (0 when unknown)."""
+    sized = (str, list, tuple)
+    if operator == "+" and isinstance(left, sized) and isinstance(right, sized):
+        return len(left) + len(right)
+    if operator == "*":
+        if isinstance(left, sized) and isinstance(right, int):
+            return len(left) * right
+        if isinstance(right, sized) and isinstance(left, int):
+            return len(right) * left
+        if isinstance(left, int) and isinstance(right, int):
+            return (left.bit_length() + right.bit_length()) // 3
+    if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+        return left.bit_length() * right // 3
+    return 0
+
+
+class _ChatSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, also refusing a `+`, `*` or `**` whose result would pass the render limit: one
+    `'a' * 10**10` or `10 ** (10**10)` would otherwise take all memory or hang, before any output is written."""
+    intercepted_binops = frozenset({"+", "*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        size, limit = _result_size(operator, left, right), _render_limit.get()
+        if size > limit:
+            raise _TooLarge(operator, size, limit)
+        return super().call_binop(context, operator, left, right)
+
+
+@pass_context
+def _finalize(context, value):
+    """Writes each {{ value }} unchanged. Being a context function, it also keeps jinja from evaluating constant
+    {{ ... }} expressions while compiling: `{{ 'a' | center(10**9) }}` runs (and fails) at render, not at load."""
+    return value
+
+
 @lru_cache(maxsize=32)
 def _compile_template(template: str):
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationBlock, "jinja2.ext.loopcontrols"])
+    # optimized=False: no constant folding at compile time either (the same reason as _finalize); the output is
+    # the same.
+    env = _ChatSandbox(trim_blocks=True, lstrip_blocks=True, optimized=False, finalize=_finalize,
+                       extensions=[_GenerationBlock, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
                        namespace=_TemplateNamespace)
     return env.from_string(template)
+
+
+def _checked_template(template, source: str | None = None):
+    """`template` compiled, or one line naming `source` (the file it came from, if any) and what is wrong: a
+    syntax error with its line in the template, or a template that is not a string or too deeply nested."""
+    where = f"{source}: " if source else ""
+    if not isinstance(template, str):
+        raise ChatTemplateError(f"{where}chat_template must be a Jinja template string (or None), got "
+                                f"{_kind(template)}")
+    try:
+        return _compile_template(template)
+    except TemplateSyntaxError as e:
+        raise ChatTemplateError(f"{where}chat template syntax error at line {e.lineno} of the template: "
+                                f"{_squash(e.message)}") from None
+    except (RecursionError, SyntaxError):  # jinja's parser recursion; Python's limit on nested blocks
+        raise ChatTemplateError(f"{where}the chat template is nested too deeply to compile") from None
+    except Exception as e:
+        raise ChatTemplateError(f"{where}the chat template does not compile ({_one_line(e)})") from None
+
+
+def _template_line(e: BaseException) -> int | None:
+    """The template line that raised `e` (the innermost template frame of its traceback), if any."""
+    line, tb = None, e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _render_failure(e: Exception) -> ChatTemplateError:
+    """One line for an exception raised while rendering a chat template; the template's own
+    raise_exception(...) message is kept as it is."""
+    if isinstance(e, ChatTemplateError):
+        return e
+    line = _template_line(e)
+    at = f" at line {line} of the template" if line else ""
+    if isinstance(e, SecurityError):
+        return ChatTemplateUnsafeError(f"the chat template tried something unsafe{at}, refused: {_squash(e)}")
+    if isinstance(e, _TooLarge):
+        return ChatTemplateError(f"the chat template tried to build a value of about {e.size:,} characters with "
+                                 f"'{e.operator}'{at}, over the limit of {e.limit:,}; refused")
+    if isinstance(e, RecursionError):
+        return ChatTemplateError(f"the chat template recursed too deeply{at} (a macro that calls itself without "
+                                 "end?), refused")
+    return ChatTemplateError(f"the chat template failed{at}: {_one_line(e)}")
+
+
+def _kind(x) -> str:
+    """The type of `x` as an error message names it."""
+    return "None" if x is None else type(x).__name__
+
+
+def _utf8_error(s: str) -> int | None:
+    """The index of the first character of `s` that UTF-8 cannot encode (a lone surrogate), or None."""
+    if s.isascii():
+        return None
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def _check_text(i: int, key: str, value) -> None:
+    if not isinstance(value, str):
+        raise ChatMessagesError(f'message {i}: "{key}" must be a string, got {_kind(value)}')
+    bad = _utf8_error(value)
+    if bad is not None:
+        raise ChatMessagesError(f'message {i}: "{key}" has a lone surrogate at character {bad} '
+                                f"({value[bad]!r}); expected text that UTF-8 can encode")
+
+
+def _check_message(i: int, m) -> None:
+    """Message `i` is a dict with a non-empty string "role" and a string "content" (which an assistant message
+    with "tool_calls" may leave out, as in transformers). Content as a list of parts (multimodal chats) is
+    refused: minicwac renders and masks text, and a template that does not expect parts would write their
+    Python repr (`| trim` does) or fail."""
+    if not isinstance(m, Mapping):
+        raise ChatMessagesError(f'message {i}: expected a {{"role": ..., "content": ...}} dict, got {_kind(m)}')
+    if "role" not in m:
+        raise ChatMessagesError(f'message {i}: no "role"; expected a string such as "user" or "assistant"')
+    _check_text(i, "role", m["role"])
+    if not m["role"]:
+        raise ChatMessagesError(f'message {i}: "role" is empty; expected a string such as "user" or "assistant"')
+    content = m.get("content")
+    if content is None and m.get("tool_calls"):
+        return
+    if "content" not in m:
+        raise ChatMessagesError(f'message {i}: no "content"; expected a string')
+    if isinstance(content, (list, tuple)):
+        raise ChatMessagesError(f'message {i}: "content" is a list of parts; minicwac renders text-only chats: '
+                                'expected a string (join the parts\' "text")')
+    _check_text(i, "content", content)
+
+
+def _check_messages(messages) -> None:
+    """Refuse, in one line naming the message, what is not a non-empty list of chat messages."""
+    if not isinstance(messages, (list, tuple)):
+        raise ChatMessagesError('messages must be a list of {"role": ..., "content": ...} dicts, got '
+                                f"{_kind(messages)}")
+    if not messages:
+        raise ChatMessagesError('messages is an empty list; expected at least one {"role": ..., "content": ...} '
+                                "dict")
+    for i, m in enumerate(messages):
+        _check_message(i, m)
+
+
+def _render_limit_for(messages: list[dict]) -> int:
+    """The most characters a chat of these messages may render to (see MAX_RENDER_CHARS)."""
+    chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+    return MAX_RENDER_CHARS + RENDER_CHARS_PER_INPUT_CHAR * chars
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 1024, special_tokens: list[str] = SPECIAL_TOKENS) -> Tokenizer:
@@ -156,6 +333,9 @@ class ChatTokenizer:
     `add_bos_token`/`add_eos_token` are the tokenizer_config.json flags, kept so that `save` writes them back
     (None: not set). Plain text is encoded with special tokens by tokenizer.json's post-processor, as
     transformers does: `encode(text, add_special_tokens=True)`.
+
+    The chat template is compiled when it is set (here or by assigning `chat_template`), so that a syntax error
+    is reported then, not at the first chat.
     """
 
     def __init__(self, tokenizer: Tokenizer, chat_template: str | None = TOY_CHAT_TEMPLATE,
@@ -189,6 +369,16 @@ class ChatTokenizer:
             raise ValueError("a ChatTokenizer needs an eos_token or eos_token_ids")
         self._bos_token_id, self._pad_token_id = bos_token_id, pad_token_id
         self._eos_token_ids = list(eos_token_ids)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, template: str | None) -> None:
+        if template is not None:
+            _checked_template(template)
+        self._chat_template = template
 
     @property
     def vocab_size(self) -> int:
@@ -231,6 +421,10 @@ class ChatTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, track: bool, template_kwargs: dict):
+        """The rendered chat and, if `track`, the character spans of its {% generation %} blocks. The messages
+        are not checked here (render_chat and encode_chat check them; encode_chat renders prefixes, even the empty
+        one). The output is streamed and refused past the render limit; any failure of the template is one
+        ChatTemplateError line."""
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template (tokenizer_config.json has no chat_template and "
                              "there is no chat_template.jinja)")
@@ -239,22 +433,37 @@ class ChatTokenizer:
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         variables = {"tools": None, "documents": None, **self.special_tokens_map, **template_kwargs}
         template = _compile_template(self.chat_template)
-        if not track:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables), []
-        pieces, spans = [], []
-        reset = _generation_track.set((pieces, spans))
+        limit = _render_limit_for(messages)
+        pieces, spans, total = [], [], 0
+        reset_limit = _render_limit.set(limit)
+        reset_track = _generation_track.set((pieces, spans)) if track else None
+        stream = template.generate(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         try:
-            for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                           **variables):
+            for piece in stream:
                 pieces.append(piece)
+                total += len(piece)
+                if total > limit:
+                    raise ChatTemplateError(
+                        f"the chat template rendered more than {limit:,} characters, refused (the limit is "
+                        f"{MAX_RENDER_CHARS:,} plus {RENDER_CHARS_PER_INPUT_CHAR} per character of message content)")
+        except Exception as e:
+            raise _render_failure(e) from None
         finally:
-            _generation_track.reset(reset)
+            stream.close()
+            _render_limit.reset(reset_limit)
+            if reset_track is not None:
+                _generation_track.reset(reset_track)
         return "".join(pieces), spans
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False, **template_kwargs) -> str:
         """The chat as text, rendered by the Jinja chat template exactly as transformers'
         `apply_chat_template(messages, tokenize=False, ...)` renders it. Extra keyword arguments (tools,
-        documents, date_string, ...) are passed to the template."""
+        documents, date_string, ...) are passed to the template.
+
+        `messages` must be a non-empty list of {"role": str, "content": str} dicts (see _check_message); a bad
+        message, a template that fails, tries something unsafe or renders more than the render limit
+        (MAX_RENDER_CHARS) is a ValueError of one line."""
+        _check_messages(messages)
         return self._render(messages, add_generation_prompt, False, template_kwargs)[0]
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False,
@@ -267,17 +476,25 @@ class ChatTokenizer:
         by rendering growing prefixes of the conversation (the text the template adds for assistant turn i is
         what render(messages[:i+1]) adds to render(messages[:i], add_generation_prompt=True): the answer and its
         end token), and a token is an assistant token when its characters lie inside such a span.
+
+        Messages and template are checked as in render_chat.
         """
+        _check_messages(messages)
         tracked = bool(self.chat_template) and _GENERATION_TAG.search(self.chat_template) is not None
         text, spans = self._render(messages, add_generation_prompt, tracked, template_kwargs)
+        bad = _utf8_error(text)
+        if bad is not None:  # the tokenizer would raise a bare TypeError
+            raise ChatTemplateError(f"the rendered chat has a lone surrogate at character {bad} ({text[bad]!r}), "
+                                    "written by the template or a template variable; expected text that UTF-8 "
+                                    "can encode")
         enc = self.tok.encode(text, add_special_tokens=False)
         if tracked:
             mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc.offsets]
             return enc.ids, mask
         for i, m in enumerate(messages):
             if m.get("role") == "assistant":
-                before = self.render_chat(messages[:i], add_generation_prompt=True, **template_kwargs)
-                upto = self.render_chat(messages[: i + 1], **template_kwargs)
+                before = self._render(messages[:i], True, False, template_kwargs)[0]
+                upto = self._render(messages[: i + 1], False, False, template_kwargs)[0]
                 if not (text.startswith(upto) and upto.startswith(before)):
                     raise ValueError(
                         f"cannot find assistant turn {i} in the rendered chat: the chat template does not render a "
@@ -339,8 +556,13 @@ class ChatTokenizer:
 
 # --- Reading a Hugging Face tokenizer folder -----------------------------------------------------------------
 
+def _squash(x) -> str:
+    """`str(x)` on one line (runs of whitespace, newlines included, become one space)."""
+    return " ".join(str(x).split())
+
+
 def _one_line(e: Exception) -> str:
-    return f"{e.__class__.__name__}: " + " ".join(str(e).split())
+    return f"{e.__class__.__name__}: " + _squash(e)
 
 
 def _read_json(f: Path) -> dict:
@@ -348,6 +570,8 @@ def _read_json(f: Path) -> dict:
         d = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"unreadable tokenizer files: {f} is not valid JSON ({_one_line(e)})") from None
+    except RecursionError:
+        raise ValueError(f"unreadable tokenizer files: {f} is nested too deeply") from None
     if not isinstance(d, dict):
         raise ValueError(f"unreadable tokenizer files: {f} holds a JSON {type(d).__name__}; expected an object")
     return d
@@ -375,28 +599,47 @@ def _config_ids(sources: list[tuple[Path, dict]], key: str) -> tuple[list[int], 
     return [], None
 
 
-def _chat_template(path: Path, cfg: dict, tc: Path) -> str | None:
-    """The default chat template. As transformers: a chat_template.jinja file (or chat_templates/default.jinja)
-    takes precedence over tokenizer_config.json's chat_template, which is a string or a list of named templates."""
+def _read_template(f: Path) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{f}: not UTF-8 text ({_one_line(e)}); expected a Jinja chat template") from None
+
+
+def _named_templates(t: list, tc: Path) -> dict:
+    """tokenizer_config.json's chat_template given as a list of {"name": ..., "template": ...} entries, as a dict."""
+    for j, x in enumerate(t):
+        if not (isinstance(x, dict) and isinstance(x.get("name"), str) and isinstance(x.get("template"), str)):
+            raise ValueError(f'{tc}: chat_template entry {j} is {_kind(x)} {_squash(repr(x))[:80]}; expected a '
+                             '{"name": <string>, "template": <string>} entry')
+    return {x["name"]: x["template"] for x in t}
+
+
+def _chat_template(path: Path, cfg: dict, tc: Path) -> tuple[str | None, str | None]:
+    """The default chat template and where it comes from (for error messages). As transformers: a
+    chat_template.jinja file (or chat_templates/default.jinja) takes precedence over tokenizer_config.json's
+    chat_template, which is a string or a list of named templates (of which "default" is used)."""
     for f in (path / "chat_templates" / "default.jinja", path / "chat_template.jinja"):  # transformers' order
         if f.is_file():
-            return f.read_text(encoding="utf-8")
+            return _read_template(f), str(f)
     others = sorted(p.stem for p in (path / "chat_templates").glob("*.jinja"))
     if others:
         raise ValueError(f"{path / 'chat_templates'}: named chat templates {others} but no default; expected "
                          f"{path / 'chat_template.jinja'} or chat_templates/default.jinja")
     t = cfg.get("chat_template")
     if t is None or isinstance(t, str):
-        return t
-    if isinstance(t, list) and all(isinstance(x, dict) and "name" in x and "template" in x for x in t):
-        t = {x["name"]: x["template"] for x in t}
+        return t, str(tc)
+    if isinstance(t, list):
+        t = _named_templates(t, tc)
     if isinstance(t, dict):
-        if not isinstance(t.get("default"), str):
-            raise ValueError(f"{tc}: chat_template lists the named templates {sorted(t)} but none is named "
-                             "'default'; expected one named 'default'")
-        return t["default"]
-    raise ValueError(f"{tc}: chat_template is a {type(t).__name__}; expected a string or a list of "
-                     "{\"name\": ..., \"template\": ...} entries")
+        if "default" not in t:
+            raise ValueError(f"{tc}: chat_template lists the named templates {sorted(map(str, t))} but none is "
+                             "named 'default'; expected one named 'default'")
+        if not isinstance(t["default"], str):
+            raise ValueError(f"{tc}: chat_template 'default' is {_kind(t['default'])}; expected a template string")
+        return t["default"], f"{tc} (chat_template 'default')"
+    raise ValueError(f"{tc}: chat_template is {_kind(t)}; expected a string or a list of "
+                     '{"name": ..., "template": ...} entries')
 
 
 def load_tokenizer(path: str | Path) -> ChatTokenizer:
@@ -408,7 +651,8 @@ def load_tokenizer(path: str | Path) -> ChatTokenizer:
     - tokenizer_config.json (optional): the named special tokens (strings or {"content": ...} dicts; null or absent
       allowed), overridden by a legacy special_tokens_map.json when the config has no added_tokens_decoder;
       add_bos_token/add_eos_token; split_special_tokens; the chat template (a string, or a list of named templates
-      of which "default" is used), unless a chat_template.jinja file is there, which takes precedence.
+      of which "default" is used), unless a chat_template.jinja file is there, which takes precedence. The
+      template is compiled here: a syntax error names the file it is in and its line in the template.
     - generation_config.json, then config.json: eos_token_id (an id or a list) completes eos_token_ids; bos and pad
       ids are used where the tokenizer config has no bos or pad token; an eos id stands in for a missing eos token.
     """
@@ -457,8 +701,11 @@ def load_tokenizer(path: str | Path) -> ChatTokenizer:
         if v is not None and not isinstance(v, bool):
             raise ValueError(f"{tc}: {k} is {v!r}; expected true or false")
         flags[k] = v
+    template, template_source = _chat_template(path, cfg, tc)
+    if template is not None:
+        _checked_template(template, template_source)  # a syntax error names the file
     return ChatTokenizer(
-        tok, _chat_template(path, cfg, tc), bos_token=names["bos_token"], eos_token=names["eos_token"],
+        tok, template, bos_token=names["bos_token"], eos_token=names["eos_token"],
         pad_token=names["pad_token"], other_special_tokens={k: names[k] for k in _OTHER_NAMED},
         bos_token_id=ids["bos_token_id"][0] if names["bos_token"] is None and ids["bos_token_id"] else None,
         eos_token_ids=ids["eos_token_id"],
