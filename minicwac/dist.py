@@ -105,9 +105,10 @@ def load_pretrained(path: str | Path, ranks: Ranks, dtype: str = "fp32", offload
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load
 
     from .core.lora import add_lora, init_lora_
-    from .hf import check_pretrained
+    from .hf import _weights_dtype, check_pretrained
     from .hf import load_pretrained as load_whole
-    model, _, found, _ = check_pretrained(path)
+    model, _, found, plan = check_pretrained(path)
+    _weights_dtype(found, [name for name, _, _ in plan], torch.float32)  # refuses quantized weights
     if model.config.model_type == "gpt2":
         model = load_whole(path, "cpu", torch.float32)
         if lora is not None:
@@ -119,6 +120,9 @@ def load_pretrained(path: str | Path, ranks: Ranks, dtype: str = "fp32", offload
     model.to_empty(device="cpu" if offload else ranks.device)
     state = {k: v for k, v in model.state_dict().items() if k in found}  # not the adapters, nor a tied head
     load(state, storage_reader=HuggingFaceStorageReader(str(path)))
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v.to_local()).all())]
+    if max_over_ranks(float(len(bad))) > 0:  # every rank takes part, whichever holds the bad rows
+        raise ValueError(f"{path}: {bad[0] if bad else 'a weight'} holds NaN/Inf values; refused")
     if lora is not None:
         init_lora_(model, seed)
     return model.eval()

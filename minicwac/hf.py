@@ -11,14 +11,16 @@ half-written checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .core.files import atomic_folder
+from .core.files import atomic_folder, recover
 from .model import FAMILIES, GPT, Config
 from .tokenizer import ChatTokenizer, load_tokenizer  # noqa: F401 -- load_tokenizer is part of this API
 
@@ -57,6 +59,7 @@ IGNORED_TENSORS = re.compile(
 
 
 def _read_config(path: Path) -> Config:
+    recover(path)  # a save killed between its two renames: the last complete folder is put back
     f = path / "config.json"
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist; expected a folder with config.json and "
@@ -67,6 +70,8 @@ def _read_config(path: Path) -> Config:
         d = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{f} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{f} is nested too deeply to be a model config") from None
     if not isinstance(d, dict):
         raise ValueError(f"{f} holds {type(d).__name__}, expected a JSON object")
     mt = d.get("model_type")
@@ -145,6 +150,10 @@ def _weight_files(path: Path) -> tuple[Path, list[Path]]:
     wm = d.get("weight_map") if isinstance(d, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise ValueError(f"{index} has no weight_map; expected {{\"weight_map\": {{tensor name: shard file}}}}")
+    root = path.resolve()
+    for name in dict.fromkeys(wm.values()):
+        if Path(name).is_absolute() or not (path / name).resolve().is_relative_to(root):
+            raise ValueError(f"{index}: shard {name!r} is outside the model folder; expected a file name inside it")
     shards = [path / f for f in dict.fromkeys(wm.values())]  # unique, in order
     for f in shards:
         if not f.is_file():
@@ -152,8 +161,12 @@ def _weight_files(path: Path) -> tuple[Path, list[Path]]:
     return index, shards
 
 
-def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """Tensor name -> (file, shape) for every tensor in the files, from their headers (no data is read)."""
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """Tensor name -> (file, shape, dtype) for every tensor in the files, from their headers (no data is read).
+    A weight that is not floating point (int8, fp8: a quantized checkpoint) is refused here."""
     found = {}
     for f in files:
         try:
@@ -161,22 +174,54 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
                 for k in h.keys():
                     if k in found:
                         raise ValueError(f"{f}: tensor {k} is also in {found[k][0]}; expected each tensor once")
-                    found[k] = (f, tuple(h.get_slice(k).get_shape()))
+                    sl = h.get_slice(k)
+                    found[k] = (f, tuple(sl.get_shape()), sl.get_dtype())
         except SafetensorError as e:
             raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
     return found
 
 
+def _weights_dtype(found: dict, names: list[str], dtype: torch.dtype | None) -> torch.dtype | None:
+    """The rule for the loaded dtype: `dtype` if given; else the checkpoint's own when every weight has the same
+    (16 or 32 bit) float dtype; else float32 (a mix, or float64), which holds every float16/bf16 value exactly."""
+    kinds = {found[n][2] for n in names}
+    bad = sorted(kinds - set(FLOAT_DTYPES))
+    if bad:
+        n = next(n for n in names if found[n][2] == bad[0])
+        raise ValueError(f"{found[n][0]}: {n} is {bad[0]}; expected floating-point weights (F32, BF16, F16): "
+                         "quantized checkpoints are not supported")
+    if dtype is not None:
+        return dtype
+    if len(kinds) == 1 and kinds != {"F64"}:
+        return None
+    warnings.warn(f"the checkpoint mixes {', '.join(sorted(kinds))} weights: loaded as float32", stacklevel=3)
+    return torch.float32
+
+
+def check_finite(name: str, t: torch.Tensor, where, allow: bool) -> None:
+    """Refuse (or with `allow`, warn about) a weight holding NaN or Inf: a model with one generates garbage."""
+    # a NaN or Inf anywhere makes the sum non-finite: one pass, no weight-sized temporary for a clean weight
+    if t.is_floating_point() and t.numel() and not math.isfinite(float(t.sum())):
+        n = int((~torch.isfinite(t)).sum())
+        msg = f"{where}: {name} holds {n} NaN/Inf values"
+        if not allow:
+            raise ValueError(f"{msg}; refused (load with allow_nonfinite=True to read it anyway)")
+        warnings.warn(msg, stacklevel=3)
+
+
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> GPT:
+                    dtype: torch.dtype | None = None, allow_nonfinite: bool = False) -> GPT:
     """Load a Hugging Face folder (llama, mistral, qwen2, gemma2 or gpt2) into the minicwac model, on `device`,
-    in the checkpoint's dtype unless `dtype`.
+    in `dtype`, else the checkpoint's own (float32 if it mixes float dtypes). A weight holding NaN or Inf is
+    refused unless allow_nonfinite (then a warning).
 
     The model is built on the meta device and the tensors are assigned, so no second (float32) copy of the
     weights is ever made. Every check (names, shapes) runs on the file headers before any weight is read.
     """
     model, files, found, plan = check_pretrained(path)
     cfg = model.config
+    _check_device(device)
+    dtype = _weights_dtype(found, [hf for hf, _, _ in plan], dtype)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     sd = {}
     for f in files:  # one file open at a time
@@ -186,6 +231,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
                     if found[hf][0] != f:
                         continue
                     t = h.get_tensor(hf)
+                    check_finite(hf, t, f, allow_nonfinite)
                     t = t.to(dtype) if dtype is not None else t
                     sd.update(zip(names, _from_stored(t, how, [ours[n][0] for n in names])))
         except SafetensorError as e:
@@ -250,10 +296,22 @@ def save_pretrained(model: GPT, tokenizer: ChatTokenizer | None, path: str | Pat
     return Path(path)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> tuple[GPT, ChatTokenizer]:
-    """Model and tokenizer from one folder. A LoRA adapter folder (adapter_config.json, no config.json) is loaded
-    onto its base model (the local folder its base_model_name_or_path names) and merged."""
+def _check_device(device) -> None:
+    """A device this machine has, said in one line (not a CUDA traceback deep in the first copy)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a device name; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}, but no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}, but only {torch.cuda.device_count()} GPU(s) are visible")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    allow_nonfinite: bool = False) -> tuple[GPT, ChatTokenizer]:
+    """Model and tokenizer from one folder (`load_pretrained`). A LoRA adapter folder (adapter_config.json, no
+    config.json) is loaded onto its base model (the local folder its base_model_name_or_path names) and merged."""
     path = Path(path)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         from .core.lora import load_adapter, merge_lora
@@ -264,8 +322,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         if not base or not (Path(base) / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a LoRA adapter for {base!r}, which is not a local model folder; "
                                     "pass the base model's folder as base_model_name_or_path")
-        model = load_pretrained(base, device, dtype)
+        model = load_pretrained(base, device, dtype, allow_nonfinite)
         load_adapter(model, path)
         tok_from = path if (path / "tokenizer.json").is_file() else Path(base)
         return merge_lora(model).eval(), load_tokenizer(tok_from)
-    return load_pretrained(path, device, dtype), load_tokenizer(path)
+    return load_pretrained(path, device, dtype, allow_nonfinite), load_tokenizer(path)

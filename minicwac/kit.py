@@ -35,7 +35,7 @@ from .core.data import Seq, encode_conversations, encode_docs, mix_by_tokens, sh
 from .core.evals import harmful_score, prompt_ids
 from .core.features import (SafetyFeatures, check_latents, check_sae_layer, safety_features, score_latents,
                             select_latents)
-from .core.files import atomic_folder, write_json_atomic
+from .core.files import atomic_folder, recover, write_json_atomic
 from .core.hooks import block_name, model_device, num_blocks
 from .core.lora import LoRASettings, add_lora, lora_modules, merge_lora, save_adapter
 from .core.sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
@@ -136,6 +136,7 @@ class Kit:
     def load(cls, path: str | Path, model, device=None) -> "Kit":
         """Read a kit folder and check that it belongs to `model` (same shapes, W S = W0 S on its weights)."""
         path = Path(path)
+        recover(path)
         for f in ("kit.json", "features.safetensors", "subspace", "sae"):
             if not (path / f).exists():
                 raise FileNotFoundError(f"{path / f} not found: a kit folder is written by `python -m minicwac "
@@ -391,8 +392,9 @@ def _load_state(path: Path, model, run: dict) -> dict:
 
 
 def _move_into(src: Path, out: Path) -> None:
-    """Move the files of folder `src` into `out`, each by one rename (a file of the same name is replaced)."""
-    for f in src.iterdir():
+    """Move the files of folder `src` into `out`, each by one rename (a file of the same name is replaced). The
+    weights go last: a folder that has them has everything else of the same save too."""
+    for f in sorted(src.iterdir(), key=lambda f: f.suffix == ".safetensors"):
         os.replace(f, out / f.name)
     src.rmdir()
 

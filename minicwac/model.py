@@ -93,21 +93,67 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 
 def _rope_scaling(scaling: dict | None, max_position_embeddings: int) -> dict | None:
     """The rope_scaling dict in one spelling: None (plain RoPE) or {"rope_type": "llama3", factor, ...}."""
-    if not scaling:
+    if scaling is None or scaling == {}:
         return None
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling={scaling!r}, expected null or an object such as "
+                         "{\"rope_type\": \"llama3\", \"factor\": 8.0, ...}")
     kind = scaling.get("rope_type", scaling.get("type", "default"))  # older configs spell the key "type"
     if kind == "default":
         return None
     if kind != "llama3":
         raise ValueError(f"rope type {kind!r} is not supported; expected no rope_scaling or rope_type 'llama3'")
-    try:
-        return {"rope_type": "llama3", "factor": float(scaling["factor"]),
-                "low_freq_factor": float(scaling["low_freq_factor"]),
-                "high_freq_factor": float(scaling["high_freq_factor"]),
-                "original_max_position_embeddings": int(scaling.get("original_max_position_embeddings",
-                                                                    max_position_embeddings))}
-    except KeyError as e:
-        raise ValueError(f"llama3 rope_scaling is missing {e.args[0]!r}") from None
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in scaling]
+    if missing:
+        raise ValueError(f"llama3 rope_scaling is missing {missing[0]!r}")
+    out = {"rope_type": "llama3", **{k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor")},
+           "original_max_position_embeddings": scaling.get("original_max_position_embeddings",
+                                                           max_position_embeddings)}
+    for k, v in out.items():
+        if k != "rope_type":
+            _check_field(f"rope_scaling.{k}", v, "pos_int" if k.startswith("original") else "pos_float")
+    return {k: float(v) if k.endswith("factor") else v for k, v in out.items()}
+
+
+# What each config field must be, checked before anything is built (`Config.__post_init__`, and `from_dict` for
+# the fields it computes with). Upper bounds keep a hostile or mistyped config.json from allocating for minutes.
+LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_hidden_layers": 1024,
+          "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
+          "max_position_embeddings": 1 << 24, "sliding_window": 1 << 24, "max_window_layers": 1 << 20}
+FIELD_RULES = {
+    **{k: "pos_int" for k in LIMITS}, "head_dim": "pos_int?", "sliding_window": "pos_int?",
+    "rms_norm_eps": "pos_float", "rope_theta": "pos_float", "initializer_range": "nonneg_float",
+    "query_pre_attn_scalar": "pos_float?", "attn_logit_softcapping": "pos_float?",
+    "final_logit_softcapping": "pos_float?", "tie_word_embeddings": "bool", "attention_bias": "bool",
+    "mlp_bias": "bool", "bos_token_id": "token?", "eos_token_id": "token?", "pad_token_id": "token?",
+    "hidden_act": "str", "model_type": "str",
+}
+_EXPECTED = {"pos_int": "a positive integer", "pos_float": "a finite number > 0", "nonneg_float": "a finite number >= 0",
+             "bool": "true or false", "token": "a token id >= 0 (or a list of them)", "str": "a string"}
+
+
+def _check_field(name: str, v, rule: str) -> None:
+    """One line naming the field, its value and what was expected, if `v` breaks `rule` ("?" allows null)."""
+    if rule.endswith("?"):
+        if v is None:
+            return
+        rule = rule[:-1]
+    if rule == "pos_int":
+        ok = isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= LIMITS.get(name.split(".")[-1], 1 << 31)
+    elif rule in ("pos_float", "nonneg_float"):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
+            v > 0 if rule == "pos_float" else v >= 0)
+    elif rule == "bool":
+        ok = isinstance(v, bool)
+    elif rule == "token":
+        ids = v if isinstance(v, list) and v else [v]
+        ok = all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+    else:
+        ok = isinstance(v, str)
+    if not ok:
+        limit = LIMITS.get(name.split(".")[-1])
+        what = _EXPECTED[rule] + (f" <= {limit}" if rule == "pos_int" and limit else "")
+        raise ValueError(f"{name}={v!r}, expected {what}")
 
 
 @dataclass
@@ -144,8 +190,14 @@ class Config:
     def __post_init__(self):
         if self.model_type not in FAMILIES:
             raise ValueError(f"model_type={self.model_type!r}, expected one of {tuple(FAMILIES)}")
+        for name, rule in FIELD_RULES.items():
+            if hasattr(self, name):
+                _check_field(name, getattr(self, name), rule)
         fam = FAMILIES[self.model_type]
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                                 f"{self.num_attention_heads} (give head_dim, or heads that divide it)")
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -211,6 +263,8 @@ class Config:
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if d.get(hf_name.get(k, k)) is None and hf_name.get(k) != "n_inner":  # GPT-2: n_inner null is 4 * n_embd
                 raise ValueError(f"{hf_name.get(k, k)} is missing; a {mt} config.json needs it")
+        for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            _check_field(hf_name.get(k, k), d.get(hf_name.get(k, k)), FIELD_RULES[k])  # used before the checks
         rope = d.get("rope_parameters")  # transformers >= 5 nests rope_theta and the scaling here
         if isinstance(rope, dict):
             if set(rope) & set(LAYER_TYPES):
@@ -241,6 +295,8 @@ class Config:
                     raise ValueError(f"gpt2 with {k}={d[k]} is not supported; expected {ok}")
         if d.get("num_key_value_heads") is None:  # HF: None means one k/v head per query head
             d["num_key_value_heads"] = d.get("num_attention_heads")
+        if mt == "qwen2" and d.get("sliding_window") is not None:
+            _check_field("max_window_layers", d.get("max_window_layers"), "pos_int")
         # read the common fields and this family's switches (as HF does, e.g. Mistral ignores layer_types)
         read = {f.name for f in fields(cls)} - set(SWITCHES) - {"layer_types"} | set(FAMILY_FIELDS.get(mt, ()))
         return cls(**{k: v for k, v in d.items() if k in read})
@@ -460,6 +516,23 @@ def attention_masks(cfg: Config, attention_mask: torch.Tensor | None, B: int, T:
     return [sliding if cfg.is_sliding(i) else full for i in range(cfg.num_hidden_layers)]
 
 
+def check_generation(cfg: Config, prompt_len: int, max_new_tokens: int, temperature: float = 0.0,
+                     top_k: int | None = None) -> None:
+    """Refuse what generation cannot do, in one line: no token to generate, a context the model has no positions
+    for, a temperature that is not a number >= 0, a top_k < 1."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}, expected an integer >= 1")
+    if prompt_len < 1:
+        raise ValueError("the prompt is empty; expected at least one token")
+    if prompt_len + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"a prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} is more than the "
+                         f"model's context of {cfg.max_position_embeddings} positions")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature!r}, expected a finite number >= 0 (0: greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r}, expected an integer >= 1 (or None)")
+
+
 class GPT(nn.Module):
     """Decoder-only LM; `GPT(cfg)(input_ids)` returns logits (B, T, vocab_size)."""
 
@@ -547,9 +620,8 @@ class GPT(nn.Module):
         so a sample is reproducible. `eos_token_id` may list several end tokens (Llama 3 chat models); rows that
         emitted one are padded with the first afterwards.
         """
+        check_generation(self.config, input_ids.shape[-1], max_new_tokens, temperature, top_k)
         eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=input_ids.device).reshape(-1)
-        if max_new_tokens <= 0:
-            return input_ids.new_empty((input_ids.shape[0], 0))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         am, cache = attention_mask, KVCache(self.config.num_hidden_layers)

@@ -273,7 +273,7 @@ def test_transformers_sharded_bf16_checkpoint(tmp_path):
 MEMORY_PROBE = textwrap.dedent("""
     # Load checkpoints while recording (a) every float32 tensor the size of a weight that any torch op creates
     # and (b) the peak resident memory above what the process held before the load: VmHWM of this address space
-    # (ru_maxrss would not do: Linux carries the parent's high-water mark over fork + exec).
+    # (ru_maxrss would not do: Linux carries the parent's high-water mark over fork + exec), less the file pages.
     import json, sys, torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
@@ -302,10 +302,12 @@ MEMORY_PROBE = textwrap.dedent("""
                 f.write("5")  # reset the high-water mark to the current resident size
         except OSError:
             pass
-        before = status("VmRSS")
+        before, file_before = status("VmRSS"), status("RssFile")
         with Float32Watch(min_numel) as watch:
             m = load_pretrained(path, dtype=getattr(torch, dtype) if dtype else None)
-        results.append(dict(rise=status("VmHWM") - before, float32=watch.seen,
+        # the checkpoint's own pages, mapped in as the load reads every weight (its NaN/Inf check), are the page
+        # cache, not a copy: left out
+        results.append(dict(rise=status("VmHWM") - before - (status("RssFile") - file_before), float32=watch.seen,
                             dtypes=sorted({str(p.dtype) for p in m.parameters()}),
                             nbytes=sum(p.numel() * p.element_size() for p in m.parameters())))
         del m

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import re
+
 import pytest
 import torch
 
@@ -253,11 +255,22 @@ def test_sampling_reproducible_with_generator(make_model):
     assert sample(3, top_k=1) == m.generate(ids, 20).tolist()
 
 
-def test_generate_zero_new_tokens(make_model):
-    """max_new_tokens=0 returns no new tokens (B, 0), as the docstring's (B, <= max_new_tokens) allows."""
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_new_tokens=0), "max_new_tokens=0, expected an integer >= 1"),
+    (dict(max_new_tokens=-3), "max_new_tokens=-3"),
+    (dict(max_new_tokens=61), "more than the model's context of 64 positions"),
+    (dict(max_new_tokens=2, temperature=-1.0), "temperature=-1.0, expected a finite number >= 0"),
+    (dict(max_new_tokens=2, temperature=float("nan")), "temperature=nan"),
+    (dict(max_new_tokens=2, temperature=1.0, top_k=0), "top_k=0, expected an integer >= 1"),
+])
+def test_generate_refuses_what_it_cannot_do(make_model, kw, match):
+    """No tokens to make, a context the model has no positions for (4 + 61 > 64), a bad temperature or top_k:
+    one line, before any forward."""
     m = make_model()
     ids = torch.randint(0, 97, (2, 4))
-    assert m.generate(ids, 0).shape == (2, 0)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        m.generate(ids, **kw)
+    assert m.generate(ids, 60).shape[0] == 2  # 4 + 60 = 64 positions: allowed
 
 
 def test_tied_embeddings_share_storage(make_model):

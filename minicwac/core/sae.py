@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import pad_right, token_mask
-from .files import atomic_folder
+from .files import atomic_folder, recover
 from .hooks import block_name, logits_of, model_device, residual
 
 
@@ -103,6 +103,7 @@ class SAE(nn.Module):
     @classmethod
     def load(cls, path: str | Path, device="cpu") -> "SAE":
         path = Path(path)
+        recover(path)
         for f in ("sae.safetensors", "cfg.json"):
             if not (path / f).is_file():
                 raise FileNotFoundError(f"{path / f} not found: an SAE folder has sae.safetensors and cfg.json")

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import pad_right, token_mask
-from .files import atomic_folder
+from .files import atomic_folder, recover
 from .hooks import capture, model_device
 
 DEFAULT_TARGETS = (r"model\.layers\.\d+\.mlp\.down_proj",)  # [paper]: every MLP down-projection
@@ -254,6 +254,7 @@ class Subspace:
     @classmethod
     def load(cls, path: str | Path, device="cpu") -> "Subspace":
         path = Path(path)
+        recover(path)
         for f in ("subspace.safetensors", "cfg.json"):
             if not (path / f).is_file():
                 raise FileNotFoundError(f"{path / f} not found: a subspace folder has subspace.safetensors and cfg.json")

@@ -12,6 +12,8 @@ from .world import Example, World
 def evaluate(model, tok: ChatTokenizer, world: World, task: str | None = None,
              max_new_tokens: int = 40) -> dict:
     """HS, compliance, refusal score, over-refusal (held-out sets) and FA on `task`'s test split, in percent."""
+    if task is not None and task not in world.tasks:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(world.tasks)}")
     harmful: list[Example] = world.eval_harmful
     res = evaluate_prompts(model, tok, [e.prompt for e in harmful], [e.prompt for e in world.eval_harmless],
                            keywords=[e.keywords for e in harmful], max_new_tokens=max_new_tokens)
@@ -21,5 +23,7 @@ def evaluate(model, tok: ChatTokenizer, world: World, task: str | None = None,
 
 def task_accuracy(model, tok: ChatTokenizer, test: list[Example], max_new_tokens: int = 8) -> float:
     """FA: % of test examples whose greedy answer exactly matches the label."""
+    if not test:
+        raise ValueError("no test examples to score FA on; expected at least one")
     answers = generate_answers(model, tok, [e.prompt for e in test], max_new_tokens)
     return 100.0 * sum(answer_matches(a, e.label) for a, e in zip(answers, test)) / len(test)

@@ -302,6 +302,29 @@ def run_experiment(out: str | Path = "runs/experiment", preset: str = "quick", s
     return data
 
 
+RESULTS_KEYS = {"settings": dict, "rows": list, "curves": dict, "safety": dict, "wall_s": (int, float)}
+ROW_KEYS = ("stage", "method", "task", "p", "seed")
+
+
+def _read_results(path: Path) -> dict:
+    """An experiment's results.json, checked for what `merge_results` reads; every error names the file."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON ({type(e).__name__}); expected a results.json written by "
+                         "experiment") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds {type(d).__name__}, expected the object experiment writes")
+    for k, kind in RESULTS_KEYS.items():
+        if not isinstance(d.get(k), kind):
+            raise ValueError(f"{path}: {k!r} is missing or not a {getattr(kind, '__name__', 'number')}; expected "
+                             "a results.json written by experiment")
+    for i, row in enumerate(d["rows"]):
+        if not isinstance(row, dict) or any(k not in row for k in ROW_KEYS):
+            raise ValueError(f"{path}: row {i} lacks one of {', '.join(ROW_KEYS)}")
+    return d
+
+
 def merge_results(srcs: list[str | Path], out: str | Path) -> dict:
     """One results folder from several `experiment` folders with the same settings (e.g. methods or seeds run in
     parallel processes): rows, drift curves and per-seed safety reports are joined, results.json, results.md and
@@ -313,7 +336,7 @@ def merge_results(srcs: list[str | Path], out: str | Path) -> dict:
         path = Path(src) / "results.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found; expected a folder written by experiment")
-        datas.append(json.loads(path.read_text()))
+        datas.append(_read_results(path))
         if datas[-1].get("settings") != datas[0].get("settings"):
             raise ValueError(f"{src} holds results of other settings than {srcs[0]}; only runs with the same "
                              "settings can be merged")
