@@ -165,8 +165,7 @@ FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat
 
 
 def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
-    """Tensor name -> (file, shape, dtype) for every tensor in the files, from their headers (no data is read).
-    A weight that is not floating point (int8, fp8: a quantized checkpoint) is refused here."""
+    """Tensor name -> (file, shape, dtype) for every tensor in the files, from their headers (no data is read)."""
     found = {}
     for f in files:
         try:
@@ -200,9 +199,12 @@ def _weights_dtype(found: dict, names: list[str], dtype: torch.dtype | None) -> 
 
 def check_finite(name: str, t: torch.Tensor, where, allow: bool) -> None:
     """Refuse (or with `allow`, warn about) a weight holding NaN or Inf: a model with one generates garbage."""
-    # a NaN or Inf anywhere makes the sum non-finite: one pass, no weight-sized temporary for a clean weight
+    # a NaN or Inf anywhere makes the sum non-finite: one pass, no weight-sized temporary for a clean weight (a
+    # float16 sum can also overflow on finite values: then the values themselves are counted)
     if t.is_floating_point() and t.numel() and not math.isfinite(float(t.sum())):
         n = int((~torch.isfinite(t)).sum())
+        if n == 0:
+            return
         msg = f"{where}: {name} holds {n} NaN/Inf values"
         if not allow:
             raise ValueError(f"{msg}; refused (load with allow_nonfinite=True to read it anyway)")
