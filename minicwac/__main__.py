@@ -1,5 +1,5 @@
-"""Command line: `python -m minicwac COMMAND ...` with COMMAND one of calibrate, finetune, eval, demo, experiment,
-select, merge, plan, bench, fetch, judge-check, real; `torchrun ... -m minicwac finetune ...` shards it (FSDP2).
+"""Command line: `python -m minicwac COMMAND ...` with COMMAND one of calibrate, finetune, eval, drift-map, demo,
+experiment, select, merge, plan, bench, fetch, judge-check, real; `torchrun ... -m minicwac finetune ...` shards it (FSDP2).
 Errors are printed as one line naming what is wrong."""
 from __future__ import annotations
 
@@ -197,6 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--cache", default=None, help="cache of base/aligned models and SAEs")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    dm = sub.add_parser("drift-map", help="where drift enters: dW h0 and W0 dh for every linear, residual drift by "
+                                          "layer, between an aligned and a fine-tuned model on harmful prompts")
+    dm.add_argument("--base", required=True, help="the aligned model (a Hugging Face folder)")
+    dm.add_argument("--tuned", required=True, help="the fine-tuned model (same architecture)")
+    dm.add_argument("--harmful", required=True, help="held-out harmful prompts (.txt/.csv/.jsonl)")
+    dm.add_argument("--harmless", default=None, help="harmless prompts: the refusal direction, for its drift")
+    dm.add_argument("--out", default="runs/drift-map", help="output folder (default runs/drift-map)")
+    dm.add_argument("--device", default="cpu")
+
     pl = sub.add_parser("plan", help="bytes per GPU of a (sharded) fine-tune before you run it, and whether it fits")
     from .plan import add_arguments as plan_arguments
     plan_arguments(pl)
@@ -319,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(bench.format_model(bench.bench_model(args.shape, args.device, args.dtype, args.batch, args.seq,
                                                            args.repeats or 10, compile=args.compile,
                                                            hf=not args.no_hf)))
+        elif args.cmd == "drift-map":
+            _drift_map(args)
         elif args.cmd == "plan":
             from .plan import run as run_plan
             print(run_plan(args))
@@ -338,6 +349,34 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, MissingDependencyError) as ex:  # FileNotFoundError is an OSError
         raise SystemExit(f"minicwac: error: {ex}") from None
     return 0
+
+
+def _drift_map(args) -> None:
+    import torch
+
+    from .core.drift import drift_map
+    from .core.evals import prompt_ids
+    from .core.files import prepare_out, write_json_atomic
+    from .fetch import load_prompts
+    from .hf import load_checkpoint
+    from .report import plot_drift_map
+    harmful = load_prompts(args.harmful)
+    harmless = load_prompts(args.harmless) if args.harmless else None
+    base, tok = load_checkpoint(args.base, args.device, torch.float32)
+    tuned, _ = load_checkpoint(args.tuned, args.device, torch.float32)
+    out = prepare_out(args.out)
+    res = drift_map(base, tuned, [prompt_ids(tok, p) for p in harmful], tok.pad_token_id,
+                    harmless=[prompt_ids(tok, p) for p in harmless] if harmless else None,
+                    skip_ids=[tok.bos_token_id])
+    write_json_atomic(out / "drift_map.json", {"base": str(args.base), "tuned": str(args.tuned),
+                                               "n_harmful": len(harmful), **res})
+    plot_drift_map(res, out, f"{Path(args.tuned).name} against {Path(args.base).name}")
+    for term, what in (("dW_h0", "its own weight change"), ("W0_dh", "drift arriving from upstream")):
+        top = sorted(res["linears"].items(), key=lambda kv: -kv[1][term])[:5]
+        print(f"largest {term} ({what}), share of ||W0 h0||: "
+              + ", ".join(f"{n.removeprefix('model.layers.')} {v[term]:.3f}" for n, v in top))
+    print("residual drift ||dx|| / ||x|| by block: " + " ".join(f"{b['drift']:.3f}" for b in res["blocks"]))
+    print(f"wrote {out}/drift_map.json, drift_map.png, drift_by_layer.png ({res['n_tokens']} prompt tokens)")
 
 
 def _bench_sharded(args) -> None:

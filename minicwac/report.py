@@ -288,3 +288,43 @@ def judge_report(res: dict, rows: list[dict], width: int = 160) -> str:
                      f"{' '.join(str(x.get('request', '')).split())[:80]!r}; answer: {answer[:width]!r}")
         L.append("")
     return "\n".join(L)
+
+
+def plot_drift_map(res: dict, out: Path, title: str = "") -> None:
+    """drift_map.png: per term (dW h0, W0 dh) a heat map, layer x module, of the share of ||W0 h0||;
+    drift_by_layer.png: the residual stream's drift ||dx|| / ||x|| after each block (and along the refusal
+    direction, where known)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res["linears"])
+    kinds = list(dict.fromkeys(n.rsplit(".", 1)[1] for n in names))
+    layers = sorted({int(n.split(".")[2]) for n in names})
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 0.6 * len(kinds) * 2, 1.5 + 0.25 * len(layers)), squeeze=False)
+    for ax, term, label in zip(axes[0], ("dW_h0", "W0_dh"), ("dW h0: the layer's own change",
+                                                              "W0 dh: drift arriving from upstream")):
+        by_kind = {(int(n.split(".")[2]), n.rsplit(".", 1)[1]): v[term] for n, v in res["linears"].items()}
+        grid = [[by_kind.get((i, k), math.nan) for k in kinds] for i in layers]
+        im = ax.imshow(grid, aspect="auto", cmap="magma")
+        ax.set(xticks=range(len(kinds)), yticks=range(len(layers)), yticklabels=layers, ylabel="layer",
+               title=label)
+        ax.set_xticklabels(kinds, rotation=45, ha="right")
+        fig.colorbar(im, ax=ax, label="share of ||W0 h0||")
+    fig.suptitle(title or "Where drift enters (harmful prompts)")
+    fig.tight_layout()
+    fig.savefig(out / "drift_map.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    blocks = res["blocks"]
+    ax.plot([b["layer"] for b in blocks], [b["drift"] for b in blocks], "o-", label="||dx|| / ||x||")
+    if blocks and blocks[0]["refusal_drift"] is not None:
+        ax.plot([b["layer"] for b in blocks], [b["refusal_drift"] for b in blocks], "s--",
+                label="dx along the refusal direction / ||x||")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set(xlabel="after block", ylabel="relative drift", title="Residual-stream drift by layer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "drift_by_layer.png", dpi=100)
+    plt.close(fig)

@@ -7,6 +7,8 @@
     features   activation side: safety-critical latents, z0, L_safety
     cwac       the CWAC step and the one training loop
     baselines  SafeInstr, AsFT, SafeLoRA in the same harness
+    lora       LoRA adapters with the weight constraint made exact on them (A S = 0); PEFT adapter folders
+    drift      where drift enters: dW h0 and W0 dh for every linear, the residual stream's drift by layer
     evals      refusals: HS, compliance, over-refusal, refusal score
     files      atomic folders and JSON, the cache folder
 """

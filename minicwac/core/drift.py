@@ -1,0 +1,108 @@
+"""Where drift enters: the paper's first-order decomposition, measured for every linear of every block.
+
+For a linear y = W h, fine-tuning changes both the weight (W = W0 + dW) and its input (h = h0 + dh), so on the
+same prompt
+
+    y - y0 = W0 dh  +  dW h0  +  dW dh
+             ^^^^^     ^^^^^     ^^^^^
+             drift     drift     second order
+             arriving  the layer
+             from      adds
+             upstream  itself
+
+The weight constraint (W - W0) S = 0 removes `dW h0` for inputs h0 in the safety subspace; the activation
+constraint holds the residual stream at one layer, and so `dh` downstream of it. `drift_map` measures, on harmful
+prompts, each term's size relative to ||W0 h0|| (sums over prompt tokens), the exact change and the second-order
+rest, and the residual stream's drift ||dx|| / ||x|| after every block, also along the refusal direction (the
+aligned model's mean residual on harmful prompts minus on harmless ones, where harmless prompts are given).
+
+Nothing here knows a model class: the two models need the same module names (minicwac's GPT, a transformers
+model, a LoRA model merged or not).
+"""
+from __future__ import annotations
+
+import torch
+
+from .data import pad_right, token_mask
+from .hooks import block_list, capture, model_device
+
+TERMS = ("dW_h0", "W0_dh", "exact", "second_order")
+
+
+def _linears(model) -> list[str]:
+    blocks, _ = block_list(model)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(blocks + ".")]
+
+
+def _weight(model, name: str) -> torch.Tensor:
+    m = model.get_submodule(name)
+    merged = getattr(m, "merged", None)  # a LoRA layer: its effective weight W0 + scale B A
+    return (merged() if callable(merged) else m.weight).detach().float()
+
+
+@torch.no_grad()
+def drift_map(base, tuned, prompts: list[list[int]], pad_id: int, harmless: list[list[int]] | None = None,
+              skip_ids=(), batch_size: int = 16) -> dict:
+    """Per linear (module name -> {term: ||term|| / ||W0 h0||}) and per block (residual drift), on the token ids of
+    `prompts` (chat-formatted harmful prompts, held out). Every norm is summed over the kept tokens before the
+    ratio. Returns {"linears": {name: {...}}, "blocks": [{"layer", "drift", "refusal_drift"}], "n_tokens"}."""
+    if not prompts:
+        raise ValueError("no prompts to measure drift on; expected harmful prompts (token ids)")
+    names = _linears(base)
+    missing = [n for n in names if n not in dict(tuned.named_modules())]
+    if missing:
+        raise ValueError(f"the fine-tuned model has no module {missing[0]!r}; expected the base model's names")
+    blocks_name, blocks = block_list(base)
+    outs = [f"{blocks_name}.{i}" for i in range(len(blocks))]
+    W0 = {n: _weight(base, n) for n in names}
+    dW = {n: _weight(tuned, n) - W0[n] for n in names}
+    sums = {n: dict.fromkeys(("ref",) + TERMS, 0.0) for n in names}
+    res = [{"drift": 0.0, "norm": 0.0, "proj": 0.0} for _ in outs]
+    direction = _refusal_directions(base, prompts, harmless, pad_id, skip_ids, outs, batch_size) if harmless else None
+    n_tok = 0
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = pad_right(prompts[i:i + batch_size], pad_id, model_device(base))
+        keep = token_mask(ids, mask, skip_ids)
+        with capture(base, names, what="input") as h0s, capture(base, outs) as x0s:
+            base(ids)
+        with capture(tuned, names, what="input") as hs, capture(tuned, outs) as xs:
+            tuned(ids.to(model_device(tuned)))
+        for n in names:
+            h0, h = h0s[n][keep].float(), hs[n][keep].float().to(h0s[n].device)
+            dh = h - h0
+            y0 = h0 @ W0[n].T
+            terms = {"dW_h0": h0 @ dW[n].T, "W0_dh": dh @ W0[n].T, "exact": h @ (W0[n] + dW[n]).T - y0,
+                     "second_order": dh @ dW[n].T}
+            sums[n]["ref"] += float(y0.norm(dim=-1).sum())
+            for k, v in terms.items():
+                sums[n][k] += float(v.norm(dim=-1).sum())
+        for b, o in enumerate(outs):
+            x0, x = x0s[o][keep].float(), xs[o][keep].float().to(x0s[o].device)
+            res[b]["drift"] += float((x - x0).norm(dim=-1).sum())
+            res[b]["norm"] += float(x0.norm(dim=-1).sum())
+            if direction is not None:
+                res[b]["proj"] += float(((x - x0) @ direction[b]).sum())
+        n_tok += int(keep.sum())
+    linears = {n: {k: s[k] / max(s["ref"], 1e-30) for k in TERMS} for n, s in sums.items()}
+    blocks_out = [{"layer": b + 1, "drift": r["drift"] / max(r["norm"], 1e-30),
+                   "refusal_drift": None if direction is None else r["proj"] / max(r["norm"], 1e-30)}
+                  for b, r in enumerate(res)]
+    return {"linears": linears, "blocks": blocks_out, "n_tokens": n_tok}
+
+
+def _refusal_directions(model, harmful, harmless, pad_id, skip_ids, outs, batch_size) -> list[torch.Tensor]:
+    """Per block output: the unit difference of means, harmful minus harmless, of the model's residual stream."""
+    def means(seqs):
+        total, n = None, 0
+        for i in range(0, len(seqs), batch_size):
+            ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model_device(model))
+            keep = token_mask(ids, mask, skip_ids)
+            with capture(model, outs) as xs:
+                model(ids)
+            s = [xs[o][keep].float().sum(0) for o in outs]
+            total = s if total is None else [a + b for a, b in zip(total, s)]
+            n += int(keep.sum())
+        return [t / n for t in total]
+
+    d = [a - b for a, b in zip(means(harmful), means(harmless))]
+    return [v / v.norm().clamp(min=1e-30) for v in d]
