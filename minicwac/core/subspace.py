@@ -132,7 +132,8 @@ class Subspace:
                         {**self.cfg, "ranks": {n: self.cfg.get("ranks", {}).get(n) for n in names}},
                         {n: self.spectra[n] for n in names if n in self.spectra})
 
-    def _weights(self, model):
+    def _targets(self, model):
+        """(name, module, S) for every target, its weight's shape checked against S and W0S."""
         modules = dict(model.named_modules())
         for name, S in self.S.items():
             if name not in modules:
@@ -141,14 +142,7 @@ class Subspace:
             if W.shape[1] != S.shape[0] or W.shape[0] != self.W0S[name].shape[0]:
                 raise ValueError(f"{name}.weight {tuple(W.shape)}, subspace expects "
                                  f"({self.W0S[name].shape[0]}, {S.shape[0]})")
-            yield name, W, S
-
-    def _adapters(self, model):
-        """(name, module, S) of the targets that carry a LoRA adapter (`core.lora`): their constraint is A S = 0."""
-        modules = dict(model.named_modules())
-        for name, _, S in self._weights(model):
-            if hasattr(modules[name], "lora_A"):
-                yield name, modules[name], S
+            yield name, modules[name], S
 
     def biases(self, model) -> list[torch.nn.Parameter]:
         """The biases of the target layers (GPT-2 and Qwen2 have some). (W - W0) S = 0 keeps W x for inputs x in
@@ -163,7 +157,8 @@ class Subspace:
         communication."""
         from torch.distributed.tensor import DTensor, distribute_tensor
         S_, W0S = {}, {}
-        for name, W, S in self._weights(model):
+        for name, m, S in self._targets(model):
+            W = m.weight
             if not hasattr(W, "device_mesh"):
                 raise ValueError(f"{name}.weight is not sharded (a DTensor); shard the model first")
             dev = W.to_local().device  # beside the shards: the CPU when they are offloaded
@@ -179,15 +174,11 @@ class Subspace:
     def project_(self, model) -> None:
         """The weight constraint: W <- W - (W S - W0S) S^T for every target (in the subspace's float dtype); on
         row-sharded weights, on each rank's rows."""
-        adapters = {n: m for n, m, _ in self._adapters(model)}
-        for name, W, S in self._weights(model):
-            if name in adapters:  # LoRA (W0 frozen): A <- A - (A S) S^T, so (W - W0) S = 0
-                A = _local(adapters[name].lora_A)
-                S = S.to(A.device)
-                Af = A.to(S.dtype)
-                A.copy_(Af - (Af @ S) @ S.T)
+        for name, m, S in self._targets(model):
+            if hasattr(m, "lora_A"):  # LoRA (W0 frozen): A <- A - (A S) S^T, so (W - W0) S = 0
+                _remove_(_local(m.lora_A), S)
                 continue
-            W, W0S = _local(W), _local(self.W0S[name])
+            W, W0S = _local(m.weight), _local(self.W0S[name])
             S, W0S = S.to(W.device), W0S.to(W.device)  # no-ops unless the weights are offloaded to the CPU
             Wf = W.to(S.dtype)
             W.copy_(Wf - (Wf @ S - W0S) @ S.T)
@@ -195,22 +186,18 @@ class Subspace:
     @torch.no_grad()
     def project_grad_(self, model) -> None:
         """Remove the gradient's component on S: g <- g - (g S) S^T (what the paper does; not exact under Adam)."""
-        adapters = {n: m.lora_A for n, m, _ in self._adapters(model)}
-        for name, W, S in self._weights(model):
-            W = adapters.get(name, W)  # with LoRA, A's gradient
+        for _, m, S in self._targets(model):
+            W = getattr(m, "lora_A", m.weight)  # with LoRA, A's gradient
             if W.grad is not None:
-                grad = _local(W.grad)
-                S = S.to(grad.device)
-                g = grad.to(S.dtype)
-                grad.copy_(g - (g @ S) @ S.T)
+                _remove_(_local(W.grad), S)
 
     @torch.no_grad()
     def leak(self, model, reference) -> dict[str, float]:
         """||(W - W0) S|| / ||W - W0|| per target: the share of the update that reached the safety subspace."""
         ref = dict(reference.named_modules())
         out = {}
-        for name, W, S in self._weights(model):
-            dW = (W - ref[name].weight).to(S.dtype)
+        for name, m, S in self._targets(model):
+            dW = (m.weight - ref[name].weight).to(S.dtype)
             out[name] = float((dW @ S).norm() / dW.norm().clamp(min=1e-30))
         return out
 
@@ -220,17 +207,15 @@ class Subspace:
         model the weight constraint has kept. With LoRA, W is the effective W0 + scale B A. On row-sharded weights:
         over this rank's rows of every target."""
         out = 0.0
-        adapters = {n: m for n, m, _ in self._adapters(model)}
-        for n, W, S in self._weights(model):
-            m = adapters.get(n)
-            A = m.lora_A if m is not None else None
+        for n, m, S in self._targets(model):
+            A = getattr(m, "lora_A", None)
             A = A.full_tensor() if hasattr(A, "full_tensor") else A  # every rank gathers A (r x in): a collective
-            W, W0S = _local(W), _local(self.W0S[n])
+            W, W0S = _local(m.weight), _local(self.W0S[n])
             if not W.numel():  # a rank may hold no rows of a small matrix
                 continue
             S, W0S = S.to(W.device), W0S.to(W.device)
             err = W.to(S.dtype) @ S - W0S
-            if m is not None:  # LoRA: the effective weight is W + scale B A
+            if A is not None:  # LoRA: the effective weight is W + scale B A
                 err = err + m.scale * _local(m.lora_B).to(S.dtype) @ (A.to(S.device, S.dtype) @ S)
             out = max(out, float(err.norm() / W0S.norm().clamp(min=1e-30)))
         return out
@@ -270,6 +255,13 @@ class Subspace:
                              f"got {sorted(tensors)[:4]}")
         evals = {k[:-len(".weight.evals")]: v for k, v in tensors.items() if k.endswith(".weight.evals")}
         return cls(S, W0S, cfg, evals)
+
+
+def _remove_(x: torch.Tensor, S: torch.Tensor) -> None:
+    """x <- x - (x S) S^T in place (in S's dtype): the rows of x lose their component in the subspace."""
+    S = S.to(x.device)
+    xf = x.to(S.dtype)
+    x.copy_(xf - (xf @ S) @ S.T)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
