@@ -199,13 +199,16 @@ def close() -> None:
 def run_local(fn, world: int, *args) -> None:
     """Run fn(ranks, *args) in `world` new CPU processes on this machine (gloo, a free local port), as torchrun
     would start them: for tests and benchmarks. `fn` must be a module-level function; results go through files."""
-    import socket
-
     import torch.multiprocessing as mp
+    mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, start_method="spawn")
+
+
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on (for a local process group)."""
+    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_entry, args=(world, port, fn, args), nprocs=world, start_method="spawn")
+        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, fn, args) -> None:

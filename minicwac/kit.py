@@ -156,11 +156,11 @@ class Kit:
                              f"tensors, shapes {kf['shapes_sha256']}); this one has {fp['params']} in "
                              f"{fp['n_tensors']}, shapes {fp['shapes_sha256']}")
         sub = Subspace.load(path / "subspace", device)
-        sharded = hasattr(next(model.parameters()), "device_mesh")  # FSDP2 (`dist.load_pretrained`)
-        err = sub.shard(model).mismatch(model) if sharded else sub.mismatch(model)
-        if sharded:
-            from .dist import max_over_ranks
-            err = max_over_ranks(err)
+        from . import dist
+        if dist.is_sharded(model):  # FSDP2 (`dist.load_pretrained`): every rank checks its rows
+            err = dist.max_over_ranks(sub.shard(model).mismatch(model))
+        else:
+            err = sub.mismatch(model)
         if err > 1e-4:
             raise ValueError(f"kit {path} was made for other weights of this architecture: |W S - W0S| / |W0S| = "
                              f"{err:.2g} (expected <= 1e-4 on the model it was calibrated on)")

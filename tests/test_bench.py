@@ -89,12 +89,11 @@ def test_bench_sharded_under_torchrun(tmp_path):
     """bench --what sharded, as a GPU session runs it, on 2 CPU processes: SFT and CWAC steps timed, the plan's
     figure beside them, the leak on every shard."""
     import json
-    import socket
     import subprocess
     import sys
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+
+    from minicwac.dist import free_port
+    port = free_port()
     out = tmp_path / "sharded.json"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                         "127.0.0.1", "--master_port", str(port), "-m", "minicwac", "bench", "--what", "sharded",

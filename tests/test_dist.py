@@ -142,7 +142,7 @@ def test_torchrun_command_line(folder, tmp_path):
     """The README's command: torchrun --nproc_per_node 2 -m minicwac finetune ... on the CPU."""
     d = folder
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "minicwac", "finetune", "--model", str(d / "aligned"), "--data",
+           "--master_port", str(dist.free_port()), "-m", "minicwac", "finetune", "--model", str(d / "aligned"), "--data",
            str(d / "data.jsonl"), "--kit", str(d / "kit"), "--out", str(tmp_path / "tr"), *ARGS]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
@@ -152,13 +152,6 @@ def test_torchrun_command_line(folder, tmp_path):
         a, b = _weights(d / "two"), _weights(tmp_path / "tr")
         for n in a:
             torch.testing.assert_close(b[n], a[n], atol=1e-6, rtol=0)
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sharded_errors(folder, tmp_path):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -95,40 +93,27 @@ def test_plan_matches_the_bytes_of_one_real_step_on_one_process(case):
 
 
 # --- 2 ranks (FSDP2 on CPU, gloo) -------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_worker(rank: int, world: int, port: int, out: str, rank_frac: float) -> None:
+def _rank_worker(ranks, out: str, rank_frac: float) -> None:
     """One rank: shard each case's model (dist.shard_model) and its subspace, one step; rank 0 writes the bytes."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
     from minicwac import dist
-    ranks = dist.init("cpu")
-    try:
-        result = {}
-        for case in ("cwac", "cwac-all", "lora"):
-            model, sub = measure(ODD, case, rank_frac)
-            dist.shard_model(model, ranks, "bf16-mixed")
-            sub = sub.shard(model)
-            result[case] = one_step_bytes(model, sub)
-            if case == "cwac":  # the shards really are uneven
-                result["rows"] = {"embed": model.model.embed_tokens.weight.to_local().shape[0],
-                                  "W0S": next(iter(sub.W0S.values())).to_local().shape[0]}
-        if rank == 0:
-            Path(out).write_text(json.dumps(result))
-    finally:
-        torch.distributed.destroy_process_group()
+    result = {}
+    for case in ("cwac", "cwac-all", "lora"):
+        model, sub = measure(ODD, case, rank_frac)
+        dist.shard_model(model, ranks, "bf16-mixed")
+        sub = sub.shard(model)
+        result[case] = one_step_bytes(model, sub)
+        if case == "cwac":  # the shards really are uneven
+            result["rows"] = {"embed": model.model.embed_tokens.weight.to_local().shape[0],
+                              "W0S": next(iter(sub.W0S.values())).to_local().shape[0]}
+    if ranks.main:
+        Path(out).write_text(json.dumps(result))
 
 
 def test_plan_matches_rank_0s_bytes_on_two_fsdp2_ranks(tmp_path):
+    from minicwac import dist
     rank_frac = 0.4
     out = tmp_path / "rank0.json"
-    torch.multiprocessing.start_processes(_rank_worker, args=(2, _free_port(), str(out), rank_frac), nprocs=2,
-                                          start_method="spawn")
+    dist.run_local(_rank_worker, 2, str(out), rank_frac)
     got = json.loads(out.read_text())
     assert got["rows"] == {"embed": 49, "W0S": 23}  # ceil(97 / 2), ceil(45 / 2)
     for case in ("cwac", "cwac-all", "lora"):
