@@ -122,8 +122,8 @@ def bench_step(device: str = "cpu", repeats: int = 30, warmup: int = 5, m: int =
 
 def bench_step_fsdp(world: int = 2, repeats: int = 20, warmup: int = 3, m: int = 100, safety_batch: int = 16,
                     layer: int | None = None) -> dict:
-    """The same two steps sharded with FSDP2 over `world` CPU processes (gloo) on this machine: each rank takes its
-    part of the same global batches (`step_setup`), as `finetune --` under torchrun does. ms per step (rank 0's
+    """The SFT and CWAC steps of the toy setting (`step_setup`) sharded with FSDP2 over `world` CPU processes (gloo)
+    on this machine, through the package's loop as `finetune` runs it under torchrun. ms per step (rank 0's
     median; every step ends with the ranks in step, since the gradients are reduced across them), and the leak
     ||W S - W0S|| / ||W0S|| on every rank's shards after the timed steps."""
     import json
@@ -146,37 +146,35 @@ def _fsdp_rank(ranks, out: str, repeats: int, warmup: int, m: int, safety_batch:
     from . import dist
     st = step_setup("cpu", m, safety_batch, layer=layer)
     model = dist.shard_model(st["model"], ranks)
-    sub, feats = st["subspace"].shard(model), st["features"]
-    opt = make_optimizer(model, st["recipe"].finetune_lr, 0.1)
-    k, i = ranks.rank, {"n": 0}
-    if safety_batch % ranks.world or st["fixed"][0][0].shape[0] % ranks.world:
-        raise ValueError(f"the task batch and the safety batch ({safety_batch}) must split evenly over {ranks.world}")
-
-    def task_part():  # this rank's rows of the global batch; the loss normalised by the global target count
-        ids, labels = st["fixed"][i["n"] % len(st["fixed"])]
-        i["n"] += 1
-        rows = ids.shape[0] // ranks.world
-        part = slice(k * rows, (k + 1) * rows)
-        return (ids[part], labels[part]), int((labels[:, 1:] != -100).sum())
-
-    def sft():
-        batch, n = task_part()
-        return cwac_step(model, opt, batch, n_task=n)
-
-    def cwac():
-        batch, n = task_part()
-        pick = st["pick"]()
-        return cwac_step(model, opt, batch, subspace=sub, features=feats, lam=LAM, n_task=n,
-                         safety_batch=pick.chunk(ranks.world)[k], n_safety=int(feats.keep[pick].sum()))
-
-    model.train()
+    sub, r = st["subspace"].shard(model), st["recipe"]
+    run = dict(steps=warmup + repeats, warmup=warmup, batch_size=r.finetune_batch, lr=r.finetune_lr,
+               pad_id=st["tok"].pad_token_id)
     res = {"ranks": ranks.world, "backend": "gloo", "threads": torch.get_num_threads(),
            "params": sum(p.numel() for p in model.parameters()), "m": m, "layer": st["layer"],
-           **_time({"sft_ms": sft, "cwac_ms": cwac}, "cpu", repeats, warmup)}
+           "sft_ms": _step_ms(model, st["seqs"], ranks, **run),
+           "cwac_ms": _step_ms(model, st["seqs"], ranks, subspace=sub, features=st["features"], lam=LAM,
+                               safety_batch=safety_batch, **run)}
     res["ratio"] = res["cwac_ms"] / res["sft_ms"]
     res["leak"] = dist.max_over_ranks(sub.mismatch(model))
     if ranks.main:
         Path(out).write_text(json.dumps(res))
+
+
+def _step_ms(model, seqs, ranks, steps: int, warmup: int = 2, **kw) -> float:
+    """Median ms per step, after `warmup` steps, of the package's own loop in this rank group (`finetune_cwac`
+    with rank and world: each rank its part of every global batch)."""
+    from .core.cwac import finetune_cwac
+    times = []
+
+    def tick(*_):
+        _sync(ranks.device)
+        times.append(time.perf_counter())
+
+    tick()
+    finetune_cwac(model, seqs, steps=steps, rank=ranks.rank, world=ranks.world, device=ranks.device, on_step=tick,
+                  progress=False, **kw)
+    ms = sorted(1000 * (b - a) for a, b in zip(times[warmup:], times[warmup + 1:]))
+    return ms[len(ms) // 2]
 
 
 def format_step_fsdp(res: dict) -> str:
@@ -200,7 +198,6 @@ def bench_sharded(ranks, shape: str = "tiny", steps: int = 10, batch: int | None
     `batch` sequences of `seq` tokens per rank. Returns ms per step (the median after 2 warm-up steps), the peak
     GPU memory (the largest over the ranks) against `plan`'s figure, and the leak on every rank's shards."""
     from . import dist
-    from .core.cwac import finetune_cwac
     from .core.subspace import Subspace, target_names
     from .model import GPT, Config
     from .plan import plan, rank_k
@@ -237,19 +234,10 @@ def bench_sharded(ranks, shape: str = "tiny", steps: int = 10, batch: int | None
            "params": sum(p.numel() for p in model.parameters()), "batch_per_rank": batch, "seq": seq, "m": m,
            "checkpointing": checkpointing, "subspace_k": sum(s.shape[1] for s in S.values())}
     for name, kw in (("sft", {}), ("cwac", {"subspace": sub, "features": feats, "lam": LAM})):
-        times = []
-
-        def tick(*_):
-            _sync(ranks.device)
-            times.append(time.perf_counter())
-
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        tick()
-        finetune_cwac(model, seqs, steps=steps, batch_size=batch * ranks.world, lr=1e-5, safety_batch=16,
-                      rank=ranks.rank, world=ranks.world, device=ranks.device, on_step=tick, progress=False, **kw)
-        ms = sorted(1000 * (b - a) for a, b in zip(times[2:], times[3:]))
-        res[f"{name}_ms"] = ms[len(ms) // 2]
+        res[f"{name}_ms"] = _step_ms(model, seqs, ranks, steps, batch_size=batch * ranks.world, lr=1e-5,
+                                     safety_batch=16, **kw)
         res[f"{name}_peak_gb"] = dist.max_over_ranks(torch.cuda.max_memory_allocated() / 1e9) if cuda else None
         res[f"{name}_plan_gb"] = plan(cfg, ranks.world, method=name, batch_size=batch, seq_len=seq, dtype=dtype,
                                       rank_frac=rank_frac, checkpointing=checkpointing)["gpu_bytes"] / 1e9
