@@ -119,8 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--corpus", default=None,
                    help="generic text for the SAE, .txt one document per line (default: a small built-in one)")
     c.add_argument("--out", required=True, help="the kit folder to write")
-    c.add_argument("--targets", default="down_proj", choices=["down_proj", "all"],
-                   help="weight constraint on every down_proj (default, the paper's) or on every linear")
+    c.add_argument("--targets", default="down_proj", choices=["down_proj", "all", "auto"],
+                   help="weight constraint on every down_proj (default, the paper's), on every linear, or on the "
+                        "module kinds a short SFT probe on --probe-data lets the most drift through (auto)")
+    c.add_argument("--probe-data", default=None,
+                   help="--targets auto: your fine-tuning JSONL (as finetune --data); with --targets all the "
+                        "choice is recorded too, for --method cwac-auto")
+    c.add_argument("--probe-steps", type=_positive_int, default=20, help="SFT steps of the probe (default 20)")
+    c.add_argument("--probe-lr", type=_positive_float, default=2e-5, help="the probe's learning rate (2e-5)")
+    c.add_argument("--probe-batch", type=_positive_int, default=8, help="the probe's batch size (8)")
     c.add_argument("--energy", type=_fraction, default=0.99, help="subspace rank: share of trace(C) kept (0.99)")
     _safety_args(c)
     c.add_argument("--d-sae", type=_positive_int, default=None, help="SAE width (default 8 x hidden)")
@@ -135,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--model", required=True, help="the aligned model (a Hugging Face folder)")
     t.add_argument("--data", required=True, help='JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...}')
     t.add_argument("--kit", default=None, help="the kit folder from calibrate (not needed for sft)")
-    t.add_argument("--method", default="cwac", choices=["sft", "weight", "activation", "cwac", "cwac-all"])
+    t.add_argument("--method", default="cwac", choices=["sft", "weight", "activation", "cwac", "cwac-all",
+                                                          "cwac-auto"])
     t.add_argument("--out", required=True, help="output: a Hugging Face folder, history.json, drift.png")
     t.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (or --epochs)")
     t.add_argument("--epochs", type=_positive_float, default=None, help="passes over the data (default 1)")
@@ -448,11 +456,17 @@ def _calibrate(args) -> None:
 
     from .fetch import load_prompts
     from .hf import load_checkpoint
-    from .kit import KitSettings, calibrate
+    from .kit import KitSettings, calibrate, encode_data, load_conversations
     s = KitSettings(targets=args.targets, energy=args.energy, sae_layer=args.sae_layer,
                     m=100 if args.m is None else args.m, lam=0.5 if args.lam is None else args.lam,
                     skip_prefix=args.skip_prefix, d_sae=args.d_sae, sae_k=args.sae_k, sae_steps=args.sae_steps,
-                    seed=args.seed).check()
+                    seed=args.seed, probe_steps=args.probe_steps, probe_lr=args.probe_lr,
+                    probe_batch=args.probe_batch).check()
+    if args.targets == "auto" and not args.probe_data:
+        raise ValueError("--targets auto needs --probe-data (your fine-tuning JSONL: the probe trains on it)")
+    if args.probe_data and args.targets == "down_proj":
+        raise ValueError("--probe-data is for --targets auto (or all); the down_proj kit does not use it")
+    conversations = load_conversations(args.probe_data) if args.probe_data else None
     harmful = load_prompts(args.harmful)
     harmless = load_prompts(args.harmless) if args.harmless else None
     corpus = None
@@ -463,7 +477,9 @@ def _calibrate(args) -> None:
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise FileExistsError(f"{args.out} exists and is not empty; choose another --out for the kit")
     model, tok = load_checkpoint(args.model, args.device)
-    kit = calibrate(model, tok, harmful, harmless, corpus, s, max_len=args.max_len, progress=not args.quiet)
+    probe = encode_data(tok, conversations, args.max_len)[0] if conversations else None
+    kit = calibrate(model, tok, harmful, harmless, corpus, s, max_len=args.max_len, probe_seqs=probe,
+                    progress=not args.quiet)
     kit.report["model"] = str(args.model)
     kit.save(args.out)
     print((Path(args.out) / "report.md").read_text())

@@ -10,11 +10,12 @@ Everything here takes a model with Hugging Face module names and a chat tokenize
 core's (`minicwac.core`). The command line (`python -m minicwac calibrate | finetune | eval`) calls these.
 
 A kit folder:
-    kit.json               settings, the model's fingerprint, the SAE report, the subspace ranks
+    kit.json               settings, the model's fingerprint, the SAE report, the subspace ranks (and, with
+                           --targets auto, the rule, the probe and its drift map)
     subspace/              S and W0S per target linear (+ the eigenvalues, for the spectrum plot)
     sae/                   the SAE (scale folded in)
     features.safetensors   the calibration prompts (ids, kept tokens), the selected latents idx and z0
-    report.md, spectrum.png
+    report.md, spectrum.png (and drift_map.png with --targets auto)
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .core.cwac import finetune_cwac
 from .core.data import Seq, encode_conversations, encode_docs, mix_by_tokens, shared_prefix
+from .core.drift import AUTO_SHARE, probe_targets
 from .core.evals import harmful_score, prompt_ids
 from .core.features import (SafetyFeatures, check_latents, check_sae_layer, safety_features, score_latents,
                             select_latents)
@@ -40,11 +41,14 @@ from .core.hooks import block_name, model_device, num_blocks
 from .core.lora import LoRASettings, add_lora, lora_modules, merge_lora, save_adapter
 from .core.sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
 from .core.subspace import ALL_LINEARS, DEFAULT_TARGETS, Subspace, compute_subspace
+from .report import figure, plot_drift_map
 
-TARGETS = {"down_proj": DEFAULT_TARGETS, "all": ALL_LINEARS}
+TARGETS = {"down_proj": DEFAULT_TARGETS, "all": ALL_LINEARS}  # and "auto": chosen by a probe (`probe_targets`)
+TARGET_CHOICES = (*TARGETS, "auto")
 # method -> (weight constraint on these targets or None, activation constraint)
 METHODS = {"sft": (None, False), "weight": ("down_proj", False), "activation": (None, True),
-           "cwac": ("down_proj", True), "weight-all": ("all", False), "cwac-all": ("all", True)}
+           "cwac": ("down_proj", True), "weight-all": ("all", False), "cwac-all": ("all", True),
+           "weight-auto": ("auto", False), "cwac-auto": ("auto", True)}
 DTYPES = {"fp32": None, "bf16-mixed": torch.bfloat16}  # the autocast dtype over float32 weights
 KIT_VERSION = 1
 
@@ -56,7 +60,8 @@ KIT_VERSION = 1
 class KitSettings:
     """The constraint settings a kit is made with ([paper] / [ours] as in METHOD.md)."""
 
-    targets: str = "down_proj"  # weight side: "down_proj" [paper] or "all" (every linear of every block) [ours]
+    targets: str = "down_proj"  # weight side: "down_proj" [paper], "all" (every linear of every block) or "auto"
+    # (the module kinds a short SFT probe's drift map names, `core.drift.probe_targets`) [ours]
     energy: float = 0.99  # subspace rank: share of trace(C) kept [ours]
     sae_layer: int | None = None  # residual stream after this many blocks (None: the middle) [ours]
     m: int | str = 100  # safety latents [paper: 100], or "firing"
@@ -68,10 +73,19 @@ class KitSettings:
     sae_lr: float = 1e-3
     harmful_frac: float = 0.7  # share of SAE training tokens from harmful prompts [paper: ~70%]
     seed: int = 0
+    probe_steps: int = 20  # --targets auto: SFT steps of the probe on the fine-tuning data [ours]
+    probe_lr: float = 2e-5  # (finetune's default)
+    probe_batch: int = 8
+    auto_share: float = AUTO_SHARE  # the kinds whose summed dW_h0 covers this share of the probe's total [ours]
 
     def check(self) -> "KitSettings":
-        if self.targets not in TARGETS:
-            raise ValueError(f"targets={self.targets!r}, expected one of {', '.join(TARGETS)}")
+        if self.targets not in TARGET_CHOICES:
+            raise ValueError(f"targets={self.targets!r}, expected one of {', '.join(TARGET_CHOICES)}")
+        if not 0 < self.auto_share <= 1:
+            raise ValueError(f"auto_share={self.auto_share}, expected a fraction in (0, 1]")
+        if not (self.probe_steps >= 1 and self.probe_batch >= 1 and self.probe_lr > 0):
+            raise ValueError(f"probe_steps={self.probe_steps}, probe_batch={self.probe_batch}, "
+                             f"probe_lr={self.probe_lr}: expected positive values")
         if not 0 < self.energy <= 1:
             raise ValueError(f"energy={self.energy}, expected a fraction in (0, 1]")
         if not self.lam >= 0:
@@ -111,9 +125,12 @@ class Kit:
         if targets == "all" and self.settings.targets != "all":
             raise ValueError(f"method {method} constrains every linear, but the kit was calibrated with --targets "
                              f"{self.settings.targets}; calibrate again with --targets all")
+        if targets == "auto" and "auto" not in self.report:
+            raise ValueError(f"method {method} constrains the module kinds a probe chose, but the kit was "
+                             f"calibrated with --targets {self.settings.targets} and no probe; calibrate again with "
+                             "--targets auto --probe-data FILE")
         if targets is not None:
-            names = [n for n in self.subspace.S if any(re.fullmatch(p, n) for p in TARGETS[targets])]
-            sub = self.subspace.subset(names)
+            sub = self.subspace.matching(self.report["auto"]["patterns"] if targets == "auto" else TARGETS[targets])
         return sub, (self.features if act else None)
 
     def save(self, path: str | Path) -> Path:
@@ -130,6 +147,9 @@ class Kit:
                  "layer": f.layer, "readout": f.readout, "report": self.report}, indent=2))
             (tmp / "report.md").write_text(kit_report(self))
             plot_spectrum(self.subspace, tmp / "spectrum.png")
+            if "auto" in self.report:
+                plot_drift_map(self.report["auto"]["map"], tmp, "the probe's drift map (targets auto)",
+                               by_layer=False)
         return Path(path)
 
     @classmethod
@@ -179,23 +199,35 @@ def generic_corpus(n: int = 2000) -> list[str]:
 
 def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None, corpus: list[str] | None = None,
               settings: KitSettings | None = None, max_len: int = 256, sae_seqs: list[list[int]] | None = None,
-              progress: bool = True) -> Kit:
+              probe_seqs: list[Seq] | None = None, progress: bool = True) -> Kit:
     """Make a safety kit from the aligned `model`: the subspace of the target linears on the harmful prompts,
     a TopK SAE on the residual stream (harmful prompts + generic text), the safety latents (mean on harmful
     minus mean on harmless prompts when those are given, else the mean on harmful) and their baseline z0.
 
     sae_seqs: the SAE's token sequences, when the caller mixes its own (else the harmful prompts and `corpus`,
-    harmful_frac of the tokens from the prompts)."""
+    harmful_frac of the tokens from the prompts).
+    probe_seqs: the fine-tuning data (`encode_data`), needed by targets="auto": a copy of the model is trained on
+    it for probe_steps steps and its drift map on the harmful prompts picks the target kinds (`probe_targets`);
+    with targets "down_proj" or "all" the choice is only recorded (then "cwac-auto" works if "all")."""
     s = (settings or KitSettings()).check()
     if not harmful:
         raise ValueError("no harmful prompts to calibrate on")
+    if s.targets == "auto" and not probe_seqs:
+        raise ValueError("targets auto needs the fine-tuning data for its probe (probe_seqs; on the command line "
+                         "--probe-data FILE)")
     model.eval()
     pad = tok.pad_token_id
     skip = [tok.bos_token_id]
     calib = [prompt_ids(tok, p)[:max_len] for p in harmful]
     calib_ok = [prompt_ids(tok, p)[:max_len] for p in harmless] if harmless else None
     pre = shared_prefix(calib) if s.skip_prefix else 0
-    sub = compute_subspace(model, calib, pad, patterns=TARGETS[s.targets], energy=s.energy, skip_ids=skip,
+    auto = None
+    if probe_seqs:  # the map is read on the calibration prompts (a dev split), never on evaluation prompts
+        auto = probe_targets(model, probe_seqs, calib, pad, calib_ok, skip, steps=s.probe_steps, lr=s.probe_lr,
+                             batch_size=s.probe_batch, seed=s.seed, share=s.auto_share, progress=progress)
+        model.eval()
+    patterns = auto["patterns"] if s.targets == "auto" else TARGETS[s.targets]
+    sub = compute_subspace(model, calib, pad, patterns=patterns, energy=s.energy, skip_ids=skip,
                            skip_prefix=pre, progress=progress)
     layer = check_sae_layer(s.sae_layer, num_blocks(model))
     if sae_seqs is None:  # the harmful prompts (~harmful_frac of the tokens) and generic documents (the rest)
@@ -230,6 +262,8 @@ def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None,
                       "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
                       "ce_recovered": ce["recovered"], "train_tokens": len(x_train), "held_out_tokens": len(x_test)},
               "ranks": sub.cfg["ranks"]}
+    if auto is not None:
+        report["auto"] = auto
     return Kit(s, sub, feats, fingerprint(model), report)
 
 
@@ -254,16 +288,24 @@ def kit_report(kit: Kit) -> str:
           "|---|---|---|---|"]
     for n, (k, d) in kit.subspace.ranks().items():
         L.append(f"| {n} | {k} | {d} | {k / d:.2f} |")
-    return "\n".join(L + ["", "![spectrum](spectrum.png)", ""])
+    L += ["", "![spectrum](spectrum.png)", ""]
+    auto = r.get("auto")
+    if auto:
+        pr, total = auto["probe"], sum(auto["by_kind"].values())
+        L += ["## Targets chosen by the probe", "",
+              f"A copy of the model trained {pr['steps']} SFT steps (lr {pr['lr']:g}, batch {pr['batch_size']}) on "
+              f"{pr['n_seqs']} fine-tuning sequences, its drift map read on {pr['n_prompts']} calibration prompts. "
+              f"Rule: {auto['rule']}. Chosen: {', '.join(auto['kinds'])}.", "",
+              "| module kind | dW h0 relative to W0 h0, summed over layers | share |", "|---|---|---|"]
+        L += [f"| {k} | {v:.4f} | {v / total:.2f} |" for k, v in auto["by_kind"].items()]
+        L += ["", "![drift map](drift_map.png)", ""]
+    return "\n".join(L)
 
 
 def plot_spectrum(sub: Subspace, path: Path) -> None:
     """Cumulative share of trace(C) against k / in, one line per target (the rank cut-off marked)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure(figsize=(6, 4))
     for n, ev in sub.spectra.items():
         ev = ev.double().clamp(min=0)
         if float(ev.sum()) <= 0:
@@ -280,7 +322,6 @@ def plot_spectrum(sub: Subspace, path: Path) -> None:
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- data
@@ -522,17 +563,13 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
 
 
 def plot_drift(curve: list[dict], path: Path, label: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = figure(figsize=(5, 3.5))
     ax.plot([c["step"] for c in curve], [c["hs"] for c in curve], "o-", label=label)
     ax.set(xlabel="fine-tuning step", ylabel="HS % (lower is better)", ylim=(-2, 102), title="Safety drift")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 __all__ = ["Kit", "KitSettings", "calibrate", "finetune", "load_conversations", "encode_data", "fingerprint"]

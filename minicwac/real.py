@@ -31,6 +31,7 @@ import torch
 
 from .core.baselines import safeinstr_mix
 from .core.cwac import finetune_cwac, train
+from .core.drift import probe_targets
 from .core.evals import evaluate_prompts, generate_answers, harmful_score, is_refusal, prompt_ids
 from .core.features import check_latents, check_sae_layer
 from .core.files import default_cache_dir, prepare_out, write_json_atomic
@@ -56,7 +57,7 @@ SAFEINSTR_FRAC = 0.1  # SafeInstr: share of the fine-tuning set replaced by the 
 # --dtype: (the weights' dtype, the fine-tuning's autocast dtype or None)
 REAL_DTYPES = {"fp32": (torch.float32, None), "bf16-mixed": (torch.float32, torch.bfloat16),
                "bf16": (torch.bfloat16, None)}
-REAL_METHODS = ("sft", "weight", "activation", "cwac", "safeinstr", "weight-all", "cwac-all")
+REAL_METHODS = ("sft", "weight", "activation", "cwac", "safeinstr", "weight-all", "cwac-all", "cwac-auto")
 
 
 @dataclass
@@ -86,6 +87,7 @@ class RealPreset:
     skip_prefix: bool = False  # drop the chat template's shared opening (system line) from calibration and L_safety
     safety_batch: int = 8
     eval_every: int = 0  # drift curve every this many steps (0: none)
+    probe_steps: int | None = None  # cwac-auto's SFT probe (None: a quarter of finetune_steps)
     ps: tuple = (0.1,)
     methods: tuple = ("sft", "weight", "activation", "cwac", "cwac-all")
     seeds: tuple = (0,)
@@ -206,8 +208,9 @@ def evaluate_real(model, tok, rd: RealData, task: str, P: RealPreset) -> dict:
 
 
 def kit_settings(P: RealPreset, seed: int) -> KitSettings:
-    """The constraint settings of a preset (every linear as weight targets when a "*-all" method runs)."""
-    return KitSettings(targets="all" if any(m.endswith("-all") for m in P.methods) else "down_proj",
+    """The constraint settings of a preset (every linear as weight targets when a "*-all" or "*-auto" method
+    runs: an auto run constrains the part of them its probe chooses)."""
+    return KitSettings(targets="all" if any(m.endswith(("-all", "-auto")) for m in P.methods) else "down_proj",
                        sae_layer=P.sae_layer, m=P.m, lam=P.lam, skip_prefix=P.skip_prefix, d_sae=P.sae_d,
                        sae_k=P.sae_k, sae_steps=P.sae_steps, seed=seed)
 
@@ -220,6 +223,12 @@ def finetune_real(method: str, aligned, tok, rd: RealData, kit: Kit, task: str, 
     if method == "safeinstr":
         refusals = encode_chats(tok, [e for e in rd.align if e.kind == "harmful"], P.max_len)
         seqs = safeinstr_mix(seqs, refusals, SAFEINSTR_FRAC, seed)
+    if method.endswith("-auto"):  # `calibrate --targets auto` on this run's own data, read on the calibration split
+        calib = [prompt_ids(tok, q)[:P.max_len] for q in rd.splits["calib"]]
+        auto = probe_targets(aligned, seqs, calib, tok.pad_token_id, skip_ids=[tok.bos_token_id],
+                             steps=P.probe_steps or max(1, P.finetune_steps // 4), lr=P.finetune_lr,
+                             batch_size=P.finetune_batch, seed=seed + 3, progress=progress)
+        kit = replace(kit, report={**kit.report, "auto": auto})
     sub, feats = kit.constraint("sft" if method == "safeinstr" else method)
     curve_prompts = rd.splits["eval"][::3]
 
@@ -231,6 +240,8 @@ def finetune_real(method: str, aligned, tok, rd: RealData, kit: Kit, task: str, 
                          pad_id=tok.pad_token_id, subspace=sub, features=feats, lam=P.lam, safety_batch=P.safety_batch,
                          seed=seed + 2, eval_every=P.eval_every, eval_fn=curve if P.eval_every else None,
                          autocast_dtype=autocast_dtype, desc=f"{method} {task} p={p:g}", progress=progress)
+    if "auto" in kit.report:
+        hist["auto"] = kit.report["auto"]
     return model, hist, sub
 
 
@@ -281,7 +292,7 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
                 **asdict(P), "recipe": {"finetune_steps": P.finetune_steps, "finetune_lr": P.finetune_lr,
                                         "finetune_batch": P.finetune_batch}, "kit": asdict(kit_settings(P, 0))}
     data = {"settings": json.loads(json.dumps(settings, default=list)), "rows": [], "curves": {}, "safety": {},
-            "data": {}, "samples": {}, "leak": {}, "wall_s": 0.0}
+            "data": {}, "samples": {}, "leak": {}, "auto": {}, "wall_s": 0.0}
     add_row = lambda *a: data["rows"].append({k: _clean(v) for k, v in row(*a).items()})  # noqa: E731
     for seed in P.seeds:
         rd = real_data(base, tok, harmful, P, seed)
@@ -316,6 +327,8 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
             data["curves"][name], data["samples"][name] = hist["curve"], ev["samples"]
             if sub is not None:  # the invariant on real weights: (W - W0) S = 0
                 data["leak"][name] = max(sub.leak(model, aligned).values())
+            if "auto" in hist:  # the probe's choice and its drift map
+                data["auto"][name] = hist["auto"]
             if save:
                 save_pretrained(model, tok, out / "models" / name)
             del model

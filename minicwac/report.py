@@ -13,6 +13,15 @@ from pathlib import Path
 from .core.files import write_json_atomic
 
 
+def figure(nrows: int = 1, ncols: int = 1, figsize=None, **kw):
+    """(figure, axes) made outside pyplot: no backend is switched and nothing stays open, so a notebook that
+    calls the package keeps its inline plots."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
 ROW_KEYS = ("stage", "method", "task", "p", "seed", "hs", "comply", "fa", "over_refusal", "refusal_score",
             "n_harmful")
 
@@ -40,12 +49,9 @@ def results_table(rows: list[dict]) -> str:
 
 def plot_pipeline(rows: list[dict], path: str | Path) -> None:
     """HS, compliance and FA for each model of the pipeline, as grouped bars."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     names = [r["stage"] if r["stage"] != "finetuned" else f"{r['method']} p={r['p']:g}" for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = figure(figsize=(7, 3.5))
     w = 0.27
     for j, (key, label) in enumerate((("hs", "HS"), ("comply", "compliance"), ("fa", "FA"))):
         vals = [r[key] if r[key] is not None else 0.0 for r in rows]
@@ -57,7 +63,6 @@ def plot_pipeline(rows: list[dict], path: str | Path) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run_name(method: str, task: str, p: float, seed: int) -> str:
@@ -185,6 +190,14 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
             kk = ", ".join(f"{k}/{d}" for k, d in ranks.values()) if len(ranks) <= 8 else f"{len(ranks)} layers"
             L.append(f"| {s} | {sae['l0']:.1f} | {sae['fvu']:.3f} | {_dead(sae)} | "
                      f"{sae['ce_recovered']:.3f} | {v['n_features']} | {kk} |")
+    if data.get("auto"):
+        L += ["", "## Targets the probe chose (\"*-auto\" runs)", "",
+              "Per run, the module kinds whose summed dW h0 covers the rule's share of the probe's total, with their "
+              "shares; the drift maps are in results.json (\"auto\").", ""]
+        for name, a in data["auto"].items():
+            total = sum(a["by_kind"].values()) or 1.0
+            L.append(f"- {name}: " + ", ".join(f"{k.rsplit('.', 1)[-1]} {a['by_kind'][k] / total:.2f}"
+                                               for k in a["kinds"]))
     parts = f", summed over the {data['parts']} merged folders" if data.get("parts", 1) > 1 else ""
     L += ["", f"Wall time: {data['wall_s']:.0f} s{parts}.", ""]
     return "\n".join(L)
@@ -224,23 +237,19 @@ def drift_table(data: dict) -> list[str]:
 def plot_experiment(data: dict, out: Path) -> None:
     """hs_vs_p.png (mean HS per method against p), fa_vs_hs.png (one point per method and p), drift.png (HS
     against fine-tuning step per method, averaged over the runs at each p; only when curves were recorded)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = [x for x in data["rows"] if x["stage"] == "finetuned"]
     methods = list(dict.fromkeys(x["method"] for x in rows))
     ps = sorted({x["p"] for x in rows})
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure(figsize=(6, 4))
     for m in methods:
         ax.plot(ps, [_mean([x["hs"] for x in rows if x["method"] == m and x["p"] == p]) for p in ps], "o-", label=m)
     ax.set(xlabel="harmful ratio p", ylabel="HS % (lower is better)", ylim=(-2, 102), title="HS against p")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "hs_vs_p.png", dpi=100)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure(figsize=(6, 4))
     for m in methods:
         pts = [(_mean([x["hs"] for x in rows if x["method"] == m and x["p"] == p]),
                 _mean([x["fa"] for x in rows if x["method"] == m and x["p"] == p])) for p in ps]
@@ -249,12 +258,11 @@ def plot_experiment(data: dict, out: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "fa_vs_hs.png", dpi=100)
-    plt.close(fig)
 
     if not any(data["curves"].values()):  # no drift curves were recorded
         return
     curve_ps = [p for p in ps if p > 0] or ps
-    fig, axes = plt.subplots(1, len(curve_ps), figsize=(4 * len(curve_ps), 3.5), squeeze=False)
+    fig, axes = figure(1, len(curve_ps), figsize=(4 * len(curve_ps), 3.5), squeeze=False)
     for ax, p in zip(axes[0], curve_ps):
         for m in methods:
             steps, hs = _drift(data, m, p)
@@ -264,7 +272,6 @@ def plot_experiment(data: dict, out: Path) -> None:
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out / "drift.png", dpi=100)
-    plt.close(fig)
 
 
 def judge_report(res: dict, rows: list[dict], width: int = 160) -> str:
@@ -290,33 +297,42 @@ def judge_report(res: dict, rows: list[dict], width: int = 160) -> str:
     return "\n".join(L)
 
 
-def plot_drift_map(res: dict, out: Path, title: str = "") -> None:
-    """drift_map.png: per term (dW h0, W0 dh) a heat map, layer x module, of the share of ||W0 h0||;
-    drift_by_layer.png: the residual stream's drift ||dx|| / ||x|| after each block (and along the refusal
-    direction, where known)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def drift_grid(res: dict, term: str) -> tuple[list[int], list[str], list[list[float]]]:
+    """A drift map's `term` as a layer x module-kind grid: (layers, kinds, rows of values; NaN where a layer has
+    no such module)."""
+    from .core.drift import module_kind
 
-    names = list(res["linears"])
-    kinds = list(dict.fromkeys(n.rsplit(".", 1)[1] for n in names))
-    layers = sorted({int(n.split(".")[2]) for n in names})
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 0.6 * len(kinds) * 2, 1.5 + 0.25 * len(layers)), squeeze=False)
+    cells = {}
+    for n, v in res["linears"].items():
+        prefix, kind = module_kind(n)
+        cells[int(n[len(prefix):].split(".")[0]), kind] = v[term]
+    kinds = list(dict.fromkeys(k for _, k in cells))
+    layers = sorted({i for i, _ in cells})
+    return layers, kinds, [[cells.get((i, k), math.nan) for k in kinds] for i in layers]
+
+
+def plot_drift_map(res: dict, out: Path, title: str = "", by_layer: bool = True) -> None:
+    """drift_map.png: per term (dW h0, W0 dh) a heat map, layer x module, of the share of ||W0 h0||;
+    drift_by_layer.png (by_layer=True): the residual stream's drift ||dx|| / ||x|| after each block (and along
+    the refusal direction, where known)."""
+
+    grids = {term: drift_grid(res, term)[2] for term in ("dW_h0", "W0_dh")}
+    layers, kinds, _ = drift_grid(res, "dW_h0")
+    fig, axes = figure(1, 2, figsize=(4 + 0.6 * len(kinds) * 2, 1.5 + 0.25 * len(layers)), squeeze=False)
     for ax, term, label in zip(axes[0], ("dW_h0", "W0_dh"), ("dW h0: the layer's own change",
                                                               "W0 dh: drift arriving from upstream")):
-        by_kind = {(int(n.split(".")[2]), n.rsplit(".", 1)[1]): v[term] for n, v in res["linears"].items()}
-        grid = [[by_kind.get((i, k), math.nan) for k in kinds] for i in layers]
-        im = ax.imshow(grid, aspect="auto", cmap="magma")
+        im = ax.imshow(grids[term], aspect="auto", cmap="magma")
         ax.set(xticks=range(len(kinds)), yticks=range(len(layers)), yticklabels=layers, ylabel="layer",
                title=label)
-        ax.set_xticklabels(kinds, rotation=45, ha="right")
+        ax.set_xticklabels([k.rsplit(".", 1)[-1] for k in kinds], rotation=45, ha="right")
         fig.colorbar(im, ax=ax, label="share of ||W0 h0||")
     fig.suptitle(title or "Where drift enters (harmful prompts)")
     fig.tight_layout()
     fig.savefig(out / "drift_map.png", dpi=100)
-    plt.close(fig)
+    if not by_layer:
+        return
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = figure(figsize=(5, 3.5))
     blocks = res["blocks"]
     ax.plot([b["layer"] for b in blocks], [b["drift"] for b in blocks], "o-", label="||dx|| / ||x||")
     if blocks and blocks[0]["refusal_drift"] is not None:
@@ -327,4 +343,3 @@ def plot_drift_map(res: dict, out: Path, title: str = "") -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "drift_by_layer.png", dpi=100)
-    plt.close(fig)

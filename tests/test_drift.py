@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 
-from minicwac.core.drift import drift_map
+from minicwac.core.drift import choose_targets, drift_map, probe_targets
 
 
 def _prompts(n=6, vocab=97, seed=1):
@@ -106,3 +107,81 @@ def test_drift_map_command_and_a_transformers_model(tmp_path, tok):
     for n, v in ours["linears"].items():
         for k in v:
             assert theirs["linears"][n][k] == pytest.approx(v[k], rel=1e-3, abs=1e-6), (n, k)
+
+
+# ---------------------------------------------------------------- --targets auto: the rule and its inputs
+
+
+def _map(values: dict) -> dict:
+    """A drift map with dW_h0 set by hand per (layer, kind)."""
+    return {"linears": {f"model.layers.{i}.{k}": {"dW_h0": v, "W0_dh": 0.0, "exact": v, "second_order": 0.0}
+                        for (i, k), v in values.items()}, "blocks": [], "n_tokens": 1}
+
+
+def test_choose_targets_takes_the_smallest_set_covering_the_share():
+    """Kinds summed over layers: v_proj 0.5 + 0.1 = 0.6, down_proj 0.2 + 0.1 = 0.3, q_proj 0.1 (total 1.0). Half
+    of it is v_proj alone; 0.85 needs down_proj too; 1.0 needs all three. The patterns select exactly the kinds."""
+    dmap = _map({(0, "self_attn.v_proj"): 0.5, (1, "self_attn.v_proj"): 0.1, (0, "mlp.down_proj"): 0.2,
+                 (1, "mlp.down_proj"): 0.1, (0, "self_attn.q_proj"): 0.05, (1, "self_attn.q_proj"): 0.05})
+    c = choose_targets(dmap, 0.5)
+    assert c["kinds"] == ["self_attn.v_proj"]
+    assert list(c["by_kind"]) == ["self_attn.v_proj", "mlp.down_proj", "self_attn.q_proj"]
+    assert c["by_kind"]["self_attn.v_proj"] == pytest.approx(0.6) and c["share"] == 0.5
+    assert choose_targets(dmap, 0.85)["kinds"] == ["self_attn.v_proj", "mlp.down_proj"]
+    assert choose_targets(dmap, 1.0)["kinds"] == ["self_attn.v_proj", "mlp.down_proj", "self_attn.q_proj"]
+    pats = choose_targets(dmap, 0.85)["patterns"]
+    hit = [n for n in dmap["linears"] if any(re.fullmatch(p, n) for p in pats)]
+    assert hit == [n for n in dmap["linears"] if "v_proj" in n or "down_proj" in n]
+    assert not any(re.fullmatch(p, "model.layers.0.self_attn.v_proj_extra") for p in pats)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="share"):
+            choose_targets(dmap, bad)
+
+
+def test_probe_targets_reads_its_map_on_the_prompts_it_is_given(make_model):
+    """The probe trains a copy (the model itself is untouched) and its map is the drift map of that copy on the
+    given prompts: the same figures as drift_map on a copy trained the same way."""
+    from minicwac.core.cwac import train
+
+    base = make_model()
+    before = copy.deepcopy(base.state_dict())
+    seqs = [(p, [1] * len(p)) for p in _prompts(8, seed=3)]
+    prompts = _prompts(5, seed=4)
+    res = probe_targets(base, seqs, prompts, pad_id=0, steps=3, lr=1e-2, batch_size=4, seed=7)
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    twin = copy.deepcopy(base)
+    train(twin, seqs, steps=3, batch_size=4, lr=1e-2, pad_id=0, seed=7, progress=False)
+    ref = drift_map(base, twin, prompts, pad_id=0)
+    for n, t in ref["linears"].items():
+        assert res["map"]["linears"][n]["dW_h0"] == pytest.approx(t["dW_h0"], rel=1e-5), n
+    assert res["probe"]["n_prompts"] == 5 and res["probe"]["steps"] == 3
+    assert res["kinds"] == choose_targets(ref)["kinds"]
+
+
+
+def test_plots_never_touch_pyplot(tmp_path):
+    """The package draws outside pyplot, so a notebook that calls it (run_real, a kit's save) keeps its inline
+    backend: after the drift map and a kit's spectrum, pyplot was never imported."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from pathlib import Path
+import torch
+from minicwac.core.subspace import Subspace
+from minicwac.kit import plot_spectrum
+from minicwac.report import plot_drift_map
+m = {{"linears": {{f"model.layers.{{i}}.mlp.{{k}}": {{"dW_h0": 0.1, "W0_dh": 0.2, "exact": 0.3, "second_order": 0.0}}
+                  for i in range(2) for k in ("up_proj", "down_proj")}},
+     "blocks": [{{"layer": 1, "drift": 0.1, "refusal_drift": -0.1}}], "n_tokens": 3}}
+plot_drift_map(m, Path({str(tmp_path)!r}))
+plot_spectrum(Subspace({{}}, {{}}, {{"energy": 0.99}}, {{"a": torch.rand(8)}}), Path({str(tmp_path)!r}) / "spectrum.png")
+assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    for f in ("drift_map.png", "drift_by_layer.png", "spectrum.png"):
+        assert (tmp_path / f).is_file(), f

@@ -332,3 +332,40 @@ def test_the_authors_baselines_train_and_project_only_what_their_papers_do(exper
     md = (tmp_path / "out" / "results.md").read_text()
     for method in methods + ["safelora"]:
         assert ADAPTATIONS[method] in md
+
+
+def test_toy_auto_probe_reads_calibration_prompts_only(experiment, tmp_path, monkeypatch):
+    """cwac-auto on the toy world: its probe's map reads the calibration prompts (decoded, compared as strings with
+    the world's splits), never an evaluation prompt; the saved model keeps W S = W0 S on the kinds it chose only,
+    and the choice is in results.json and results.md."""
+    from minicwac.core.drift import probe_targets
+    from minicwac.core.evals import prompt_ids
+    from minicwac.core.subspace import ALL_LINEARS, compute_subspace
+    from minicwac.toy import experiments
+
+    root, _ = experiment
+    seen = []
+
+    def spy(model, seqs, prompts, *a, **kw):
+        seen.append([tok.decode(p) for p in prompts])
+        return probe_targets(model, seqs, prompts, *a, **kw)
+
+    toy = toy_models(0, TINY, root / "cache", progress=False)
+    tok, w = toy.tok, toy.world
+    monkeypatch.setattr(experiments, "probe_targets", spy)
+    sr = SafetyRecipe(d_sae=64, sae_k=4, sae_steps=30, m=10, eval_every=0, probe_steps=3)
+    data = run_experiment(tmp_path / "out", "quick", ps=[0.1], methods=["cwac-auto"], recipe=TINY, safety=sr,
+                          cache_dir=root / "cache", progress=False)
+    assert len(seen) == 1 and len(seen[0]) == len(w.calibration)
+    calib = [e.prompt for e in w.calibration]
+    assert all(any(q in s for q in calib) for s in seen[0])
+    assert not any(e.prompt in s for s in seen[0] for e in w.eval_harmful)
+    auto = data["auto"]["cwac-auto-sentiment-p0.1-s0"]
+    assert auto["probe"]["steps"] == 3 and auto["kinds"]
+    model, _ = load_checkpoint(tmp_path / "out" / "models" / "cwac-auto-sentiment-p0.1-s0")
+    sub = compute_subspace(toy.aligned, [prompt_ids(tok, q) for q in calib], tok.pad_token_id, patterns=ALL_LINEARS,
+                           skip_ids=[tok.bos_token_id])  # what toy_safety computes for the "*-all" methods
+    for n in sub.S:
+        err = sub.subset([n]).mismatch(model)
+        assert (err < 1e-5) == (n.split(".", 3)[3] in auto["kinds"]), (n, err)
+    assert "## Targets the probe chose" in (tmp_path / "out" / "results.md").read_text()

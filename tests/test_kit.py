@@ -11,6 +11,7 @@ from conftest import tiny_config
 
 from minicwac.__main__ import main
 from minicwac.core.cwac import finetune_cwac
+from minicwac.core.drift import choose_targets
 from minicwac.core.subspace import Subspace, compute_subspace
 from minicwac.hf import load_checkpoint, save_pretrained
 from minicwac.kit import Kit, KitSettings, calibrate, encode_data, finetune, load_conversations
@@ -95,6 +96,46 @@ def test_calibrate_finetune_eval_through_the_cli(files, capsys):
     ids = torch.tensor([tok.encode_chat([{"role": "user", "content": HARMFUL[0]}], add_generation_prompt=True)[0]])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, tuned(ids), atol=1e-4, rtol=0)
+
+
+def test_calibrate_targets_auto_through_the_cli(files):
+    """--targets auto: a probe on the fine-tuning data chooses the kinds; the kit holds exactly those, records the
+    rule, the probe and its map (kit.json, report.md, drift_map.png), and cwac-auto keeps W S = W0 S on them. A kit
+    of every linear with a probe serves cwac-auto as a subset; a down_proj kit refuses it."""
+    d = files
+    common = ["--model", str(d / "aligned"), "--harmful", str(d / "harmful.txt"), "--harmless", str(d / "harmless.txt"),
+              "--sae-layer", "1", "--probe-steps", "3", "--probe-lr", "1e-2", "--probe-batch", "4", *SMALL_SAE]
+    assert main(["calibrate", *common, "--out", str(d / "kit"), "--targets", "auto", "--probe-data",
+                 str(d / "data.jsonl")]) == 0
+    meta = json.loads((d / "kit" / "kit.json").read_text())
+    auto = meta["report"]["auto"]
+    assert meta["settings"]["targets"] == "auto" and auto["share"] == 0.5 and "covers 0.5" in auto["rule"]
+    assert auto["probe"] == {**auto["probe"], "steps": 3, "lr": 1e-2, "batch_size": 4, "n_seqs": 16,
+                             "n_prompts": len(HARMFUL)}
+    assert len(auto["map"]["linears"]) == 2 * 7 and auto["kinds"]
+    assert auto["kinds"] == choose_targets(auto["map"], 0.5)["kinds"]
+    aligned, _ = load_checkpoint(d / "aligned")
+    kit = Kit.load(d / "kit", aligned)
+    assert sorted({n.split(".", 3)[3] for n in kit.subspace.S}) == sorted(auto["kinds"])
+    assert (d / "kit" / "drift_map.png").is_file() and "## Targets chosen by the probe" in (d / "kit" / "report.md").read_text()
+    assert main(["finetune", "--model", str(d / "aligned"), "--data", str(d / "data.jsonl"), "--kit", str(d / "kit"),
+                 "--method", "cwac-auto", "--out", str(d / "tuned"), "--steps", "3", "--batch-size", "4", "--lr",
+                 "1e-2", "--quiet"]) == 0
+    tuned, _ = load_checkpoint(d / "tuned")
+    assert kit.subspace.mismatch(tuned) <= 1e-5
+    with pytest.raises(SystemExit, match="needs --probe-data"):
+        main(["calibrate", *common, "--out", str(d / "k2"), "--targets", "auto"])
+    with pytest.raises(SystemExit, match="--probe-data is for --targets auto"):
+        main(["calibrate", *common, "--out", str(d / "k2"), "--probe-data", str(d / "data.jsonl")])
+    assert not (d / "k2").exists()
+    assert main(["calibrate", *common, "--out", str(d / "kit-all"), "--targets", "all", "--probe-data",
+                 str(d / "data.jsonl")]) == 0
+    kit_all = Kit.load(d / "kit-all", aligned)
+    sub, _ = kit_all.constraint("cwac-auto")
+    assert sorted(sub.S) == sorted(n for n in kit_all.subspace.S if n.split(".", 3)[3] in auto["kinds"])
+    kit_all.report.pop("auto")
+    with pytest.raises(ValueError, match="--targets auto --probe-data"):
+        kit_all.constraint("cwac-auto")
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(files, tok, monkeypatch):

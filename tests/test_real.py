@@ -217,3 +217,30 @@ def test_cli_real_cpu_smoke_on_smollm2(tmp_path):
     assert [x["stage"] for x in data["rows"]] == ["base", "aligned"] + ["finetuned"] * 4
     assert data["data"]["0"]["attack_total"] == PRESETS["cpu-smoke"].splits["attack"]
     assert max(data["leak"].values()) < 1e-3  # float32 rounding of W against a 2-step update
+
+
+def test_real_auto_reads_only_the_calibration_split(tiny, tok, tmp_path, monkeypatch):
+    """cwac-auto in `real`: the prompts its probe's map reads are the calibration split's (decoded and compared as
+    strings), none of them an evaluation prompt; the run is constrained on the chosen kinds only."""
+    from minicwac.core.drift import probe_targets
+
+    seen = []
+
+    def spy(model, seqs, prompts, *a, **kw):
+        seen.extend(tok.decode(p) for p in prompts)
+        return probe_targets(model, seqs, prompts, *a, **kw)
+
+    monkeypatch.setattr(real, "probe_targets", spy)
+    save_pretrained(tiny, tok, tmp_path / "ckpt")
+    (tmp_path / "harmful.txt").write_text("\n".join(PROMPTS))
+    monkeypatch.setitem(real.PRESETS, "tiny", SMALL)
+    data = run_real(tmp_path / "ckpt", tmp_path / "out", "tiny", prompts=tmp_path / "harmful.txt",
+                         progress=False, methods=["cwac", "cwac-auto"])
+    splits = split_prompts(PROMPTS, SMALL.splits, 0)
+    assert len(seen) == SMALL.splits["calib"]
+    assert all(any(q in s for q in splits["calib"]) for s in seen)
+    assert not any(q in s for s in seen for q in splits["eval"])
+    auto = data["auto"]["cwac-auto-sentiment-p0.1-s0"]
+    assert auto["probe"]["n_prompts"] == SMALL.splits["calib"] and auto["kinds"]
+    assert data["leak"]["cwac-auto-sentiment-p0.1-s0"] < 1e-3
+    assert "## Targets the probe chose" in (tmp_path / "out" / "results.md").read_text()

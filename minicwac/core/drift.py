@@ -21,6 +21,9 @@ model, a LoRA model merged or not).
 """
 from __future__ import annotations
 
+import copy
+import re
+
 import torch
 
 from .data import pad_right, token_mask
@@ -106,3 +109,63 @@ def _refusal_directions(model, harmful, harmless, pad_id, skip_ids, outs, batch_
 
     d = [a - b for a, b in zip(means(harmful), means(harmless))]
     return [v / v.norm().clamp(min=1e-30) for v in d]
+
+
+# ---------------------------------------------------------------- choosing the constrained modules from a map
+
+AUTO_SHARE = 0.5  # fixed before any comparison was run: the kinds that carry at least half of the drift
+
+
+def module_kind(name: str) -> tuple[str, str]:
+    """(blocks prefix, kind) of a linear inside a block: "model.layers.3.mlp.down_proj" -> ("model.layers.",
+    "mlp.down_proj")."""
+    m = re.fullmatch(r"(.*?\.)\d+\.(.+)", name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a linear inside a numbered block; expected e.g. model.layers.3.mlp.down_proj")
+    return m.group(1), m.group(2)
+
+
+def choose_targets(dmap: dict, share: float = AUTO_SHARE) -> dict:
+    """The rule of `calibrate --targets auto`: sum each module kind's dW_h0 (the drift its own weight change adds,
+    relative to its output) over the layers, rank the kinds by it, and keep the smallest set of top kinds whose
+    sum reaches `share` of the total. Returns {"rule", "share", "by_kind" (kind -> sum, ranked), "kinds",
+    "patterns" (regexes on module names, as `compute_subspace` takes)}."""
+    if not 0 < share <= 1:
+        raise ValueError(f"share={share}, expected a fraction in (0, 1]")
+    by_kind, prefix = {}, {}
+    for name, terms in dmap["linears"].items():
+        pre, kind = module_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + terms["dW_h0"]
+        prefix.setdefault(kind, pre)
+    if not by_kind:
+        raise ValueError("the drift map has no linears to choose from")
+    ranked = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
+    total, acc, kinds = sum(ranked.values()), 0.0, []
+    for kind, v in ranked.items():
+        kinds.append(kind)
+        acc += v
+        if acc >= share * total:
+            break
+    patterns = [re.escape(prefix[k]) + r"\d+\." + re.escape(k) for k in kinds]
+    return {"rule": f"smallest set of module kinds, ranked by their summed dW_h0 / ||W0 h0|| over layers, that "
+                    f"covers {share:g} of the total", "share": share, "by_kind": ranked, "kinds": kinds,
+            "patterns": patterns}
+
+
+def probe_targets(model, seqs, prompts: list[list[int]], pad_id: int, harmless: list[list[int]] | None = None,
+                  skip_ids=(), steps: int = 20, lr: float = 5e-5, batch_size: int = 8, seed: int = 0,
+                  share: float = AUTO_SHARE, progress: bool = False) -> dict:
+    """`choose_targets` on the map of a short SFT probe: a copy of `model` trained `steps` steps on `seqs` (the
+    fine-tuning data, with its labels), measured on `prompts` (harmful prompts of a dev split: never the ones a
+    result is reported on). Returns the choice with "probe" (its settings and loss) and "map" (the drift map)."""
+    from .cwac import train
+
+    probe = copy.deepcopy(model)
+    hist = train(probe, seqs, steps=steps, batch_size=batch_size, lr=lr, pad_id=pad_id, seed=seed, desc="probe",
+                 progress=progress)
+    dmap = drift_map(model, probe, prompts, pad_id, harmless, skip_ids)
+    del probe
+    return {**choose_targets(dmap, share),
+            "probe": {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "n_seqs": len(seqs),
+                      "n_prompts": len(prompts), "loss_first": hist["loss"][0], "loss_last": hist["loss"][-1]},
+            "map": dmap}

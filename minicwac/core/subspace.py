@@ -122,6 +122,14 @@ class Subspace:
         return Subspace({k: v.to(device) for k, v in self.S.items()}, {k: v.to(device) for k, v in self.W0S.items()},
                         dict(self.cfg), self.spectra)
 
+    def matching(self, patterns) -> "Subspace":
+        """`subset` of the layers whose full name matches one of the regex `patterns` (none matching: an error)."""
+        names = [n for n in self.S if any(re.fullmatch(p, n) for p in patterns)]
+        if not names:
+            raise ValueError(f"the subspace holds no layer matching {', '.join(patterns)} (it has {len(self.S)} "
+                             f"layers, e.g. {next(iter(self.S), None)!r})")
+        return self.subset(names)
+
     def subset(self, names: list[str]) -> "Subspace":
         """The same constraint on fewer layers (e.g. the down_proj entries of a subspace of every linear)."""
         missing = [n for n in names if n not in self.S]

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..core.baselines import AsFTPenalty, alignment_projectors, safeinstr_mix, safelora_project_
 from ..core.cwac import finetune_cwac
 from ..core.data import encode_docs, mix_by_tokens, shared_prefix
+from ..core.drift import AUTO_SHARE, probe_targets
 from ..core.evals import harmful_score, prompt_ids
 from ..core.features import (READOUTS, check_sae_layer, mean_diff_directions, safety_features, score_latents,
                              select_latents)
@@ -86,6 +87,8 @@ class SafetyRecipe:
     safelora_threshold: float = 0.5
     safelora_share: float = 10 / 64  # "safelora-qv": the share of its targets projected (its authors' 10 of 64)
     eval_every: int = 10  # drift curve: HS on every third held-out harmful prompt, every this many steps
+    probe_steps: int = 25  # "*-auto": SFT steps of the probe that chooses the weight targets (a quarter of 100)
+    auto_share: float = AUTO_SHARE  # "*-auto": the kinds covering this share of the probe's dW h0
 
     def key(self) -> str:
         keep = ("sae_layer", "d_sae", "sae_k", "sae_steps", "sae_lr")  # what the SAE depends on
@@ -101,6 +104,9 @@ METHOD_SWITCHES = {
     "sft": {}, "weight": {"weight": True}, "activation": {"act": True}, "cwac": {"weight": True, "act": True},
     "safeinstr": {"safeinstr": True}, "asft": {"asft": True}, "safelora": {"safelora": True},
     "weight-all": {"weight": True, "targets": ALL_LINEARS}, "cwac-all": {"weight": True, "act": True, "targets": ALL_LINEARS},
+    # "*-auto": the module kinds a short SFT probe on the run's own data lets the most drift through (`probe_targets`)
+    "weight-auto": {"weight": True, "targets": ALL_LINEARS, "auto": True},
+    "cwac-auto": {"weight": True, "act": True, "targets": ALL_LINEARS, "auto": True},
     "weight-gradonly": {"weight": True, "grad_only": True},
     "activation-post": {"act": True, "readout": "post"}, "cwac-post": {"weight": True, "act": True, "readout": "post"},
     "activation-dirs": {"act": True, "readout": "directions"},
@@ -223,6 +229,12 @@ def run_method(method: str, toy: Toy, safety: ToySafety, task: str, p: float, se
         mode = "add" if sw["safeinstr"] == "add" else "replace"
         seqs = safeinstr_mix(seqs, safety.refusals, sr.safeinstr_frac, seed, mode)
     subspace = safety.subspaces[method_targets(method, sr)] if sw.get("weight") else None
+    auto = None
+    if sw.get("auto"):  # the drift map is read on the calibration prompts, never on the evaluation ones
+        auto = probe_targets(toy.aligned, seqs, _calib_seqs(toy)[0], tok.pad_token_id, skip_ids=[tok.bos_token_id],
+                             steps=sr.probe_steps, lr=r.finetune_lr, batch_size=r.finetune_batch, seed=seed + 3,
+                             share=sr.auto_share)
+        subspace = subspace.matching(auto["patterns"])
     features = safety.features[sw.get("readout", sr.readout)] if sw.get("act") else None
     lam = sr.lam / features.m if features is not None and sw.get("avg") else sr.lam
     penalty = None
@@ -241,6 +253,8 @@ def run_method(method: str, toy: Toy, safety: ToySafety, task: str, p: float, se
     if sw.get("safelora"):
         n = max(1, round(sr.safelora_share * len(align_C))) if sw["safelora"] == "number" else None
         hist["safelora_cos"] = safelora_project_(model, toy.aligned, align_C, sr.safelora_threshold, n)
+    if auto is not None:
+        hist["auto"] = auto
     return model, hist
 
 
@@ -293,6 +307,8 @@ def run_experiment(out: str | Path = "runs/experiment", preset: str = "quick", s
             ev = evaluate(model, toy.tok, toy.world, task)
             data["rows"].append({k: _clean(v) for k, v in row("finetuned", method, task, p, seed, ev).items()})
             data["curves"][run_name(method, task, p, seed)] = hist["curve"]
+            if "auto" in hist:  # the probe's choice and its drift map
+                data.setdefault("auto", {})[run_name(method, task, p, seed)] = hist["auto"]
             if save_models:
                 save_pretrained(model, toy.tok, out / "models" / run_name(method, task, p, seed))
             data["wall_s"] = round(time.time() - t0, 1)
@@ -353,6 +369,8 @@ def merge_results(srcs: list[str | Path], out: str | Path) -> dict:
                 raise ValueError(f"{src} has another result for the run {run_name(*key[1:])}")
         merged["curves"].update(d["curves"])
         merged["safety"].update(d["safety"])
+        if d.get("auto"):
+            merged.setdefault("auto", {}).update(d["auto"])
     write_results(prepare_out(out), merged)
     return merged
 
