@@ -335,8 +335,8 @@ def test_the_authors_baselines_train_and_project_only_what_their_papers_do(exper
 
 
 def test_toy_auto_probe_reads_calibration_prompts_only(experiment, tmp_path, monkeypatch):
-    """cwac-auto on the toy world: its probe's map reads the calibration prompts (decoded, compared as strings with
-    the world's splits), never an evaluation prompt; the saved model keeps W S = W0 S on the kinds it chose only,
+    """cwac-auto on the toy world: its probe's map reads the calibration prompts (decoded and compared, exactly and
+    as substrings, with the world's splits), never an evaluation prompt; the saved model keeps W S = W0 S on the kinds it chose only,
     and the choice is in results.json and results.md."""
     from minicwac.core.drift import probe_targets
     from minicwac.core.evals import prompt_ids
@@ -356,9 +356,10 @@ def test_toy_auto_probe_reads_calibration_prompts_only(experiment, tmp_path, mon
     sr = SafetyRecipe(d_sae=64, sae_k=4, sae_steps=30, m=10, eval_every=0, probe_steps=3)
     data = run_experiment(tmp_path / "out", "quick", ps=[0.1], methods=["cwac-auto"], recipe=TINY, safety=sr,
                           cache_dir=root / "cache", progress=False)
-    assert len(seen) == 1 and len(seen[0]) == len(w.calibration)
     calib = [e.prompt for e in w.calibration]
-    assert all(any(q in s for q in calib) for s in seen[0])
+    rendered = lambda prompts: {tok.decode(prompt_ids(tok, q)) for q in prompts}  # noqa: E731
+    assert len(seen) == 1 and len(seen[0]) == len(calib) and set(seen[0]) == rendered(calib)
+    assert not set(seen[0]) & rendered(e.prompt for e in w.eval_harmful)
     assert not any(e.prompt in s for s in seen[0] for e in w.eval_harmful)
     auto = data["auto"]["cwac-auto-sentiment-p0.1-s0"]
     assert auto["probe"]["steps"] == 3 and auto["kinds"]

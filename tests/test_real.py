@@ -220,8 +220,9 @@ def test_cli_real_cpu_smoke_on_smollm2(tmp_path):
 
 
 def test_real_auto_reads_only_the_calibration_split(tiny, tok, tmp_path, monkeypatch):
-    """cwac-auto in `real`: the prompts its probe's map reads are the calibration split's (decoded and compared as
-    strings), none of them an evaluation prompt; the run is constrained on the chosen kinds only."""
+    """cwac-auto in `real`: the prompts its probe's map reads, decoded, are the calibration split's as the chat
+    template renders them (exact strings: these prompts differ only in a number, so substrings would not do),
+    none of them an evaluation prompt; the run keeps W S = W0 S on the kinds it chose."""
     from minicwac.core.drift import probe_targets
 
     seen = []
@@ -235,11 +236,11 @@ def test_real_auto_reads_only_the_calibration_split(tiny, tok, tmp_path, monkeyp
     (tmp_path / "harmful.txt").write_text("\n".join(PROMPTS))
     monkeypatch.setitem(real.PRESETS, "tiny", SMALL)
     data = run_real(tmp_path / "ckpt", tmp_path / "out", "tiny", prompts=tmp_path / "harmful.txt",
-                         progress=False, methods=["cwac", "cwac-auto"])
+                    progress=False, methods=["cwac", "cwac-auto"])
     splits = split_prompts(PROMPTS, SMALL.splits, 0)
-    assert len(seen) == SMALL.splits["calib"]
-    assert all(any(q in s for q in splits["calib"]) for s in seen)
-    assert not any(q in s for s in seen for q in splits["eval"])
+    rendered = {k: {tok.decode(prompt_ids(tok, q)) for q in v} for k, v in splits.items()}
+    assert len(seen) == SMALL.splits["calib"] and set(seen) == rendered["calib"]
+    assert not set(seen) & rendered["eval"]
     auto = data["auto"]["cwac-auto-sentiment-p0.1-s0"]
     assert auto["probe"]["n_prompts"] == SMALL.splits["calib"] and auto["kinds"]
     assert data["leak"]["cwac-auto-sentiment-p0.1-s0"] < 1e-3

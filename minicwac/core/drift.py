@@ -153,7 +153,7 @@ def choose_targets(dmap: dict, share: float = AUTO_SHARE) -> dict:
 
 
 def probe_targets(model, seqs, prompts: list[list[int]], pad_id: int, harmless: list[list[int]] | None = None,
-                  skip_ids=(), steps: int = 20, lr: float = 5e-5, batch_size: int = 8, seed: int = 0,
+                  skip_ids=(), steps: int = 20, lr: float = 2e-5, batch_size: int = 8, seed: int = 0,
                   share: float = AUTO_SHARE, progress: bool = False) -> dict:
     """`choose_targets` on the map of a short SFT probe: a copy of `model` trained `steps` steps on `seqs` (the
     fine-tuning data, with its labels), measured on `prompts` (harmful prompts of a dev split: never the ones a
