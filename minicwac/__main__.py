@@ -396,6 +396,7 @@ def _bench_sharded(args) -> None:
     try:
         res = bench.bench_sharded(ranks, args.shape, args.repeats or 10, args.batch, args.seq, args.m or 100,
                                   checkpointing=args.checkpointing)
+        dist.barrier()  # every rank done before any leaves the process group
     finally:
         dist.close()
     if ranks.main:

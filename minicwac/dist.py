@@ -218,6 +218,9 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     ranks = init("cpu")
     try:
         fn(ranks, *args)
+        # every rank done before any leaves: a rank that tears its gloo connections down while another still
+        # finishes (rank 0 writing a file after a gather) was seen to abort now and then under load
+        dist.barrier()
     finally:
         close()
 
