@@ -319,7 +319,7 @@ MEMORY_PROBE = textwrap.dedent("""
 def test_sharded_bf16_load_makes_no_float32_copy(tmp_path):
     """A ~45M-parameter bf16 checkpoint in 3 shards loads as bf16 without any weight-sized float32 tensor ever
     existing, and the peak memory rises by about the bf16 weights only (a float32 copy would add 2x that).
-    A float32 load of a small checkpoint, in the same process, shows the probe does see such copies."""
+    A float32 load of a small checkpoint, by the same probe, shows it does see such copies."""
     cfg = Config(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                  num_attention_heads=8, num_key_value_heads=4)
     with torch.device("meta"):
@@ -334,12 +334,17 @@ def test_sharded_bf16_load_makes_no_float32_copy(tmp_path):
                    num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
     save_pretrained(GPT(small, dtype=torch.bfloat16), None, tmp_path / "small")
-    jobs = [[str(tmp_path / "big"), None, 1 << 16], [str(tmp_path / "small"), "float32", 1 << 13]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, json.dumps(jobs)], capture_output=True, text=True,
-                         timeout=120, env=env, cwd=Path(__file__).parent.parent)
-    assert out.returncode == 0, out.stderr[-2000:]
-    big, control = json.loads(out.stdout.strip().splitlines()[-1])
+
+    # each load in a fresh process: the heap an earlier load freed would be reused by the next one without any
+    # rise of the high-water mark (the control then read 0)
+    def probe(path, dtype, min_numel):
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, json.dumps([[str(path), dtype, min_numel]])],
+                             capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parent.parent)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])[0]
+
+    big, control = probe(tmp_path / "big", None, 1 << 16), probe(tmp_path / "small", "float32", 1 << 13)
     assert big["dtypes"] == ["torch.bfloat16"] and big["nbytes"] == bf16_bytes
     assert big["float32"] == []
     assert big["rise"] < 1.5 * bf16_bytes, big["rise"] / bf16_bytes
