@@ -316,8 +316,8 @@ def plot_drift_map(res: dict, out: Path, title: str = "", by_layer: bool = True)
     drift_by_layer.png (by_layer=True): the residual stream's drift ||dx|| / ||x|| after each block (and along
     the refusal direction, where known)."""
 
-    grids = {term: drift_grid(res, term)[2] for term in ("dW_h0", "W0_dh")}
-    layers, kinds, _ = drift_grid(res, "dW_h0")
+    layers, kinds, grid_dW = drift_grid(res, "dW_h0")
+    grids = {"dW_h0": grid_dW, "W0_dh": drift_grid(res, "W0_dh")[2]}
     fig, axes = figure(1, 2, figsize=(4 + 0.6 * len(kinds) * 2, 1.5 + 0.25 * len(layers)), squeeze=False)
     for ax, term, label in zip(axes[0], ("dW_h0", "W0_dh"), ("dW h0: the layer's own change",
                                                               "W0 dh: drift arriving from upstream")):
