@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minicwac.fetch import DownloadError, MissingDependencyError
-from minicwac.model import GPT, Config
-from minicwac.tokenizer import ChatTokenizer, train_bpe
+from minicwac.io.fetch import DownloadError
+from minicwac.io.prompts import MissingDependencyError
+from minicwac.io.model import GPT, Config
+from minicwac.io.tokenizer import ChatTokenizer, train_bpe
 from minicwac.toy.world import build_world
 
 # Tiny models gain nothing from threads, and on a shared 2-core machine oversubscribed threads make them ~100x

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from minicwac.__main__ import main
 from minicwac.core.evals import evaluate_prompts, generate_answers, harmful_share, refusal_score
 from minicwac.core.files import atomic_folder, recover, write_json_atomic
-from minicwac.hf import load_checkpoint, load_pretrained, save_pretrained
-from minicwac.model import GPT
+from minicwac.io.hf import load_checkpoint, load_pretrained, save_pretrained
+from minicwac.io.model import GPT
 from minicwac.toy.evals import evaluate, task_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,8 +229,8 @@ def test_leftovers_of_an_interrupted_save_are_cleaned_and_the_old_one_restored(f
 
 SAVE_LOOP = """
 import sys, torch
-from minicwac.hf import save_pretrained
-from minicwac.model import GPT, Config
+from minicwac.io.hf import save_pretrained
+from minicwac.io.model import GPT, Config
 cfg = Config(vocab_size=2000, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2)
 i = 0
@@ -292,7 +292,7 @@ def test_kit_sae_and_subspace_folders_keep_foreign_files(tmp_path):
 
 @pytest.mark.parametrize("name", ["tokenizer_config.json", "tokenizer.json"])
 def test_tokenizer_json_nested_too_deeply(folder, name):
-    from minicwac.hf import load_tokenizer
+    from minicwac.io.hf import load_tokenizer
     path, _ = folder
     (path / name).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError) as e:

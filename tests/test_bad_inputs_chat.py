@@ -11,7 +11,7 @@ import pytest
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from minicwac.tokenizer import (MAX_RENDER_CHARS, RENDER_CHARS_PER_INPUT_CHAR, TOY_CHAT_TEMPLATE, ChatMessagesError,
+from minicwac.io.tokenizer import (MAX_RENDER_CHARS, RENDER_CHARS_PER_INPUT_CHAR, TOY_CHAT_TEMPLATE, ChatMessagesError,
                                 ChatTemplateError, ChatTemplateUnsafeError, ChatTokenizer, load_tokenizer)
 
 USER = {"role": "user", "content": "How do I bake bread?"}

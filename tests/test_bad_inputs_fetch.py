@@ -1,4 +1,4 @@
-"""Bad inputs to `minicwac.fetch`: nothing is trusted or lost silently, every bad input is one line naming it.
+"""Bad inputs to `minicwac.io.fetch`: nothing is trusted or lost silently, every bad input is one line naming it.
 
 - Readers (`load_prompts`, `load_labels`, `parse_refusal_csv`, `parse_prompt_file`): a table of malformed files,
   each with the fragment of the one-line error it must give (file and line named), and a table of awkward but
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from minicwac import fetch as fetch_mod
+from minicwac.io import fetch as fetch_mod
 from conftest import main_error
 
 from minicwac.__main__ import main
-from minicwac.fetch import (extract_member, fetch_prompts, load_labels, load_prompts, parse_prompt_file,
-                            parse_refusal_csv)
+from minicwac.io.fetch import extract_member, fetch_prompts
+from minicwac.io.prompts import load_labels, load_prompts, parse_prompt_file, parse_refusal_csv
 
 LIMIT = 131072  # csv.field_size_limit(): kept, a prompt is never that long
 

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from minicwac import bench
+from minicwac.tools import bench
 from minicwac.core.cwac import finetune_cwac
-from minicwac.model import Config
+from minicwac.io.model import Config
 from minicwac.toy.pipeline import clone
 
 
@@ -74,7 +74,7 @@ def test_bench_step_at_a_later_layer_with_more_latents():
 @pytest.mark.slow
 def test_bench_step_fsdp_reports_the_sharded_step():
     """bench --what step --fsdp: 2 CPU processes (gloo) time the sharded SFT and CWAC steps; the constraint held."""
-    from minicwac.bench import bench_step_fsdp, format_step_fsdp
+    from minicwac.tools.bench import bench_step_fsdp, format_step_fsdp
     res = bench_step_fsdp(2, repeats=2, warmup=1, m=8)
     assert res["ranks"] == 2 and res["sft_ms"] > 0 and res["cwac_ms"] > 0
     assert res["ratio"] == pytest.approx(res["cwac_ms"] / res["sft_ms"])
@@ -92,7 +92,7 @@ def test_bench_sharded_under_torchrun(tmp_path):
     import subprocess
     import sys
 
-    from minicwac.dist import free_port
+    from minicwac.io.dist import free_port
     port = free_port()
     out = tmp_path / "sharded.json"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",

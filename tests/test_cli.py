@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from minicwac.hf import save_pretrained
-from minicwac.model import GPT
+from minicwac.io.hf import save_pretrained
+from minicwac.io.model import GPT
 
 from conftest import main_error, tiny_config
 

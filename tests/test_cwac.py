@@ -8,7 +8,7 @@ from conftest import tiny_config
 from minicwac.core.baselines import AsFTPenalty, alignment_projectors, safeinstr_mix, safelora_project_
 from minicwac.core.cwac import finetune_cwac
 from minicwac.core.features import safety_features
-from minicwac.model import GPT
+from minicwac.io.model import GPT
 from minicwac.core.sae import SAE, SAEConfig
 from minicwac.core.subspace import ALL_LINEARS, compute_subspace
 from minicwac.core.data import batches, collate, lm_loss

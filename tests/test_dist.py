@@ -14,12 +14,12 @@ from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 from test_kit import HARMFUL, HARMLESS, conversations
 
-from minicwac import dist
+from minicwac.io import dist
 from minicwac.__main__ import main
 from minicwac.core.subspace import Subspace
-from minicwac.hf import load_checkpoint, load_pretrained, save_pretrained
+from minicwac.io.hf import load_checkpoint, load_pretrained, save_pretrained
 from minicwac.kit import Kit, KitSettings, calibrate, encode_data, finetune, load_conversations
-from minicwac.model import GPT
+from minicwac.io.model import GPT
 
 ARGS = ["--steps", "5", "--batch-size", "4", "--lr", "1e-3", "--quiet"]
 

@@ -79,8 +79,8 @@ def test_drift_map_command_and_a_transformers_model(tmp_path, tok):
 
     from minicwac.__main__ import main
     from minicwac.core.evals import prompt_ids
-    from minicwac.hf import save_pretrained
-    from minicwac.model import GPT
+    from minicwac.io.hf import save_pretrained
+    from minicwac.io.model import GPT
     torch.manual_seed(0)
     base = GPT(tiny_config(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                            eos_token_id=tok.eos_token_id, max_position_embeddings=128))
@@ -171,8 +171,8 @@ import sys
 from pathlib import Path
 import torch
 from minicwac.core.subspace import Subspace
-from minicwac.kit import plot_spectrum
-from minicwac.report import plot_drift_map
+from minicwac.kit.calibration import plot_spectrum
+from minicwac.tools.report import plot_drift_map
 m = {{"linears": {{f"model.layers.{{i}}.mlp.{{k}}": {{"dW_h0": 0.1, "W0_dh": 0.2, "exact": 0.3, "second_order": 0.0}}
                   for i in range(2) for k in ("up_proj", "down_proj")}},
      "blocks": [{{"layer": 1, "drift": 0.1, "refusal_drift": -0.1}}], "n_tokens": 3}}

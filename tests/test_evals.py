@@ -12,7 +12,7 @@ from minicwac.core.evals import (REFUSAL_OPENINGS, answer_matches, confusion, fi
                                  is_compliant, is_refusal, judge_check, refusal_score)
 import minicwac.toy.evals as toy_evals
 from minicwac.toy.evals import evaluate
-from minicwac.model import GPT
+from minicwac.io.model import GPT
 from minicwac.toy.world import REFUSALS, Example, Task, World
 
 from conftest import tiny_config

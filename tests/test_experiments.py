@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from minicwac.__main__ import main
-from minicwac.report import ROW_KEYS, results_table
-from minicwac.toy.experiments import check_p, check_task, run_demo
-from minicwac.hf import load_checkpoint
+from minicwac.tools.report import ROW_KEYS, results_table
+from minicwac.toy.demo import run_demo
+from minicwac.toy.world import check_p, check_task
+from minicwac.io.hf import load_checkpoint
 from minicwac.toy.pipeline import Recipe, toy_models
 
 TINY = Recipe(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -127,7 +128,7 @@ def test_clone_is_independent(tied):
     """pipeline.clone copies the weights into new tensors (tied heads stay tied)."""
     from minicwac.toy.pipeline import clone
     from conftest import tiny_config
-    from minicwac.model import GPT
+    from minicwac.io.model import GPT
 
     torch.manual_seed(0)
     m = GPT(tiny_config(tie_word_embeddings=tied))
@@ -142,11 +143,11 @@ def test_clone_is_independent(tied):
 
 # ---------------------------------------------------------------- the method experiment (tiny smoke run)
 
-from minicwac.toy.experiments import MAIN_METHODS, SafetyRecipe, run_experiment  # noqa: E402
+from minicwac.toy.experiments import MAIN_METHODS, SafetyRecipe, run_experiment, with_settings  # noqa: E402
 from minicwac.core.sae import SAE  # noqa: E402
 from minicwac.core.subspace import Subspace  # noqa: E402
 
-TINY_SAFETY = SafetyRecipe(d_sae=64, sae_k=4, sae_steps=30, m=10, eval_every=2)
+TINY_SAFETY = with_settings(SafetyRecipe(eval_every=2), d_sae=64, sae_k=4, sae_steps=30, m=10)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +201,7 @@ def test_experiment_resumes_and_refuses_other_settings(experiment):
     assert again["rows"] == data["rows"]  # nothing re-run, nothing rewritten
     assert (root / "out" / "models" / "sft-sentiment-p0.1-s0" / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="other settings"):
-        run_experiment(root / "out", "quick", recipe=TINY, safety=SafetyRecipe(lam=1.0), cache_dir=root / "cache",
+        run_experiment(root / "out", "quick", recipe=TINY, safety=with_settings(SafetyRecipe(), lam=1.0), cache_dir=root / "cache",
                        progress=False)
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         run_experiment(root / "other", "quick", methods=["magic"], recipe=TINY, progress=False)
@@ -209,7 +210,7 @@ def test_experiment_resumes_and_refuses_other_settings(experiment):
 
 
 def test_merge_joins_parts_with_the_same_settings(experiment, tmp_path):
-    from minicwac.toy.experiments import merge_results
+    from minicwac.toy.merge import merge_results
     root, data = experiment
     part = run_experiment(tmp_path / "part", "quick", ps=[0.0], methods=["sft"], recipe=TINY, safety=TINY_SAFETY,
                           cache_dir=root / "cache", save_models=False, progress=False)
@@ -297,18 +298,18 @@ def test_select_refuses_a_reported_seed_and_unknown_methods(tmp_path):
         run_select(tmp_path, grid={"magic": [{}]}, recipe=TINY)
 
 
-def test_safety_recipe_targets_choose_the_weight_targets(experiment, tmp_path):
-    """SafetyRecipe.targets is what `weight` and `cwac` constrain (it was ignored: only METHOD_SWITCHES counted),
-    and it does not change the SAE's cache key (the SAE does not depend on the weight targets)."""
-    from minicwac.core.subspace import ALL_LINEARS
+def test_the_kit_targets_setting_chooses_the_calibrated_targets(experiment, tmp_path):
+    """The kit's `targets` ("all") is what the seed's subspace covers, and `weight-all` constrains every one of its
+    linears (`weight` and `cwac` are down_proj, the paper's, whatever the kit holds: one kit serves every method);
+    it does not change the SAE's cache key (the SAE does not depend on the weight targets)."""
     root, _ = experiment
-    sr = SafetyRecipe(d_sae=64, sae_k=4, sae_steps=30, m=10, eval_every=0, targets=ALL_LINEARS)
+    sr = with_settings(SafetyRecipe(eval_every=0), d_sae=64, sae_k=4, sae_steps=30, m=10, targets="all")
     assert sr.key() == TINY_SAFETY.key()
-    run_experiment(tmp_path / "out", "quick", ps=[0.1], methods=["weight"], recipe=TINY, safety=sr,
+    run_experiment(tmp_path / "out", "quick", ps=[0.1], methods=["weight-all"], recipe=TINY, safety=sr,
                    cache_dir=root / "cache", progress=False)
     sub = Subspace.load(tmp_path / "out" / "subspace" / "s0")
     assert len(sub.S) == 2 * 7  # every linear of both blocks
-    model, _ = load_checkpoint(tmp_path / "out" / "models" / "weight-sentiment-p0.1-s0")
+    model, _ = load_checkpoint(tmp_path / "out" / "models" / "weight-all-sentiment-p0.1-s0")
     mods = dict(model.named_modules())
     assert max(float((mods[n].weight.detach() @ S - sub.W0S[n]).abs().max()) for n, S in sub.S.items()) < 1e-5
 
@@ -316,7 +317,7 @@ def test_safety_recipe_targets_choose_the_weight_targets(experiment, tmp_path):
 def test_the_authors_baselines_train_and_project_only_what_their_papers_do(experiment, tmp_path):
     """asft-qv and safelora-qv change q_proj and v_proj only (the papers' LoRA targets, trained as full dW here);
     every baseline's adaptation is labelled in results.md."""
-    from minicwac.report import ADAPTATIONS
+    from minicwac.tools.report import ADAPTATIONS
     root, _ = experiment
     methods = ["safeinstr-add", "asft-qv", "safelora-qv"]
     run_experiment(tmp_path / "out", "quick", ps=[0.1], methods=methods + ["safelora"], recipe=TINY,
@@ -353,7 +354,7 @@ def test_toy_auto_probe_reads_calibration_prompts_only(experiment, tmp_path, mon
     toy = toy_models(0, TINY, root / "cache", progress=False)
     tok, w = toy.tok, toy.world
     monkeypatch.setattr(experiments, "probe_targets", spy)
-    sr = SafetyRecipe(d_sae=64, sae_k=4, sae_steps=30, m=10, eval_every=0, probe_steps=3)
+    sr = with_settings(SafetyRecipe(eval_every=0), d_sae=64, sae_k=4, sae_steps=30, m=10, probe_steps=3)
     data = run_experiment(tmp_path / "out", "quick", ps=[0.1], methods=["cwac-auto"], recipe=TINY, safety=sr,
                           cache_dir=root / "cache", progress=False)
     calib = [e.prompt for e in w.calibration]

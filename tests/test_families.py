@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip(
     "transformers", reason="the family parity tests compare against transformers (a test-only dependency)")
 
-from minicwac.hf import load_pretrained, save_pretrained  # noqa: E402
-from minicwac.model import GPT, Config  # noqa: E402
+from minicwac.io.hf import load_pretrained, save_pretrained  # noqa: E402
+from minicwac.io.model import GPT, Config  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 VOCAB, T_PROMPT, N_NEW = 128, 12, 20
@@ -277,7 +277,7 @@ MEMORY_PROBE = textwrap.dedent("""
     import json, sys, torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
-    from minicwac.hf import load_pretrained
+    from minicwac.io.hf import load_pretrained
 
     class Float32Watch(TorchDispatchMode):
         def __init__(self, min_numel):

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_config
 
 from minicwac.core.features import (latent_means, mean_diff_directions, safety_features, score_latents, select_latents)
-from minicwac.model import GPT
+from minicwac.io.model import GPT
 from minicwac.core.sae import SAE, SAEConfig
 
 

@@ -24,16 +24,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minicwac import fetch as fetch_mod
+from minicwac.io import fetch as fetch_mod
 from minicwac.__main__ import main
-from minicwac.fetch import (DownloadError, MissingDependencyError, extract_member, fetch_labels, fetch_model,
-                            fetch_prompts, hf_tensor_name, load_labels, load_prompts, parse_prompt_file,
-                            parse_refusal_csv, unpermute_qk)
+from minicwac.io.fetch import (DownloadError, extract_member, fetch_labels, fetch_model, fetch_prompts, hf_tensor_name,
+                               unpermute_qk)
+from minicwac.io.prompts import (MissingDependencyError, load_labels, load_prompts, parse_prompt_file,
+                                 parse_refusal_csv)
 from minicwac.core.evals import judge_check
-from minicwac.hf import load_checkpoint, load_pretrained
-from minicwac.model import GPT
+from minicwac.io.hf import load_checkpoint, load_pretrained
+from minicwac.io.model import GPT
 from minicwac.toy.pipeline import default_cache_dir
-from minicwac.tokenizer import load_tokenizer
+from minicwac.io.tokenizer import load_tokenizer
 
 from conftest import fetch_or_skip, main_error, tiny_config
 

@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import minicwac.hf
-from minicwac.hf import load_checkpoint, load_pretrained, save_pretrained
-from minicwac.model import GPT
-from minicwac.tokenizer import ChatTokenizer
+import minicwac.io.hf
+from minicwac.io.hf import load_checkpoint, load_pretrained, save_pretrained
+from minicwac.io.model import GPT
+from minicwac.io.tokenizer import ChatTokenizer
 
 from conftest import tiny_config
 
@@ -213,7 +213,7 @@ def test_failed_save_leaves_old_checkpoint_intact(model, tok, ckpt, monkeypatch)
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(minicwac.hf, "save_file", boom)
+    monkeypatch.setattr(minicwac.io.hf, "save_file", boom)
     with torch.no_grad():
         model.model.norm.weight.mul_(3.0)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -225,7 +225,7 @@ def test_failed_save_leaves_old_checkpoint_intact(model, tok, ckpt, monkeypatch)
 
 
 def test_failed_first_save_leaves_nothing(model, tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(minicwac.hf, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(minicwac.io.hf, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         save_pretrained(model, tok, tmp_path / "new")
     assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,7 @@ import pytest
 from jinja2.exceptions import SecurityError, TemplateError
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from minicwac.tokenizer import TOY_CHAT_TEMPLATE, ChatTokenizer, load_tokenizer, train_bpe
+from minicwac.io.tokenizer import TOY_CHAT_TEMPLATE, ChatTokenizer, load_tokenizer, train_bpe
 
 transformers = pytest.importorskip("transformers", reason="parity tests compare with transformers' AutoTokenizer")
 AutoTokenizer = transformers.AutoTokenizer

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from minicwac.core.hooks import capture
-from minicwac.model import GPT
+from minicwac.io.model import GPT
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def test_the_core_imports_only_the_core():
 def test_importing_the_core_loads_no_toy_world():
     code = "import sys, minicwac.core; print(sorted(m for m in sys.modules if m.startswith('minicwac')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    for outer in ("minicwac.toy", "minicwac.real", "minicwac.kit", "minicwac.report", "minicwac.bench"):
+    for outer in ("minicwac.toy", "minicwac.tools.real", "minicwac.kit", "minicwac.tools.report", "minicwac.tools.bench"):
         assert f"'{outer}" not in loaded, f"importing minicwac.core loaded {outer}"
 
 
@@ -46,7 +46,7 @@ def test_the_step_is_written_once():
         src = f.read_text()
         rel = f.relative_to(PKG).as_posix()
         if rel != "core/cwac.py":
-            assert ".project_(model)" not in src or rel == "bench.py", f"{rel} projects weights itself"
-            assert "opt.step()" not in src or rel in ("bench.py", "core/sae.py"), f"{rel} has its own optimizer step"
-    bench = (PKG / "bench.py").read_text()
+            assert ".project_(model)" not in src or rel == "tools/bench.py", f"{rel} projects weights itself"
+            assert "opt.step()" not in src or rel in ("tools/bench.py", "core/sae.py"), f"{rel} has its own optimizer step"
+    bench = (PKG / "tools" / "bench.py").read_text()
     assert bench.count("opt.step()") == 1  # transformers' SFT step, the reference the package's step is timed against

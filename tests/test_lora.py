@@ -10,12 +10,12 @@ import torch
 from test_dist import ARGS, _weights, folder  # noqa: F401 -- the tiny model, kit and data fixture
 from test_kit import HARMFUL
 
-from minicwac import dist
+from minicwac.io import dist
 from minicwac.__main__ import main
 from minicwac.core.cwac import finetune_cwac
 from minicwac.core.lora import LoRALinear, LoRASettings, add_lora, constrain_peft_, lora_modules, merge_lora
 from minicwac.core.subspace import ALL_LINEARS, Subspace, compute_subspace
-from minicwac.hf import load_checkpoint, load_tokenizer
+from minicwac.io.hf import load_checkpoint, load_tokenizer
 from minicwac.kit import Kit, encode_data, finetune, load_conversations
 
 

@@ -1,4 +1,4 @@
-"""The memory plan (`minicwac.plan`): its figures against the bytes of real tensors after a real optimizer step, on
+"""The memory plan (`minicwac.tools.plan`): its figures against the bytes of real tensors after a real optimizer step, on
 one process and on 2 FSDP2 ranks (gloo, CPU); its activation estimate against what autograd saves; hand
 arithmetic; the presets; the errors; and the table in docs/performance.md."""
 from __future__ import annotations
@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from minicwac import plan as P
+from minicwac.tools import plan as P
 from minicwac.core.cwac import cwac_step
 from minicwac.core.data import make_optimizer
 from minicwac.core.lora import LoRASettings, add_lora
 from minicwac.core.subspace import ALL_LINEARS, DEFAULT_TARGETS, Subspace, target_names
-from minicwac.model import GPT
+from minicwac.io.model import GPT
 
 PERSISTENT = ("weights", "grads", "adam", "subspace")  # the rows counted from shapes, measured here
 # odd row counts, so that 2 ranks hold ceil(d0 / 2) and floor(d0 / 2) rows: vocab 97, hidden 45 (norms, o_proj,
@@ -95,7 +95,7 @@ def test_plan_matches_the_bytes_of_one_real_step_on_one_process(case):
 # --- 2 ranks (FSDP2 on CPU, gloo) -------------------------------------------------------------------------------
 def _rank_worker(ranks, out: str, rank_frac: float) -> None:
     """One rank: shard each case's model (dist.shard_model) and its subspace, one step; rank 0 writes the bytes."""
-    from minicwac import dist
+    from minicwac.io import dist
     result = {}
     for case in ("cwac", "cwac-all", "lora"):
         model, sub = measure(ODD, case, rank_frac)
@@ -110,7 +110,7 @@ def _rank_worker(ranks, out: str, rank_frac: float) -> None:
 
 
 def test_plan_matches_rank_0s_bytes_on_two_fsdp2_ranks(tmp_path):
-    from minicwac import dist
+    from minicwac.io import dist
     rank_frac = 0.4
     out = tmp_path / "rank0.json"
     dist.run_local(_rank_worker, 2, str(out), rank_frac)
@@ -259,21 +259,21 @@ def _args(*argv) -> argparse.Namespace:
 
 
 def test_run_formats_the_plan_and_reads_a_kit(tmp_path):
-    text = P.run(_args("--shape", "tiny", "--gpus", "2", "--lora-r", "8", "--offload", "--gpu-mem", "24"))
+    text = P.plan_text(_args("--shape", "tiny", "--gpus", "2", "--lora-r", "8", "--offload", "--gpu-mem", "24"))
     assert "CPU GB per rank" in text and "24 GB GPU: fits" in text and "LoRA r=8" in text
     assert "estimate" in text and "95%" in text
     kit = tmp_path / "kit"
     kit.mkdir()
     (kit / "kit.json").write_text(json.dumps({"report": {"ranks": {"a": [30, 100], "b": [50, 100]}}}))
     assert P.kit_rank_frac(kit) == pytest.approx(0.4)
-    via_kit = P.run(_args("--shape", "llama-8b", "--gpus", "8", "--kit", str(kit)))
+    via_kit = P.plan_text(_args("--shape", "llama-8b", "--gpus", "8", "--kit", str(kit)))
     assert via_kit == P.format_plan(P.plan("llama-8b", 8, rank_frac=0.4))
     with pytest.raises(ValueError, match="kit.json not found"):
-        P.run(_args("--shape", "tiny", "--gpus", "1", "--kit", str(tmp_path / "none")))
+        P.plan_text(_args("--shape", "tiny", "--gpus", "1", "--kit", str(tmp_path / "none")))
     with pytest.raises(SystemExit):  # argparse: --rank-frac and --kit exclude each other
         _args("--shape", "tiny", "--gpus", "1", "--kit", str(kit), "--rank-frac", "0.3")
     with pytest.raises(ValueError, match="gpus=0"):
-        P.run(_args("--shape", "tiny", "--gpus", "0"))
+        P.plan_text(_args("--shape", "tiny", "--gpus", "0"))
 
 
 def test_format_plan_says_fits_or_not_with_the_headroom():
@@ -290,9 +290,9 @@ def test_format_plan_says_fits_or_not_with_the_headroom():
 def test_the_docs_tables_are_the_codes_output_and_checkpointing_changes_no_verdict_in_the_first():
     doc = (Path(__file__).parent.parent / "docs" / "performance.md").read_text()
     for table in P.doc_tables():
-        assert table in doc, "regenerate the tables in docs/performance.md with minicwac.plan.doc_tables()"
+        assert table in doc, "regenerate the tables in docs/performance.md with minicwac.tools.plan.doc_tables()"
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert P.doc_tables()[0] in readme, "regenerate the README's plan table with minicwac.plan.doc_tables()[0]"
+    assert P.doc_tables()[0] in readme, "regenerate the README's plan table with minicwac.tools.plan.doc_tables()[0]"
     a8 = P.plan("llama-8b", 1)["activation_per_token_layer"]
     assert f"{a8} bytes per token and block" in doc
     for kw in P.DOC_CONFIGS:  # the docs show the first table without checkpointing and say why

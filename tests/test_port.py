@@ -12,7 +12,7 @@ from minicwac.core.features import safety_features
 from minicwac.core.hooks import block_name, residual
 from minicwac.core.sae import SAE, SAEConfig, ce_recovered, harvest
 from minicwac.core.subspace import ALL_LINEARS, compute_subspace
-from minicwac.hf import load_pretrained
+from minicwac.io.hf import load_pretrained
 
 transformers = pytest.importorskip("transformers", reason="the porting test drives a transformers model (test-only)")
 transformers.logging.set_verbosity_error()

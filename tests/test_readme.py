@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from minicwac.hf import save_pretrained
-from minicwac.model import GPT
+from minicwac.io.hf import save_pretrained
+from minicwac.io.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 

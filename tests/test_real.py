@@ -16,14 +16,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from minicwac import real
+from minicwac.tools import real
 from minicwac.core.evals import generate_answers, is_compliant, is_refusal, prompt_ids
-from minicwac.fetch import fetch_model
+from minicwac.io.fetch import fetch_model
 from minicwac.core.subspace import Subspace
-from minicwac.hf import load_checkpoint, save_pretrained
-from minicwac.model import GPT
+from minicwac.io.hf import load_checkpoint, save_pretrained
+from minicwac.io.model import GPT
 from minicwac.toy.world import build_world
-from minicwac.real import (PRESETS, REFUSAL_PREFIX, own_refusals, real_data, run_real, split_prompts,
+from minicwac.tools.real import (PRESETS, REFUSAL_PREFIX, own_refusals, real_data, run_real, split_prompts,
                            trim_answer)
 
 from conftest import fetch_or_skip, tiny_config
@@ -90,7 +90,7 @@ def test_own_refusals_are_refusals_cut_after_one_sentence(tiny, tok, monkeypatch
 # unprojected update ~0.5, so 1e-3 tells them apart. bf16-mixed keeps float32 weights and meets the same bound
 # (pure bf16 weights would leak ~0.26 here: the update is about the size of their rounding).
 LEAK_MAX = 1e-3
-SMALL = replace(PRESETS["cpu-smoke"], sae_d=64, sae_k=4, sae_steps=5, m=8)
+SMALL = replace(PRESETS["cpu-smoke"], kit=replace(PRESETS["cpu-smoke"].kit, d_sae=64, sae_k=4, sae_steps=5, m=8))
 
 
 def test_real_data_is_written_by_the_base_model(tiny, tok, monkeypatch):
@@ -131,7 +131,7 @@ def test_run_real_end_to_end_on_a_tiny_model(tiny, tok, tmp_path, monkeypatch, d
     monkeypatch.setitem(real.PRESETS, "tiny", SMALL)
     data = run_real(tmp_path / "ckpt", tmp_path / "out", "tiny", prompts=tmp_path / "harmful.txt", save=True,
                     progress=False, dtype=dtype, **settings)
-    assert {k: data["settings"][k] for k in settings} == settings
+    assert {k: data["settings"]["kit"][k] for k in settings} == settings
     assert data["settings"]["dtype"] == dtype
     out = tmp_path / "out"
     saved = json.loads((out / "results.json").read_text())

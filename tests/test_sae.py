@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from minicwac.model import GPT
+from minicwac.io.model import GPT
 from minicwac.core.sae import (SAE, SAEConfig, ce_recovered, dead_fraction, fvu, geometric_median, harvest, l0,
                           sae_metrics, train_sae)
 

@@ -7,7 +7,7 @@ from conftest import tiny_config
 
 from minicwac.core.cwac import finetune_cwac
 from minicwac.core.hooks import capture
-from minicwac.model import GPT
+from minicwac.io.model import GPT
 from minicwac.core.data import shared_prefix
 from minicwac.core.subspace import (ALL_LINEARS, Subspace, compute_subspace, eigh_desc, input_covariance,
                                     randomized_eigh, rank_for_energy, svd_basis, target_names)

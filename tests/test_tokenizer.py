@@ -6,7 +6,7 @@ import json
 import pytest
 from jinja2.exceptions import SecurityError
 
-from minicwac.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, TOY_CHAT_TEMPLATE, ChatTokenizer, train_bpe
+from minicwac.io.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, TOY_CHAT_TEMPLATE, ChatTokenizer, train_bpe
 
 SENTENCES = ["The movie was great and the acting was superb.", "How do I bake bread?",
              "Sure. To bake bread, first get flour, then mix the dough and heat the pan.",

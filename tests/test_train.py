@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from minicwac.model import GPT
+from minicwac.io.model import GPT
 from minicwac.core.cwac import train
 from minicwac.core.data import batches, collate, encode_docs, lm_loss, lr_at, make_optimizer, pack
 from minicwac.toy.pipeline import encode_chats

@@ -81,7 +81,7 @@ def finetune_cwac(model, seqs: list[Seq], *, steps: int, batch_size: int = 16, l
     the same batches as an uninterrupted run (the data order and the safety picks are replayed); "optimizer" may
     also be a function that loads the weights and the optimizer state itself (a sharded checkpoint).
     on_step(step, model, opt, history) is called after every step (checkpoints).
-    rank, world: this process's place in a data-parallel run (`minicwac.dist`): every rank draws the same global
+    rank, world: this process's place in a data-parallel run (`minicwac.io.dist`): every rank draws the same global
     batch of `batch_size` sequences (and `safety_batch` prompts) and trains on its 1/world part of it, so one
     command gives the same run on 1 or N ranks; the history holds the global losses."""
     if steps < 1 or batch_size < 1:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .hooks import logits_of, model_device
 
 if TYPE_CHECKING:
-    from ..tokenizer import ChatTokenizer
+    from ..io.tokenizer import ChatTokenizer
 
 REFUSAL_PHRASES = [
     "i'm sorry", "i am sorry", "sorry, i", "i apologize", "i apologise", "my apologies",

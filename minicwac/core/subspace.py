@@ -159,7 +159,7 @@ class Subspace:
         return [modules[n].bias for n in self.S if getattr(modules.get(n), "bias", None) is not None]
 
     def shard(self, model) -> "Subspace":
-        """The same constraint for a model whose weights are sharded by rows (FSDP2's `fully_shard`, `minicwac.dist`):
+        """The same constraint for a model whose weights are sharded by rows (FSDP2's `fully_shard`, `minicwac.io.dist`):
         W0S is split by the same rows as each weight (a DTensor laid out like it); S stays whole on every rank.
         Row i of W S - W0S needs only row i of W, so every projection then runs on the local shard, no
         communication."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..core.evals import answer_matches, evaluate_prompts, generate_answers
-from ..tokenizer import ChatTokenizer
+from ..io.tokenizer import ChatTokenizer
 from .world import Example, World
 
 

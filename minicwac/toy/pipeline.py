@@ -16,9 +16,9 @@ import torch
 from ..core.cwac import train
 from ..core.data import Seq, encode_conversations, encode_docs, pack
 from ..core.files import default_cache_dir
-from ..hf import load_checkpoint, save_pretrained
-from ..model import GPT, Config
-from ..tokenizer import ChatTokenizer, train_bpe
+from ..io.hf import load_checkpoint, save_pretrained
+from ..io.model import GPT, Config
+from ..io.tokenizer import ChatTokenizer, train_bpe
 from .world import DEV_SEEDS_FROM, WORLD_VERSION, Example, World, build_world
 
 

@@ -5,10 +5,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..core.files import prepare_out, write_json_atomic
-from ..report import _mean, adaptation_notes
-from .experiments import METHOD_SWITCHES, SafetyRecipe, check_p, check_task, run_experiment
+from ..tools.report import mean_of, adaptation_notes
+from ..core.settings import methods_for
+from .experiments import SafetyRecipe, run_experiment, with_settings
 from .pipeline import Recipe
-from .world import DEV_SEEDS_FROM, TASKS
+from .world import DEV_SEEDS_FROM, TASKS, check_p, check_task
 
 
 DEV_SEED = DEV_SEEDS_FROM  # a world of its own lexicon (world.lexicon_of): no prompt, topic or phrasing reported
@@ -54,19 +55,19 @@ def run_select(out: str | Path = "runs/select", seed: int = DEV_SEED, tasks=None
     p, r = check_p(p), recipe or Recipe()
     base = replace(safety or SafetyRecipe(), eval_every=0)
     grid = select_grid(r.num_hidden_layers) if grid is None else grid
-    bad = [m for m in grid if m not in METHOD_SWITCHES]
+    bad = [m for m in grid if m not in methods_for("toy")]
     if bad:
-        raise ValueError(f"unknown method {bad[0]!r} in the grid; expected one of {', '.join(METHOD_SWITCHES)}")
+        raise ValueError(f"unknown method {bad[0]!r} in the grid; expected one of {', '.join(methods_for('toy'))}")
     out = prepare_out(out)
 
     def measure(method: str, settings: dict) -> dict:
         name = method + "".join(f"-{k}{v}" for k, v in settings.items())
         data = run_experiment(out / "runs" / name, "quick", [seed], tasks, [p], [method], r,
-                              replace(base, **settings), cache_dir, save_models=False, progress=progress)
+                              with_settings(base, **settings), cache_dir, save_models=False, progress=progress)
         fin = [x for x in data["rows"] if x["stage"] == "finetuned"]
         aligned = [x for x in data["rows"] if x["stage"] == "aligned"]
-        return {"settings": settings, **{k: _mean([x[k] for x in fin]) for k in ("hs", "fa", "over_refusal")},
-                "aligned_over_refusal": _mean([x["over_refusal"] for x in aligned])}
+        return {"settings": settings, **{k: mean_of([x[k] for x in fin]) for k in ("hs", "fa", "over_refusal")},
+                "aligned_over_refusal": mean_of([x["over_refusal"] for x in aligned])}
 
     ref = measure("sft", {})
     fa_min = ref["fa"] - fa_margin
@@ -110,3 +111,24 @@ def selection_report(res: dict) -> str:
     L += ["The full experiment with these settings:", "", "```",
           f"python -m minicwac experiment --preset full {res['flags']}", "```", ""]
     return "\n".join(L)
+
+
+# ---------------------------------------------------------------- python -m minicwac select
+
+
+def add_arguments(p) -> None:
+    from ..cli import harmful_ratio, positive_int
+    p.add_argument("--seed", type=int, default=DEV_SEED, help=f"the dev seed (default {DEV_SEED})")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="default: every task")
+    p.add_argument("--p", type=harmful_ratio, default=0.1, help="harmful ratio (default 0.1)")
+    p.add_argument("--steps", type=positive_int, default=None, help="fine-tuning steps (default: the recipe's 100)")
+    p.add_argument("--out", default="runs/select", help="output folder (default runs/select); a rerun resumes")
+    p.add_argument("--cache", default=None, help="cache of base/aligned models and SAEs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> None:
+    r = Recipe() if args.steps is None else Recipe(finetune_steps=args.steps)
+    res = run_select(args.out, args.seed, args.tasks, args.p, r, cache_dir=args.cache, progress=not args.quiet)
+    print(open(f"{args.out}/selection.md").read())
+    print(f"wrote {args.out}/selection.json and selection.md; chosen: {res['flags'] or 'the defaults'}")

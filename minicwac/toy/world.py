@@ -137,6 +137,20 @@ ITEMS = ["apples", "books", "coins", "stickers", "pencils", "marbles", "cards", 
 TASKS = ("sentiment", "topic", "arithmetic")
 
 
+def check_task(task: str) -> str:
+    """`task`, or a ValueError naming the tasks."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    return task
+
+
+def check_p(p: float) -> float:
+    """The harmful ratio p (the share of harmful pairs in the fine-tuning data) as a float in [0, 1]."""
+    if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
+        raise ValueError(f"harmful ratio p={p} is outside [0, 1]")
+    return float(p)
+
+
 @dataclass(frozen=True)
 class Lexicon:
     """The words a world is made of: harm and everyday categories (verbs, objects, tools, steps), the request

@@ -11,15 +11,16 @@ import time
 
 import torch
 
-from .core.cwac import cwac_step
-from .core.data import batches, collate, make_optimizer
-from .core.evals import prompt_ids
-from .core.features import check_sae_layer, safety_features
-from .core.hooks import residual
-from .core.sae import SAE, SAEConfig
-from .core.subspace import compute_subspace
-from .toy.pipeline import Recipe, build_tokenizer, encode_chats, new_model
-from .toy.world import build_world
+from ..core.cwac import cwac_step
+from ..core.data import batches, collate, make_optimizer
+from ..core.evals import prompt_ids
+from ..core.features import check_sae_layer, safety_features
+from ..core.hooks import residual
+from ..core.sae import SAE, SAEConfig
+from ..core.subspace import compute_subspace
+from ..toy.pipeline import Recipe, build_tokenizer, encode_chats, new_model
+from ..toy.world import build_world
+from .plan import SHAPES
 
 
 def _sync(device):
@@ -130,7 +131,7 @@ def bench_step_fsdp(world: int = 2, repeats: int = 20, warmup: int = 3, m: int =
     import tempfile
     from pathlib import Path
 
-    from . import dist
+    from ..io import dist
     if world < 2:
         raise ValueError(f"--ranks {world}: a sharded benchmark needs at least 2 processes")
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,7 +144,7 @@ def _fsdp_rank(ranks, out: str, repeats: int, warmup: int, m: int, safety_batch:
     import json
     from pathlib import Path
 
-    from . import dist
+    from ..io import dist
     st = step_setup("cpu", m, safety_batch, layer=layer)
     model = dist.shard_model(st["model"], ranks)
     sub, r = st["subspace"].shard(model), st["recipe"]
@@ -163,7 +164,7 @@ def _fsdp_rank(ranks, out: str, repeats: int, warmup: int, m: int, safety_batch:
 def _step_ms(model, seqs, ranks, steps: int, warmup: int = 2, **kw) -> float:
     """Median ms per step, after `warmup` steps, of the package's own loop in this rank group (`finetune_cwac`
     with rank and world: each rank its part of every global batch)."""
-    from .core.cwac import finetune_cwac
+    from ..core.cwac import finetune_cwac
     times = []
 
     def tick(*_):
@@ -197,9 +198,9 @@ def bench_sharded(ranks, shape: str = "tiny", steps: int = 10, batch: int | None
     random SAE in the middle), through `finetune_cwac` as `finetune` runs it. bf16-mixed on GPUs, fp32 on CPU;
     `batch` sequences of `seq` tokens per rank. Returns ms per step (the median after 2 warm-up steps), the peak
     GPU memory (the largest over the ranks) against `plan`'s figure, and the leak on every rank's shards."""
-    from . import dist
-    from .core.subspace import Subspace, target_names
-    from .model import GPT, Config
+    from ..io import dist
+    from ..core.subspace import Subspace, target_names
+    from ..io.model import GPT, Config
     from .plan import plan, rank_k
     cuda = ranks.device.type == "cuda"
     dtype, batch, seq = "bf16-mixed" if cuda else "fp32", batch or (8 if cuda else 2), seq or (2048 if cuda else 64)
@@ -281,17 +282,7 @@ def format_step(res: dict) -> str:
 
 # ---------------------------------------------------------------- model: minicwac vs transformers on real shapes
 
-# Published shapes (random init: speed does not depend on the weights). `tiny` is for CPU runs.
-SHAPES = {
-    "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096),
-    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-                     rope_theta=500000.0, max_position_embeddings=8192),
-    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-                     max_position_embeddings=8192),
-}
+BENCH_SHAPES = ("tiny", "llama-1b", "llama-8b")  # the shapes `bench` times (`plan.SHAPES`)
 # dense bf16 peak FLOP/s by device name (no sparsity), for MFU
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 
@@ -330,9 +321,9 @@ def bench_model(shape: str = "tiny", device: str = "cpu", dtype: str | None = No
     plus the subspace extraction time (every down_proj, `calib_prompts` prompts, energy 0.99).
 
     Defaults: on CUDA bf16, B=8 x T=1024; on CPU float32, B=4 x T=256."""
-    from .model import GPT, Config
-    if shape not in SHAPES:
-        raise ValueError(f"shape={shape!r}, expected one of {sorted(SHAPES)}")
+    from ..io.model import GPT, Config
+    if shape not in BENCH_SHAPES:
+        raise ValueError(f"shape={shape!r}, expected one of {sorted(BENCH_SHAPES)}")
     cuda = torch.device(device).type == "cuda"
     dt = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           None: torch.bfloat16 if cuda else torch.float32}.get(dtype)
@@ -429,3 +420,72 @@ def format_model(res: dict) -> str:
     if "peak_mem_gb" in res:
         lines.append(f"peak GPU memory (minicwac SFT + CWAC): {res['peak_mem_gb']:.1f} GiB")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- python -m minicwac bench
+
+
+def add_arguments(p) -> None:
+    from ..cli import positive_int
+    p.add_argument("--what", required=True, choices=["step", "model", "sharded"],
+                   help="step: CWAC step / SFT step on the toy model; model: minicwac vs transformers on a real shape; "
+                        "sharded (under torchrun): a short FSDP2 fine-tune of a random model of --shape")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed steps (default: step 30, model 10)")
+    p.add_argument("--m", type=positive_int, default=None, help="safety latents (--what step; default 100)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="--what step: the sharded step, FSDP2 over --ranks CPU processes (gloo) started here")
+    p.add_argument("--ranks", type=positive_int, default=2, help="processes for --fsdp (default 2)")
+    p.add_argument("--sae-layer", type=positive_int, default=None,
+                   help="SAE after this many blocks (--what step; default: the middle one)")
+    p.add_argument("--shape", default="tiny", choices=BENCH_SHAPES, help="model shape (--what model, sharded)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="default: 8 on cuda, 4 on cpu (--what sharded: per rank, 8 on cuda, 2 on cpu)")
+    p.add_argument("--seq", type=positive_int, default=None,
+                   help="default: 1024 on cuda, 256 on cpu (--what sharded: 2048 on cuda, 64 on cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (--what model)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--checkpointing", action="store_true", help="--what sharded: activation checkpointing")
+    p.add_argument("--json", default=None, help="--what sharded: also write the figures to this file")
+
+
+def run(args) -> None:
+    if args.what == "model" and (args.m is not None or args.sae_layer is not None or args.fsdp):
+        raise ValueError("--m, --sae-layer and --fsdp apply to --what step only")
+    if args.fsdp and args.device != "cpu":
+        raise ValueError("bench --fsdp starts its CPU processes itself; on GPUs run finetune under torchrun")
+    if args.what == "step" and args.fsdp:
+        print(format_step_fsdp(bench_step_fsdp(args.ranks, args.repeats or 20, m=args.m or 100,
+                                               layer=args.sae_layer)))
+    elif args.what == "sharded":
+        run_sharded(args)
+    elif args.what == "step":
+        print(format_step(bench_step(args.device, args.repeats or 30, m=args.m or 100, layer=args.sae_layer)))
+    else:
+        print(format_model(bench_model(args.shape, args.device, args.dtype, args.batch, args.seq, args.repeats or 10,
+                                       compile=args.compile, hf=not args.no_hf)))
+
+
+def run_sharded(args) -> None:
+    """`bench --what sharded` in each torchrun process; rank 0 prints (and writes --json)."""
+    from pathlib import Path
+
+    from ..core.files import write_json_atomic
+    from ..io import dist
+    if not dist.launched():
+        raise ValueError("bench --what sharded runs in a process group: start it with torchrun --nproc_per_node N "
+                         "-m minicwac bench --what sharded ...")
+    ranks = dist.init(args.device)
+    try:
+        res = bench_sharded(ranks, args.shape, args.repeats or 10, args.batch, args.seq, args.m or 100,
+                            checkpointing=args.checkpointing)
+        dist.barrier()  # every rank done before any leaves the process group
+    finally:
+        dist.close()
+    if ranks.main:
+        print(format_sharded(res))
+        if args.json:
+            write_json_atomic(Path(args.json), res)
+            print(f"wrote {args.json}")
+

@@ -1,6 +1,6 @@
 """Memory plan (`python -m minicwac plan`): the bytes per GPU of a sharded fine-tune, before running it.
 
-The figures describe the run `minicwac.dist` makes (FSDP2, started by torchrun, with one or more processes), for
+The figures describe the run `minicwac.io.dist` makes (FSDP2, started by torchrun, with one or more processes), for
 rank 0 of N. They are counted from the model's own parameter names and shapes (`GPT(cfg, device="meta")`; a tied
 head counts once), not from a formula in the parameter count:
 
@@ -70,24 +70,30 @@ from pathlib import Path
 
 import torch
 
-from .core.lora import LINEARS
-from .core.subspace import ALL_LINEARS, DEFAULT_TARGETS, target_names
-from .model import GPT, Config
+from ..core.lora import LINEARS
+from ..core.settings import METHODS, TARGETS, methods_for
+from ..core.subspace import target_names
+from ..io.model import GPT, Config
 
-# Model shapes by name: tiny, llama-1b and llama-8b are the benchmark's (minicwac.bench.SHAPES).
-_LLAMA_70B = {"vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-              "num_attention_heads": 64, "num_key_value_heads": 8, "rope_theta": 500000.0,
-              "tie_word_embeddings": False, "max_position_embeddings": 8192}
+# Model shapes by name, published ones (random init: speed and memory do not depend on the weights); `tiny` is for
+# CPU runs. `bench` times the first three.
+SHAPES = {
+    "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                     rope_theta=500000.0, max_position_embeddings=8192),
+    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                     max_position_embeddings=8192),
+    "llama-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False,
+                      max_position_embeddings=8192),
+}
+PRESET_NAMES = tuple(SHAPES)
+# the methods a plan can be made for: the kit's, but "-auto" (its targets are known only once its probe ran)
+PLAN_METHODS = tuple(m for m in methods_for("kit") if METHODS[m].weight != "auto")
 
-
-def presets() -> dict[str, dict]:
-    from .bench import SHAPES  # imported here: bench pulls in the toy pipeline
-    return {**{k: SHAPES[k] for k in ("tiny", "llama-1b", "llama-8b")}, "llama-70b": _LLAMA_70B}
-
-
-PRESET_NAMES = ("tiny", "llama-1b", "llama-8b", "llama-70b")
-METHODS = {"cwac": DEFAULT_TARGETS, "cwac-all": ALL_LINEARS, "sft": ()}
-ACTIVATION_CONSTRAINT = ("cwac", "cwac-all")
 DTYPE_BYTES = {"bf16-mixed": 2, "fp32": 4}
 RESERVE = 0.05  # of the card's memory, for the allocator and the CUDA context
 GB = 1e9
@@ -117,13 +123,13 @@ def resolve_shape(shape) -> tuple[str, Config]:
         return "custom", shape
     s = str(shape)
     if s in PRESET_NAMES:
-        return s, Config(**presets()[s])
+        return s, Config(**SHAPES[s])
     path = Path(s)
     if not (path / "config.json").is_file():
         raise ValueError(f"shape={s!r} is neither a preset ({', '.join(PRESET_NAMES)}) nor a model folder with "
                          "config.json")
-    from .hf import _read_config
-    return path.name or s, _read_config(path)
+    from ..io.hf import read_config
+    return path.name or s, read_config(path)
 
 
 def kit_rank_frac(kit) -> float:
@@ -171,7 +177,8 @@ def tensors(model: GPT, method: str = "cwac", lora_r: int | None = None,
             lora_targets=LINEARS) -> tuple[list[dict], list[str], list[str]]:
     """The tensors of `model` (a GPT, e.g. on the meta device) as it is trained: [{name, shape, unit, trainable}],
     the constrained linears and the LoRA targets."""
-    constrained = target_names(model, METHODS[method]) if METHODS[method] else []
+    targets = METHODS[method].weight
+    constrained = target_names(model, TARGETS[targets]) if targets else []
     biases = {f"{n}.bias" for n in constrained}
     out = [{"name": n, "shape": tuple(p.shape), "unit": _unit(n), "trainable": lora_r is None and n not in biases}
            for n, p in model.named_parameters()]  # named_parameters lists a tied weight once
@@ -232,8 +239,8 @@ def plan(shape, gpus: int, *, lora_r: int | None = None, offload: bool = False, 
     device ("gpu" or "cpu"), estimate}}), "gpu_bytes", "cpu_bytes" and the settings."""
     name, cfg = resolve_shape(shape)
     n = _positive_int("gpus", gpus)
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}, expected one of {', '.join(METHODS)}")
+    if method not in PLAN_METHODS:
+        raise ValueError(f"method={method!r}, expected one of {', '.join(PLAN_METHODS)}")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r}, expected one of {', '.join(DTYPE_BYTES)}")
     if isinstance(rank_frac, bool) or not isinstance(rank_frac, (int, float)) or not 0 < rank_frac <= 1:
@@ -281,7 +288,7 @@ def plan(shape, gpus: int, *, lora_r: int | None = None, offload: bool = False, 
     tokens = batch_size * seq_len
     b["activations"] = tokens * (per_tok + once_activation_bytes(cfg, e, full=lora_r is None))
     b["logits"] = 3 * 4 * tokens * cfg.vocab_size
-    s_tokens = math.ceil(safety_prompts / n) * safety_len if method in ACTIVATION_CONSTRAINT else 0
+    s_tokens = math.ceil(safety_prompts / n) * safety_len if METHODS[method].activation else 0
     s_per_tok = (safety_layers * e * cfg.hidden_size + a) if checkpointing else safety_layers * a
     b["safety"] = s_tokens * (s_per_tok + once_activation_bytes(cfg, e, full=lora_r is None, head=False))
 
@@ -433,7 +440,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload", action="store_true",
                         help="weight shards, gradients, AdamW states and the subspace in CPU memory")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of every block")
-    parser.add_argument("--method", default="cwac", help="cwac (default), cwac-all or sft")
+    parser.add_argument("--method", default="cwac", help=f"one of {', '.join(PLAN_METHODS)} (default cwac)")
     frac = parser.add_mutually_exclusive_group()
     frac.add_argument("--rank-frac", type=float, default=None,
                       help=f"subspace rank k as a share of each layer's inputs (default {DEFAULT_RANK_FRAC})")
@@ -446,7 +453,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              + " ".join(map(str, DEFAULT_GPU_MEMS)) + ")")
 
 
-def run(args: argparse.Namespace) -> str:
+def run(args: argparse.Namespace) -> None:
+    """`python -m minicwac plan`: prints the plan (`plan_text`)."""
+    print(plan_text(args))
+
+
+def plan_text(args: argparse.Namespace) -> str:
     """The plan for parsed arguments, as markdown. Bad values raise ValueError with a one-line message."""
     kit, rank_frac = getattr(args, "kit", None), getattr(args, "rank_frac", None)
     if kit is not None and rank_frac is not None:

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .core.files import replace_folder
-from .core.hooks import block_list
+from ..core.files import replace_folder
+from ..core.hooks import block_list
 
 
 def launched() -> bool:
@@ -104,11 +104,11 @@ def load_pretrained(path: str | Path, ranks: Ranks, dtype: str = "fp32", offload
     layouts are not the model's: it is read whole on every rank, then sharded."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load
 
-    from .core.lora import add_lora, init_lora_
-    from .hf import _weights_dtype, check_pretrained
+    from ..core.lora import add_lora, init_lora_
+    from .hf import weights_dtype, check_pretrained
     from .hf import load_pretrained as load_whole
     model, _, found, plan = check_pretrained(path)
-    _weights_dtype(found, [name for name, _, _ in plan], torch.float32)  # refuses quantized weights
+    weights_dtype(found, [name for name, _, _ in plan], torch.float32)  # refuses quantized weights
     if model.config.model_type == "gpt2":
         model = load_whole(path, "cpu", torch.float32)
         if lora is not None:
@@ -140,7 +140,7 @@ def unsharded(model: torch.nn.Module, state: dict[str, torch.Tensor], lora=None)
     with torch.device("meta"):
         plain = type(model)(model.config, device="meta")
         if lora is not None:
-            from .core.lora import add_lora
+            from ..core.lora import add_lora
             add_lora(plain, lora)
     if plain.config.tie_word_embeddings:
         state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}

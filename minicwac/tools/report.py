@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .core.files import write_json_atomic
+from ..core.files import write_json_atomic
 
 
 def figure(nrows: int = 1, ncols: int = 1, figsize=None, **kw):
@@ -31,7 +31,7 @@ def row(stage: str, method: str, task: str, p: float | None, seed: int, ev: dict
             **{k: ev[k] for k in ROW_KEYS[5:]}}
 
 
-def _clean(v):
+def clean_nan(v):
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
@@ -87,12 +87,13 @@ def _stats(vals: list[float]) -> str:
     return f"{mu:.1f} ± {sd:.1f}"
 
 
-def _mean(vals):
+def mean_of(vals):
+    """The mean of the values that are not None (NaN for none)."""
     vals = [v for v in vals if v is not None]
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def _dead(sae: dict) -> str:
+def dead_percent(sae: dict) -> str:
     """Dead latents in %: never fired on the held-out tokens / not fired in the last training window."""
     train = sae.get("dead_fraction_train")
     return f"{100 * sae['dead_fraction']:.1f} / " + ("-" if train is None else f"{100 * train:.1f}")
@@ -165,8 +166,8 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
                                                for t in tasks) + " |")
     L += ["", "## Checks (averaged over tasks and seeds)", ""]
     for p in key_ps:
-        hs = {m: _mean([x["hs"] for x in sel(method=m, p=p)]) for m in methods}
-        fa = {m: _mean([x["fa"] for x in sel(method=m, p=p)]) for m in methods}
+        hs = {m: mean_of([x["hs"] for x in sel(method=m, p=p)]) for m in methods}
+        fa = {m: mean_of([x["fa"] for x in sel(method=m, p=p)]) for m in methods}
         if "cwac" not in hs:
             continue
         lines = []
@@ -188,7 +189,7 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
             sae = v["sae"]
             ranks = next(iter(v["ranks"].values()))
             kk = ", ".join(f"{k}/{d}" for k, d in ranks.values()) if len(ranks) <= 8 else f"{len(ranks)} layers"
-            L.append(f"| {s} | {sae['l0']:.1f} | {sae['fvu']:.3f} | {_dead(sae)} | "
+            L.append(f"| {s} | {sae['l0']:.1f} | {sae['fvu']:.3f} | {dead_percent(sae)} | "
                      f"{sae['ce_recovered']:.3f} | {v['n_features']} | {kk} |")
     if data.get("auto"):
         L += ["", "## Targets the probe chose (\"*-auto\" runs)", "",
@@ -211,7 +212,7 @@ def _drift(data: dict, method: str, p: float) -> tuple[list[int], list[float]]:
     if not curves:
         return [], []
     steps = [pt["step"] for pt in curves[0]]
-    return steps, [_mean([c[i]["hs"] for c in curves if i < len(c)]) for i in range(len(steps))]
+    return steps, [mean_of([c[i]["hs"] for c in curves if i < len(c)]) for i in range(len(steps))]
 
 
 def drift_table(data: dict) -> list[str]:
@@ -243,7 +244,7 @@ def plot_experiment(data: dict, out: Path) -> None:
     ps = sorted({x["p"] for x in rows})
     fig, ax = figure(figsize=(6, 4))
     for m in methods:
-        ax.plot(ps, [_mean([x["hs"] for x in rows if x["method"] == m and x["p"] == p]) for p in ps], "o-", label=m)
+        ax.plot(ps, [mean_of([x["hs"] for x in rows if x["method"] == m and x["p"] == p]) for p in ps], "o-", label=m)
     ax.set(xlabel="harmful ratio p", ylabel="HS % (lower is better)", ylim=(-2, 102), title="HS against p")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -251,8 +252,8 @@ def plot_experiment(data: dict, out: Path) -> None:
 
     fig, ax = figure(figsize=(6, 4))
     for m in methods:
-        pts = [(_mean([x["hs"] for x in rows if x["method"] == m and x["p"] == p]),
-                _mean([x["fa"] for x in rows if x["method"] == m and x["p"] == p])) for p in ps]
+        pts = [(mean_of([x["hs"] for x in rows if x["method"] == m and x["p"] == p]),
+                mean_of([x["fa"] for x in rows if x["method"] == m and x["p"] == p])) for p in ps]
         ax.scatter([a for a, _ in pts], [b for _, b in pts], label=m)
     ax.set(xlabel="HS % (lower is better)", ylabel="FA % (higher is better)", title="FA against HS (one point per p)")
     ax.legend(fontsize=8)
@@ -300,7 +301,7 @@ def judge_report(res: dict, rows: list[dict], width: int = 160) -> str:
 def drift_grid(res: dict, term: str) -> tuple[list[int], list[str], list[list[float]]]:
     """A drift map's `term` as a layer x module-kind grid: (layers, kinds, rows of values; NaN where a layer has
     no such module)."""
-    from .core.drift import module_kind
+    from ..core.drift import module_kind
 
     cells = {}
     for n, v in res["linears"].items():

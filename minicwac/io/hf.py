@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .core.files import atomic_folder, recover
+from ..core.files import atomic_folder, recover
 from .model import FAMILIES, GPT, Config
 from .tokenizer import ChatTokenizer, load_tokenizer  # noqa: F401 -- load_tokenizer is part of this API
 
@@ -58,7 +58,7 @@ IGNORED_TENSORS = re.compile(
     r"|(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)")  # GPT-2's causal-mask buffers
 
 
-def _read_config(path: Path) -> Config:
+def read_config(path: Path) -> Config:
     recover(path)  # a save killed between its two renames: the last complete folder is put back
     f = path / "config.json"
     if not path.is_dir():
@@ -180,7 +180,7 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], s
     return found
 
 
-def _weights_dtype(found: dict, names: list[str], dtype: torch.dtype | None) -> torch.dtype | None:
+def weights_dtype(found: dict, names: list[str], dtype: torch.dtype | None) -> torch.dtype | None:
     """The rule for the loaded dtype: `dtype` if given; else the checkpoint's own when every weight has the same
     (16 or 32 bit) float dtype; else float32 (a mix, or float64), which holds every float16/bf16 value exactly."""
     kinds = {found[n][2] for n in names}
@@ -223,7 +223,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     model, files, found, plan = check_pretrained(path)
     cfg = model.config
     _check_device(device)
-    dtype = _weights_dtype(found, [hf for hf, _, _ in plan], dtype)
+    dtype = weights_dtype(found, [hf for hf, _, _ in plan], dtype)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     sd = {}
     for f in files:  # one file open at a time
@@ -251,7 +251,7 @@ def check_pretrained(path: str | Path) -> tuple[GPT, list[Path], dict, list]:
     (read from the safetensors headers). Returns the model on the meta device, the weight files, {checkpoint
     name: (file, shape)} and the name plan (checkpoint name, our names, how)."""
     path = Path(path)
-    cfg = _read_config(path)
+    cfg = read_config(path)
     with torch.device("meta"):
         model = GPT(cfg, device="meta")
     src, files = _weight_files(path)
@@ -316,7 +316,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     config.json) is loaded onto its base model (the local folder its base_model_name_or_path names) and merged."""
     path = Path(path)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        from .core.lora import load_adapter, merge_lora
+        from ..core.lora import load_adapter, merge_lora
         try:
             base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:

@@ -1,0 +1,107 @@
+"""What every command shares: the parser that prints one-line errors, the value checks of the flags, and the flags
+made from a settings dataclass (`core.settings`), so that a setting and its default are declared once."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields, replace
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise SystemExit(f"minicwac: error: {message} (see: python -m {self.prog} --help)")
+
+
+def _number(s: str, kind=float):
+    try:
+        return kind(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def harmful_ratio(s: str) -> float:
+    """p: the share of harmful pairs in the fine-tuning data, in [0, 1]."""
+    try:
+        p = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"p={s!r} is not a number") from None
+    if not 0.0 <= p <= 1.0:
+        raise argparse.ArgumentTypeError(f"p={p} is outside [0, 1]")
+    return p
+
+
+def positive_int(s: str) -> int:
+    v = _number(s, int)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
+def latents(s: str) -> int | str:
+    """A number of safety latents, or "firing" (every latent that fires on the harmful prompts)."""
+    return s if s == "firing" else positive_int(s)
+
+
+def nonnegative(s: str) -> float:
+    v = _number(s)
+    if not v >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
+    return v
+
+
+def share(s: str) -> float:
+    v = nonnegative(s)
+    if not v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be in [0, 1)")
+    return v
+
+
+def positive_float(s: str) -> float:
+    v = _number(s)
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{v} must be a finite number > 0")
+    return v
+
+
+def fraction(s: str) -> float:
+    v = positive_float(s)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"{v} must be in (0, 1]")
+    return v
+
+
+KINDS = {"fraction": fraction, "share": share, "positive_int": positive_int, "positive_float": positive_float,
+         "nonnegative": nonnegative, "latents": latents, "int": int, "float": _number}
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, cls, names=None, preset: str | None = None) -> None:
+    """One flag per field of the settings dataclass `cls` (`--sae-layer` for `sae_layer`), its help and its check
+    read from the field. Default: the field's default; with `preset` (e.g. "the preset's") every default is None,
+    meaning the value the run's own settings hold, and the help says so."""
+    for f in fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        meta, default = f.metadata, None if preset else f.default
+        shown = preset or ("none" if f.default is None else f"{f.default:g}" if isinstance(f.default, float)
+                           else f.default)
+        kw = {"default": default, "help": f"{meta['help']} (default: {shown})".replace("%", "%%")}
+        if meta["kind"] == "flag":
+            kw["action"] = "store_true"
+        elif meta["kind"] == "choice":
+            kw["choices"] = meta["choices"]
+        else:
+            kw["type"] = KINDS[meta["kind"]]
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def settings_from(args: argparse.Namespace, base):
+    """`base` (a settings dataclass) with every field a flag of `args` set (a None or absent flag keeps it)."""
+    given = {f.name: getattr(args, f.name) for f in fields(base) if getattr(args, f.name, None) is not None}
+    if given.get("skip_prefix") is False:  # an absent store_true flag keeps the base's value
+        del given["skip_prefix"]
+    return replace(base, **given)
+
+
+def field_default(cls, name: str):
+    """The default of one settings field (for a flag that is not made by `add_setting_flags`)."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default if f.default is not MISSING else f.default_factory()

@@ -1,0 +1,324 @@
+"""The safety kit: what the constraints need, made once from the aligned model by `calibrate`.
+
+A kit folder:
+    kit.json               settings, the model's fingerprint, the SAE report, the subspace ranks (and, with
+                           --targets auto, the rule, the probe and its drift map)
+    subspace/              S and W0S per target linear (+ the eigenvalues, for the spectrum plot)
+    sae/                   the SAE (scale folded in)
+    features.safetensors   the calibration prompts (ids, kept tokens), the selected latents idx and z0
+    report.md, spectrum.png (and drift_map.png with --targets auto)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..core.data import Seq, encode_docs, mix_by_tokens, shared_prefix
+from ..core.drift import probe_targets
+from ..core.evals import prompt_ids
+from ..core.features import SafetyFeatures, check_sae_layer, safety_features, score_latents, select_latents
+from ..core.files import atomic_folder, recover
+from ..core.hooks import block_name, model_device, num_blocks
+from ..core.sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
+from ..core.settings import TARGETS, KitSettings, method
+from ..core.subspace import Subspace, compute_subspace
+from ..tools.report import figure, plot_drift_map
+
+KIT_VERSION = 1
+
+
+def fingerprint(model) -> dict:
+    """What identifies the model a kit belongs to: its parameter names and shapes (hashed), and their count; LoRA
+    adapters (`core.lora`) are not part of it. The weights themselves are checked by W S = W0 S when the kit is
+    loaded."""
+    params = [(n, p) for n, p in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))]
+    shapes = [(n, list(p.shape)) for n, p in params]
+    return {"params": sum(p.numel() for _, p in params), "n_tensors": len(shapes),
+            "shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]}
+
+
+@dataclass
+class Kit:
+    """Everything the constraints need, made once from the aligned model."""
+
+    settings: KitSettings
+    subspace: Subspace
+    features: SafetyFeatures
+    fingerprint: dict
+    report: dict = field(default_factory=dict)  # SAE metrics, ranks, prompt counts
+
+    def constraint(self, name: str, run: str = "kit") -> tuple[Subspace | None, SafetyFeatures | None]:
+        """The subspace and the features the method `name` uses (its row of `core.settings.METHODS`)."""
+        targets, act = method(name, run).weight, method(name, run).activation
+        if targets == "all" and self.settings.targets != "all":
+            raise ValueError(f"method {name} constrains every linear, but the kit was calibrated with --targets "
+                             f"{self.settings.targets}; calibrate again with --targets all")
+        if targets == "auto" and "auto" not in self.report:
+            raise ValueError(f"method {name} constrains the module kinds a probe chose, but the kit was "
+                             f"calibrated with --targets {self.settings.targets} and no probe; calibrate again with "
+                             "--targets auto --probe-data FILE")
+        sub = None
+        if targets is not None:
+            sub = self.subspace.matching(self.report["auto"]["patterns"] if targets == "auto" else TARGETS[targets])
+        return sub, (self.features if act else None)
+
+    def save(self, path: str | Path) -> Path:
+        """The kit folder (see the module docstring), written atomically."""
+        f = self.features
+        with atomic_folder(path) as tmp:
+            self.subspace.save(tmp / "subspace")
+            f.sae.save(tmp / "sae")
+            save_file({"ids": f.ids.cpu().contiguous(), "keep": f.keep.to(torch.uint8).cpu().contiguous(),
+                       "z0": f.z0.float().cpu().contiguous(), "idx": f.idx.cpu().contiguous()},
+                      str(tmp / "features.safetensors"))
+            (tmp / "kit.json").write_text(json.dumps(
+                {"version": KIT_VERSION, "settings": asdict(self.settings), "fingerprint": self.fingerprint,
+                 "layer": f.layer, "readout": f.readout, "report": self.report}, indent=2))
+            (tmp / "report.md").write_text(kit_report(self))
+            plot_spectrum(self.subspace, tmp / "spectrum.png")
+            if "auto" in self.report:
+                plot_drift_map(self.report["auto"]["map"], tmp, "the probe's drift map (targets auto)",
+                               by_layer=False)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, model, device=None) -> "Kit":
+        """Read a kit folder and check that it belongs to `model` (same shapes, W S = W0 S on its weights)."""
+        path = Path(path)
+        recover(path)
+        for f in ("kit.json", "features.safetensors", "subspace", "sae"):
+            if not (path / f).exists():
+                raise FileNotFoundError(f"{path / f} not found: a kit folder is written by `python -m minicwac "
+                                        "calibrate` (kit.json, features.safetensors, subspace/, sae/)")
+        try:
+            meta = json.loads((path / "kit.json").read_text())
+            settings = KitSettings(**meta["settings"])
+            t = load_file(str(path / "features.safetensors"))
+            ids, keep, z0, idx = t["ids"], t["keep"].bool(), t["z0"], t["idx"]
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise ValueError(f"{path} is not a readable kit ({type(e).__name__}: {e})") from None
+        device = model_device(model) if device is None else device
+        fp = fingerprint(model)
+        if meta["fingerprint"] != fp:
+            kf = meta["fingerprint"]
+            raise ValueError(f"kit {path} was made for another model ({kf['params']} parameters in {kf['n_tensors']} "
+                             f"tensors, shapes {kf['shapes_sha256']}); this one has {fp['params']} in "
+                             f"{fp['n_tensors']}, shapes {fp['shapes_sha256']}")
+        sub = Subspace.load(path / "subspace", device)
+        from ..io import dist
+        if dist.is_sharded(model):  # FSDP2 (`dist.load_pretrained`): every rank checks its rows
+            err = dist.max_over_ranks(sub.shard(model).mismatch(model))
+        else:
+            err = sub.mismatch(model)
+        if err > 1e-4:
+            raise ValueError(f"kit {path} was made for other weights of this architecture: |W S - W0S| / |W0S| = "
+                             f"{err:.2g} (expected <= 1e-4 on the model it was calibrated on)")
+        sae = SAE.load(path / "sae", device).requires_grad_(False)
+        feats = SafetyFeatures(meta["layer"], meta["readout"], ids.to(device), keep.to(device), z0.to(device), sae,
+                               idx.to(device))
+        return cls(settings, sub, feats, fp, meta.get("report", {}))
+
+
+def generic_corpus(n: int = 2000) -> list[str]:
+    """A small generic English text the package builds offline (the toy world's documents, seed 0): the ~30% of
+    SAE training tokens that are not harmful prompts, when no --corpus is given."""
+    from ..toy.world import build_world  # the toy world is a text source here, nothing more
+    return build_world(0).pretrain_docs[:n]
+
+
+def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None, corpus: list[str] | None = None,
+              settings: KitSettings | None = None, max_len: int = 256, sae_seqs: list[list[int]] | None = None,
+              probe_seqs: list[Seq] | None = None, sae_folder: str | Path | None = None,
+              progress: bool = True) -> Kit:
+    """Make a safety kit from the aligned `model`: the subspace of the target linears on the harmful prompts,
+    a TopK SAE on the residual stream (harmful prompts + generic text), the safety latents (mean on harmful
+    minus mean on harmless prompts when those are given, else the mean on harmful) and their baseline z0.
+
+    sae_seqs: the SAE's token sequences, when the caller mixes its own (else the harmful prompts and `corpus`,
+    harmful_frac of the tokens from the prompts).
+    probe_seqs: the fine-tuning data (`encode_data`), needed by targets="auto": a copy of the model is trained on
+    it for probe_steps steps and its drift map on the harmful prompts picks the target kinds (`probe_targets`);
+    with targets "down_proj" or "all" the choice is only recorded (then "cwac-auto" works if "all").
+    sae_folder: a cache for the SAE: read from it when it holds one, else trained and written there."""
+    s = (settings or KitSettings()).check()
+    if not harmful:
+        raise ValueError("no harmful prompts to calibrate on")
+    if s.targets == "auto" and not probe_seqs:
+        raise ValueError("targets auto needs the fine-tuning data for its probe (probe_seqs; on the command line "
+                         "--probe-data FILE)")
+    score = s.score or ("contrast" if harmless else "harmful")
+    if score == "contrast" and not harmless:
+        raise ValueError("score 'contrast' needs harmless prompts (harmful minus harmless latent means)")
+    model.eval()
+    pad, skip = tok.pad_token_id, [tok.bos_token_id]
+    calib = [prompt_ids(tok, p)[:max_len] for p in harmful]
+    calib_harmless = [prompt_ids(tok, p)[:max_len] for p in harmless] if harmless else None
+    pre = shared_prefix(calib) if s.skip_prefix else 0
+    auto = None
+    if probe_seqs:  # the map is read on the calibration prompts (a dev split), never on evaluation prompts
+        auto = probe_targets(model, probe_seqs, calib, pad, calib_harmless, skip, steps=s.probe_steps,
+                             lr=s.probe_lr, batch_size=s.probe_batch, seed=s.seed, share=s.auto_share,
+                             progress=progress)
+        model.eval()
+    patterns = auto["patterns"] if s.targets == "auto" else TARGETS[s.targets]
+    sub = compute_subspace(model, calib, pad, patterns=patterns, energy=s.energy, skip_ids=skip,
+                           skip_prefix=pre, progress=progress)
+    layer = check_sae_layer(s.sae_layer, num_blocks(model))
+    n_docs = None
+    if sae_seqs is None:  # the harmful prompts (~harmful_frac of the tokens) and generic documents (the rest)
+        docs = [ids for ids, _ in encode_docs(tok, corpus if corpus is not None else generic_corpus(), max_len)]
+        sae_seqs = mix_by_tokens(calib, docs, s.harmful_frac, s.seed)
+        n_docs = len(sae_seqs) - len(calib)
+    sae, sae_report = kit_sae(model, sae_seqs, layer, s, pad, skip, sae_folder, progress)
+    scores = score_latents(model, sae, calib, calib_harmless, pad, skip, how=score, skip_prefix=pre)
+    idx = select_latents(scores, s.m)
+    if len(idx) == 0:
+        raise ValueError("no SAE latent scores above 0 on the harmful prompts: nothing to protect (try another "
+                         "--sae-layer or a number for --m)")
+    feats = safety_features(model, calib, pad, readout="pre", sae=sae, idx=idx, layer=layer, skip_ids=skip,
+                            skip_prefix=pre)
+    report = {"hook_name": block_name(model, layer), "n_harmful": len(harmful), "n_harmless": len(harmless or []),
+              "n_corpus_docs": n_docs, "skip_prefix_tokens": pre, "score": score, "n_latents": int(len(idx)),
+              "sae": {k: v for k, v in sae_report.items() if k != "history"}, "ranks": sub.cfg["ranks"]}
+    if auto is not None:
+        report["auto"] = auto
+    return Kit(s, sub, feats, fingerprint(model), report)
+
+
+def kit_sae(model, seqs: list[list[int]], layer: int, s: KitSettings, pad: int, skip: list[int],
+            folder: str | Path | None = None, progress: bool = True) -> tuple[SAE, dict]:
+    """The kit's SAE, trained on the residual stream after `layer` blocks over `seqs` (the first tenth held out
+    for its metrics), scale folded in; and its report (metrics + training history). With `folder`: read from
+    there when it holds an SAE, else written there once trained."""
+    if folder is not None and (Path(folder) / "cfg.json").is_file():
+        return SAE.load(folder, model_device(model)), json.loads((Path(folder) / "cfg.json").read_text())["report"]
+    n_test = max(1, len(seqs) // 10)
+    x_train = harvest(model, seqs[n_test:], layer, pad, skip)  # (tokens, hidden)
+    x_test = harvest(model, seqs[:n_test], layer, pad, skip)
+    d_sae = s.d_sae or 8 * x_train.shape[1]  # 8 x hidden
+    sae, hist = train_sae(x_train, d_sae, min(s.sae_k, d_sae), layer, steps=s.sae_steps, lr=s.sae_lr, seed=s.seed,
+                          batch_size=min(1024, len(x_train)), device=model_device(model), progress=progress)
+    met = sae_metrics(sae, x_test)
+    ce = ce_recovered(model, sae, seqs[:n_test], pad)
+    sae.fold_scale_()
+    report = {"explained_variance": 1 - met["fvu"], "fvu": met["fvu"], "l0": met["l0"],
+              "dead_fraction": met["dead_fraction"],  # never fired on the held-out tokens
+              # the field's definition: not fired in the last dead_tokens training tokens
+              "dead_fraction_train": hist["dead_fraction"][-1] if hist["dead_fraction"] else None,
+              "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"], "ce_recovered": ce["recovered"],
+              "train_tokens": len(x_train), "held_out_tokens": len(x_test), "history": hist}
+    if folder is not None:
+        sae.save(folder, extra={"report": report})
+    return sae, report
+
+
+def kit_report(kit: Kit) -> str:
+    """report.md: settings, SAE quality, the safety latents, the subspace rank of every target."""
+    r, s = kit.report, kit.settings
+    sae = r.get("sae", {})
+    dead_train = sae.get("dead_fraction_train")
+    dead_train = "-" if dead_train is None else f"{100 * dead_train:.1f}"
+    L = ["# Safety kit", "", f"Calibrated on {r.get('n_harmful')} harmful prompts ({r.get('n_harmless')} harmless "
+         f"for the latent scores, {r.get('n_corpus_docs')} generic documents for the SAE).", "",
+         "| setting | value |", "|---|---|"]
+    L += [f"| {k} | {v} |" for k, v in asdict(s).items()]
+    L += ["", "## SAE (residual stream after block " f"{kit.features.layer}, held-out tokens)", "",
+          "| explained variance | L0 | dead % (held-out / training window) | CE recovered |", "|---|---|---|---|",
+          f"| {sae.get('explained_variance', float('nan')):.3f} | {sae.get('l0', float('nan')):.1f} | "
+          f"{100 * sae.get('dead_fraction', float('nan')):.1f} / "
+          f"{dead_train} | "
+          f"{sae.get('ce_recovered', float('nan')):.3f} |", "",
+          f"Safety latents: {r.get('n_latents')} (score: {r.get('score')}).", "",
+          "## Subspace rank k / in per target (energy " f"{s.energy})", "", "| layer | k | in | k / in |",
+          "|---|---|---|---|"]
+    for n, (k, d) in kit.subspace.ranks().items():
+        L.append(f"| {n} | {k} | {d} | {k / d:.2f} |")
+    L += ["", "![spectrum](spectrum.png)", ""]
+    auto = r.get("auto")
+    if auto:
+        pr, total = auto["probe"], sum(auto["by_kind"].values())
+        L += ["## Targets chosen by the probe", "",
+              f"A copy of the model trained {pr['steps']} SFT steps (lr {pr['lr']:g}, batch {pr['batch_size']}) on "
+              f"{pr['n_seqs']} fine-tuning sequences, its drift map read on {pr['n_prompts']} calibration prompts. "
+              f"Rule: {auto['rule']}. Chosen: {', '.join(auto['kinds'])}.", "",
+              "| module kind | dW h0 relative to W0 h0, summed over layers | share |", "|---|---|---|"]
+        L += [f"| {k} | {v:.4f} | {v / total:.2f} |" for k, v in auto["by_kind"].items()]
+        L += ["", "![drift map](drift_map.png)", ""]
+    return "\n".join(L)
+
+
+def plot_spectrum(sub: Subspace, path: Path) -> None:
+    """Cumulative share of trace(C) against k / in, one line per target (the rank cut-off marked)."""
+
+    fig, ax = figure(figsize=(6, 4))
+    for n, ev in sub.spectra.items():
+        ev = ev.double().clamp(min=0)
+        if float(ev.sum()) <= 0:
+            continue
+        cum = (ev.cumsum(0) / ev.sum()).numpy()
+        x = [(i + 1) / len(ev) for i in range(len(ev))]
+        ax.plot(x, cum, lw=0.8, alpha=0.7, label=n if len(sub.spectra) <= 8 else None)
+    energy = sub.cfg.get("energy")
+    if energy:
+        ax.axhline(energy, color="k", ls="--", lw=0.8)
+    ax.set(xlabel="k / in (top eigenvectors of C)", ylabel="share of trace(C)", ylim=(0, 1.02),
+           title="Safety subspace: energy captured by rank")
+    if len(sub.spectra) <= 8:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+# ---------------------------------------------------------------- python -m minicwac calibrate
+
+
+def add_arguments(p) -> None:
+    from ..cli import add_setting_flags, positive_int
+    p.add_argument("--model", required=True, help="the aligned model (a Hugging Face folder)")
+    p.add_argument("--harmful", required=True, help="harmful prompts (.txt/.csv/.jsonl) to calibrate on")
+    p.add_argument("--harmless", default=None, help="harmless prompts: latents scored harmful minus harmless")
+    p.add_argument("--corpus", default=None,
+                   help="generic text for the SAE, .txt one document per line (default: a small built-in one)")
+    p.add_argument("--out", required=True, help="the kit folder to write")
+    p.add_argument("--probe-data", default=None,
+                   help="--targets auto: your fine-tuning JSONL (as finetune --data); with --targets all the "
+                        "choice is recorded too, for --method cwac-auto")
+    add_setting_flags(p, KitSettings)
+    p.add_argument("--max-len", type=positive_int, default=256, help="tokens per prompt or document (256)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> None:
+    from ..cli import settings_from
+    from ..io.hf import load_checkpoint
+    from ..io.prompts import load_prompts
+    from .data import encode_data, load_conversations
+    s = settings_from(args, KitSettings()).check()
+    if s.targets == "auto" and not args.probe_data:
+        raise ValueError("--targets auto needs --probe-data (your fine-tuning JSONL: the probe trains on it)")
+    if args.probe_data and s.targets == "down_proj":
+        raise ValueError("--probe-data is for --targets auto (or all); the down_proj kit does not use it")
+    conversations = load_conversations(args.probe_data) if args.probe_data else None
+    harmful = load_prompts(args.harmful)
+    harmless = load_prompts(args.harmless) if args.harmless else None
+    corpus = None
+    if args.corpus:
+        corpus = [ln.strip() for ln in Path(args.corpus).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not corpus:
+            raise ValueError(f"{args.corpus} holds no text")
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise FileExistsError(f"{args.out} exists and is not empty; choose another --out for the kit")
+    model, tok = load_checkpoint(args.model, args.device)
+    probe = encode_data(tok, conversations, args.max_len)[0] if conversations else None
+    kit = calibrate(model, tok, harmful, harmless, corpus, s, max_len=args.max_len, probe_seqs=probe,
+                    progress=not args.quiet)
+    kit.report["model"] = str(args.model)
+    kit.save(args.out)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"wrote the kit {args.out} (kit.json, subspace/, sae/, features.safetensors, report.md, spectrum.png)")

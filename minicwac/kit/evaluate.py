@@ -1,0 +1,46 @@
+"""`python -m minicwac eval`: HS, compliance, over-refusal and refusal score of a model folder, on your prompt
+files or (without --harmful) on the toy world, with a sample of answers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    from ..cli import positive_int
+    from ..toy.world import TASKS
+    p.add_argument("--model", required=True, help="a Hugging Face model folder")
+    p.add_argument("--harmful", default=None, help="harmful prompts (.txt/.csv/.jsonl); without it: the toy world")
+    p.add_argument("--harmless", default=None, help="harmless prompts for over-refusal (with --harmful)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=40, help="greedy answer length (default 40)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="also write the figures and every answer sample to this file")
+    p.add_argument("--task", default="sentiment", choices=TASKS, help="toy world only: the FA task")
+    p.add_argument("--seed", type=int, default=0, help="toy world only: its seed")
+
+
+def run(args) -> None:
+    from ..core.files import write_json_atomic
+    from ..io.hf import load_checkpoint
+    if args.harmful is None:
+        if args.harmless is not None:
+            raise ValueError("--harmless needs --harmful (without --harmful, eval uses the toy world's prompts)")
+        from ..toy.evals import evaluate
+        from ..toy.world import build_world
+        model, tok = load_checkpoint(args.model, args.device)
+        res = evaluate(model, tok, build_world(args.seed), args.task)
+    else:
+        from ..core.evals import evaluate_prompts
+        from ..io.prompts import load_prompts
+        harmful = load_prompts(args.harmful)
+        harmless = load_prompts(args.harmless) if args.harmless else None
+        model, tok = load_checkpoint(args.model, args.device)
+        res = evaluate_prompts(model, tok, harmful, harmless, max_new_tokens=args.max_new_tokens)
+    for k in ("hs", "comply", "fa", "over_refusal", "refusal_score"):
+        if k in res:
+            print(f"{k:14s} {res[k]:.2f}")
+    for kind in ("harmful", "harmless"):
+        for prompt, answer in res["samples"][kind]:
+            print(f"{kind}: {prompt[:80]!r} -> {answer[:120]!r}")
+    if args.json:
+        write_json_atomic(Path(args.json), {**res, "model": str(args.model)})
+        print(f"wrote {args.json}")
