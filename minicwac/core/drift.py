@@ -26,7 +26,7 @@ import re
 
 import torch
 
-from .data import pad_right, token_mask
+from .data import prompt_batches
 from .hooks import block_list, capture, model_device
 
 TERMS = ("dW_h0", "W0_dh", "exact", "second_order")
@@ -63,9 +63,7 @@ def drift_map(base, tuned, prompts: list[list[int]], pad_id: int, harmless: list
     res = [{"drift": 0.0, "norm": 0.0, "proj": 0.0} for _ in outs]
     direction = _refusal_directions(base, prompts, harmless, pad_id, skip_ids, outs, batch_size) if harmless else None
     n_tok = 0
-    for i in range(0, len(prompts), batch_size):
-        ids, mask = pad_right(prompts[i:i + batch_size], pad_id, model_device(base))
-        keep = token_mask(ids, mask, skip_ids)
+    for ids, keep in prompt_batches(prompts, pad_id, model_device(base), batch_size, skip_ids):
         with capture(base, names, what="input") as h0s, capture(base, outs) as x0s:
             base(ids)
         with capture(tuned, names, what="input") as hs, capture(tuned, outs) as xs:
@@ -97,9 +95,7 @@ def _refusal_directions(model, harmful, harmless, pad_id, skip_ids, outs, batch_
     """Per block output: the unit difference of means, harmful minus harmless, of the model's residual stream."""
     def means(seqs):
         total, n = None, 0
-        for i in range(0, len(seqs), batch_size):
-            ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model_device(model))
-            keep = token_mask(ids, mask, skip_ids)
+        for ids, keep in prompt_batches(seqs, pad_id, model_device(model), batch_size, skip_ids):
             with capture(model, outs) as xs:
                 model(ids)
             s = [xs[o][keep].float().sum(0) for o in outs]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import pad_right, token_mask
+from .data import prompt_batches
 from .hooks import model_device, residual
 from .sae import SAE
 
@@ -31,9 +31,8 @@ def latent_means(model, sae: SAE, seqs: list[list[int]], pad_id: int, skip_ids=(
                  batch_size: int = 32, skip_prefix: int = 0) -> torch.Tensor:
     """Mean (over kept tokens of `seqs`) of every latent's pre-TopK ("pre") or post-TopK ("post") value: (d_sae,)."""
     total, n = 0.0, 0
-    for i in range(0, len(seqs), batch_size):
-        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model_device(model))
-        x = residual(model, ids, sae.cfg.layer)[token_mask(ids, mask, skip_ids, skip_prefix)]
+    for ids, keep in prompt_batches(seqs, pad_id, model_device(model), batch_size, skip_ids, skip_prefix):
+        x = residual(model, ids, sae.cfg.layer)[keep]  # (kept tokens, hidden)
         z = sae.pre_acts(x) if values == "pre" else sae.encode(x)
         total = total + z.sum(0)
         n += len(z)
@@ -84,8 +83,8 @@ def mean_diff_directions(model, layer: int, groups: list[list[list[int]]], harml
     """Unit difference-of-means directions, one per group of harmful prompts (e.g. one per category):
     mean residual of the group minus the mean residual on harmless prompts. Returns (hidden, n_groups)."""
     def mean_act(seqs):
-        ids, mask = pad_right(seqs, pad_id, model_device(model))
-        return residual(model, ids, layer)[token_mask(ids, mask, skip_ids, skip_prefix)].float().mean(0)
+        ids, keep = next(prompt_batches(seqs, pad_id, model_device(model), None, skip_ids, skip_prefix))
+        return residual(model, ids, layer)[keep].float().mean(0)
 
     base = mean_act(harmless)
     D = torch.stack([mean_act(g) - base for g in groups], 1)
@@ -155,8 +154,9 @@ def safety_features(model, seqs: list[list[int]], pad_id: int, *, readout: str =
         layer = sae.cfg.layer
     if sae is not None:
         sae.requires_grad_(False)  # frozen: L_safety trains the model, never the SAE (no .grad piles up in W_enc)
-    ids, mask = pad_right(seqs, pad_id, model_device(model))
-    keep = token_mask(ids, mask, skip_ids, skip_prefix)
+    if not seqs:
+        raise ValueError("no harmful prompts to cache z0 on")
+    ids, keep = next(prompt_batches(seqs, pad_id, model_device(model), None, skip_ids, skip_prefix))  # one batch
     sf = SafetyFeatures(layer, readout, ids, keep, torch.empty(0), sae, idx, directions)
     sf.z0 = sf.readout_of(residual(model, ids, layer).float()).detach()
     return sf

@@ -21,7 +21,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import pad_right, token_mask
+from .data import prompt_batches
 from .files import atomic_folder, recover
 from .hooks import block_name, logits_of, model_device, residual
 
@@ -135,10 +135,10 @@ def harvest(model, seqs: list[list[int]], layer: int, pad_id: int, skip_ids=(), 
     Padding and `skip_ids` (pass the BOS id: its activation is an outlier) are dropped."""
     model.eval()
     out = []
-    for i in tqdm(range(0, len(seqs), batch_size), desc="harvest", disable=not progress):
-        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model_device(model))
+    batches = prompt_batches(seqs, pad_id, model_device(model), batch_size, skip_ids)
+    for ids, keep in tqdm(batches, desc="harvest", total=math.ceil(len(seqs) / batch_size), disable=not progress):
         x = residual(model, ids, layer)  # (B, T, hidden)
-        out.append(x[token_mask(ids, mask, skip_ids)].float().cpu())
+        out.append(x[keep].float().cpu())  # (kept tokens, hidden)
     return torch.cat(out)
 
 
@@ -208,9 +208,8 @@ def ce_recovered(model, sae: SAE, seqs: list[list[int]], pad_id: int, batch_size
     h = modules[name].register_forward_hook(splice)
     try:
         model.eval()
-        for i in range(0, len(seqs), batch_size):
-            ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model_device(model))
-            tgt = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        for ids, keep in prompt_batches(seqs, pad_id, model_device(model), batch_size):
+            tgt = ids[:, 1:].masked_fill(~keep[:, 1:], -100)  # (B, T-1): the next token, -100 on padding
             for m in totals:
                 mode["v"] = m
                 logits = logits_of(model(ids))[:, :-1].float()

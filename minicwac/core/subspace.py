@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import pad_right, token_mask
+from .data import prompt_batches
 from .files import atomic_folder, recover
 from .hooks import capture, model_device
 
@@ -53,9 +54,8 @@ def input_covariance(model, seqs: list[list[int]], names: list[str], pad_id: int
     last = max(names, key=order.__getitem__)
     C: dict[str, torch.Tensor] = {}
     n = 0
-    for i in tqdm(range(0, len(seqs), batch_size), desc="covariance", disable=not progress):
-        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model_device(model))
-        keep = token_mask(ids, mask, skip_ids, skip_prefix)
+    batches = prompt_batches(seqs, pad_id, model_device(model), batch_size, skip_ids, skip_prefix)
+    for ids, keep in tqdm(batches, desc="covariance", total=math.ceil(len(seqs) / batch_size), disable=not progress):
         with capture(model, names, what="input", stop_after=last) as acts:
             model(ids)
         for name in names:
