@@ -27,6 +27,7 @@ import re
 import torch
 
 from .data import prompt_batches
+from .features import mean_diff_directions
 from .hooks import block_list, capture, model_device
 
 TERMS = ("dW_h0", "W0_dh", "exact", "second_order")
@@ -61,7 +62,10 @@ def drift_map(base, tuned, prompts: list[list[int]], pad_id: int, harmless: list
     dW = {n: _weight(tuned, n) - W0[n] for n in names}
     sums = {n: dict.fromkeys(("ref",) + TERMS, 0.0) for n in names}
     res = [{"drift": 0.0, "norm": 0.0, "proj": 0.0} for _ in outs]
-    direction = _refusal_directions(base, prompts, harmless, pad_id, skip_ids, outs, batch_size) if harmless else None
+    direction = None
+    if harmless:  # the refusal direction after every block: (n_blocks, hidden)
+        direction = mean_diff_directions(base, list(range(1, len(outs) + 1)), [prompts], harmless, pad_id, skip_ids,
+                                         batch_size=batch_size)[..., 0]
     n_tok = 0
     for ids, keep in prompt_batches(prompts, pad_id, model_device(base), batch_size, skip_ids):
         with capture(base, names, what="input") as h0s, capture(base, outs) as x0s:
@@ -89,22 +93,6 @@ def drift_map(base, tuned, prompts: list[list[int]], pad_id: int, harmless: list
                    "refusal_drift": None if direction is None else r["proj"] / max(r["norm"], 1e-30)}
                   for b, r in enumerate(res)]
     return {"linears": linears, "blocks": blocks_out, "n_tokens": n_tok}
-
-
-def _refusal_directions(model, harmful, harmless, pad_id, skip_ids, outs, batch_size) -> list[torch.Tensor]:
-    """Per block output: the unit difference of means, harmful minus harmless, of the model's residual stream."""
-    def means(seqs):
-        total, n = None, 0
-        for ids, keep in prompt_batches(seqs, pad_id, model_device(model), batch_size, skip_ids):
-            with capture(model, outs) as xs:
-                model(ids)
-            s = [xs[o][keep].float().sum(0) for o in outs]
-            total = s if total is None else [a + b for a, b in zip(total, s)]
-            n += int(keep.sum())
-        return [t / n for t in total]
-
-    d = [a - b for a, b in zip(means(harmful), means(harmless))]
-    return [v / v.norm().clamp(min=1e-30) for v in d]
 
 
 # ---------------------------------------------------------------- choosing the constrained modules from a map

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import prompt_batches
-from .hooks import model_device, residual
+from .hooks import block_name, capture, model_device, residual
 from .sae import SAE
 
 READOUTS = ("pre", "post", "directions", "residual")
@@ -78,17 +78,33 @@ def select_latents(scores: torch.Tensor, m: int | str = 100) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_diff_directions(model, layer: int, groups: list[list[list[int]]], harmless: list[list[int]], pad_id: int,
-                         skip_ids=(), skip_prefix: int = 0) -> torch.Tensor:
-    """Unit difference-of-means directions, one per group of harmful prompts (e.g. one per category):
-    mean residual of the group minus the mean residual on harmless prompts. Returns (hidden, n_groups)."""
-    def mean_act(seqs):
-        ids, keep = next(prompt_batches(seqs, pad_id, model_device(model), None, skip_ids, skip_prefix))
-        return residual(model, ids, layer)[keep].float().mean(0)
+def mean_residuals(model, seqs: list[list[int]], layers: list[int], pad_id: int, skip_ids=(), skip_prefix: int = 0,
+                   batch_size: int | None = None) -> torch.Tensor:
+    """The mean residual stream after each of `layers` blocks over the kept tokens of `seqs`: (len(layers), hidden),
+    float32. One forward per batch reads every layer; batch_size=None: every sequence in one batch."""
+    names = [block_name(model, layer) for layer in layers]
+    total, n = None, 0
+    for ids, keep in prompt_batches(seqs, pad_id, model_device(model), batch_size, skip_ids, skip_prefix):
+        with capture(model, names, stop_after=block_name(model, max(layers))) as acts:
+            model(ids)
+        s = torch.stack([acts[name][keep].float().sum(0) for name in names])  # (L, hidden): summed over tokens
+        total = s if total is None else total + s
+        n += int(keep.sum())
+    return total / n
 
-    base = mean_act(harmless)
-    D = torch.stack([mean_act(g) - base for g in groups], 1)
-    return D / D.norm(dim=0, keepdim=True)
+
+@torch.no_grad()
+def mean_diff_directions(model, layer: int | list[int], groups: list[list[list[int]]], harmless: list[list[int]],
+                         pad_id: int, skip_ids=(), skip_prefix: int = 0, batch_size: int | None = None) -> torch.Tensor:
+    """Unit difference-of-means directions, one per group of harmful prompts (e.g. one per category, or a single
+    group: the refusal direction): the group's mean residual minus the mean residual on harmless prompts.
+    Returns (hidden, n_groups) at one `layer`, (len(layer), hidden, n_groups) for a list of layers."""
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    base = mean_residuals(model, harmless, layers, pad_id, skip_ids, skip_prefix, batch_size)  # (L, hidden)
+    D = torch.stack([mean_residuals(model, g, layers, pad_id, skip_ids, skip_prefix, batch_size) - base
+                     for g in groups], -1)  # (L, hidden, G)
+    D = D / D.norm(dim=1, keepdim=True).clamp(min=1e-30)  # each column to unit norm
+    return D[0] if isinstance(layer, int) else D
 
 
 @dataclass
