@@ -184,7 +184,7 @@ class Subspace:
         row-sharded weights, on each rank's rows."""
         for name, m, S in self._targets(model):
             if hasattr(m, "lora_A"):  # LoRA (W0 frozen): A <- A - (A S) S^T, so (W - W0) S = 0
-                _remove_(_local(m.lora_A), S)
+                project_out_(_local(m.lora_A), S)
                 continue
             W, W0S = _local(m.weight), _local(self.W0S[name])
             S, W0S = S.to(W.device), W0S.to(W.device)  # no-ops unless the weights are offloaded to the CPU
@@ -197,7 +197,7 @@ class Subspace:
         for _, m, S in self._targets(model):
             W = getattr(m, "lora_A", m.weight)  # with LoRA, A's gradient
             if W.grad is not None:
-                _remove_(_local(W.grad), S)
+                project_out_(_local(W.grad), S)
 
     @torch.no_grad()
     def leak(self, model, reference) -> dict[str, float]:
@@ -265,9 +265,13 @@ class Subspace:
         return cls(S, W0S, cfg, evals)
 
 
-def _remove_(x: torch.Tensor, S: torch.Tensor) -> None:
-    """x <- x - (x S) S^T in place (in S's dtype): the rows of x lose their component in the subspace."""
-    S = S.to(x.device)
+def project_out_(x: torch.Tensor, S: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """x <- x - (x S) S^T in place: every row of x (rows, in) loses its component in the span of S's orthonormal
+    columns (in, k). Computed in `dtype` (None: S's dtype), written back in x's own dtype.
+
+    The one projection of the weight side: a gradient (`Subspace.project_grad_`), a LoRA A (`Subspace.project_`,
+    `lora.constrain_peft_`)."""
+    S = S.to(x.device, dtype or S.dtype)
     xf = x.to(S.dtype)
     x.copy_(xf - (xf @ S) @ S.T)
 
