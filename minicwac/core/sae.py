@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -41,6 +42,17 @@ class SAEConfig:
             raise ValueError(f"k={self.k}, expected 1..d_sae={self.d_sae}")
         if self.d_in < 1 or self.layer < 0:
             raise ValueError(f"d_in={self.d_in} and layer={self.layer} must be >= 1 and >= 0")
+
+
+class SAELoss(NamedTuple):
+    """One training batch's loss (`SAE.loss`), its terms and the latent statistics `train_sae` tracks."""
+
+    loss: torch.Tensor  # fvu + aux_coef * aux: what training minimises
+    fvu: torch.Tensor  # the reconstruction term
+    aux: torch.Tensor | None  # the AuxK term (None: no dead latent, or aux_coef = 0)
+    z: torch.Tensor  # (B, d_sae) the batch's sparse latents
+    since_fired: torch.Tensor  # (d_sae,) tokens since each latent last fired, this batch counted
+    dead: torch.Tensor  # (d_sae,) bool: latents silent for more than cfg.dead_tokens tokens
 
 
 class SAE(nn.Module):
@@ -73,12 +85,47 @@ class SAE(nn.Module):
         """The sparse latents z (feature_acts), (..., d_sae)."""
         return self.topk(self.pre_acts(x))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return (z @ self.W_dec + self.b_dec) / self.scale
+    def decode(self, z: torch.Tensor, normalised: bool = False) -> torch.Tensor:
+        """x_hat (..., d_in) from latents z (..., d_sae); normalised=True: in the space s x that training uses."""
+        x_hat = z @ self.W_dec + self.b_dec
+        return x_hat if normalised else x_hat / self.scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encode(x)
         return self.decode(z), z
+
+    def loss(self, x: torch.Tensor, since_fired: torch.Tensor) -> SAELoss:
+        """The training loss on a batch of activations x (B, d_in): the batch FVU of the reconstruction, plus
+        aux_coef times the AuxK term when some latents are dead. since_fired (d_sae,): tokens since each latent
+        last fired, before this batch (the updated counts come back in the result)."""
+        xn = x.float() * self.scale
+        pre = self.pre_acts(x)
+        z = self.topk(pre)
+        err = xn - self.decode(z, normalised=True)
+        fvu = (err ** 2).sum(-1).mean() / ((xn - xn.mean(0)) ** 2).sum(-1).mean()
+        since_fired = torch.where((z != 0).any(0), torch.zeros_like(since_fired), since_fired + len(x))
+        dead = since_fired > self.cfg.dead_tokens
+        aux = self.aux_loss(pre, err.detach(), dead) if self.cfg.aux_coef > 0 and dead.any() else None
+        return SAELoss(fvu if aux is None else fvu + self.cfg.aux_coef * aux, fvu, aux, z, since_fired, dead)
+
+    def aux_loss(self, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK: the FVU of the reconstruction error err (B, d_in) by the top aux_k dead latents alone, from their
+        pre-TopK values pre (B, d_sae). The error is detached: only the dead latents learn from this term."""
+        ka = min(self.cfg.aux_k, int(dead.sum()))
+        v, i = pre.masked_fill(~dead, 0.0).topk(ka, dim=-1)
+        err_hat = torch.zeros_like(pre).scatter_(-1, i, v) @ self.W_dec
+        return ((err - err_hat) ** 2).sum(-1).mean() / ((err - err.mean(0)) ** 2).sum(-1).mean().clamp(min=1e-12)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Before the optimizer step: remove from each decoder row's gradient its component along that row."""
+        W, g = self.W_dec, self.W_dec.grad
+        g -= (g * W).sum(1, keepdim=True) * W
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """After the optimizer step: every decoder row back to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
 
     @torch.no_grad()
     def fold_scale_(self) -> "SAE":
@@ -250,36 +297,18 @@ def train_sae(x: torch.Tensor, d_sae: int, k: int, layer: int, *, steps: int = 3
     bar = tqdm(range(steps), desc="sae", disable=not progress, mininterval=1.0)
     for step in bar:
         xb = x[torch.randint(len(x), (batch_size,), generator=g)].to(device)
-        xn = xb * sae.scale  # train in the normalised space
-        pre = torch.relu((xn - sae.b_dec) @ sae.W_enc + sae.b_enc)
-        z = sae.topk(pre)
-        recon = z @ sae.W_dec + sae.b_dec
-        err = xn - recon
-        mse = (err ** 2).sum(-1).mean()
-        var = ((xn - xn.mean(0)) ** 2).sum(-1).mean()
-        loss = mse / var  # the batch FVU: scale-free, so lr does not depend on d_in
-        since_fired = torch.where((z != 0).any(0), torch.zeros_like(since_fired), since_fired + batch_size)
-        dead = since_fired > cfg.dead_tokens
-        if cfg.aux_coef > 0 and dead.any():  # AuxK: the dead latents try to explain what the live ones missed
-            ka = min(cfg.aux_k, int(dead.sum()))
-            v, i = pre.masked_fill(~dead, 0.0).topk(ka, dim=-1)
-            e_hat = torch.zeros_like(pre).scatter_(-1, i, v) @ sae.W_dec
-            e = err.detach()
-            aux = ((e - e_hat) ** 2).sum(-1).mean() / ((e - e.mean(0)) ** 2).sum(-1).mean().clamp(min=1e-12)
-            loss = loss + cfg.aux_coef * aux
-        loss.backward()
-        with torch.no_grad():  # keep ||W_dec[i]|| = 1: drop the radial part of the gradient, renormalise after
-            W, gW = sae.W_dec, sae.W_dec.grad
-            gW -= (gW * W).sum(1, keepdim=True) * W
+        out = sae.loss(xb, since_fired)
+        since_fired = out.since_fired
+        out.loss.backward()
+        sae.remove_parallel_grad_()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+        sae.normalize_decoder_()
         if step % eval_every == 0 or step == steps - 1:
             hist["step"].append(step)
-            hist["loss"].append(loss.item())
-            hist["l0"].append(l0(z))
-            hist["fvu"].append((mse / var).item())
-            hist["dead_fraction"].append(float(dead.float().mean()))
+            hist["loss"].append(out.loss.item())
+            hist["l0"].append(l0(out.z))
+            hist["fvu"].append(out.fvu.item())
+            hist["dead_fraction"].append(float(out.dead.float().mean()))
             bar.set_postfix(fvu=f"{hist['fvu'][-1]:.3f}", dead=f"{hist['dead_fraction'][-1]:.2f}")
     return sae.eval(), hist
