@@ -29,6 +29,7 @@ def autocast(model, dtype: torch.dtype | None):
     stay float32, so W S = W0 S holds to float32 precision. None: compute in the weights' own dtype."""
     if dtype is None:
         return nullcontext()
+    # autocast casts inside the ops only: the parameters, their gradients and AdamW's state keep the weights' dtype
     return torch.autocast(model_device(model).type, dtype=dtype)
 
 
@@ -46,17 +47,24 @@ def cwac_step(model, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torc
     the gradient-only variant (the paper's wording; not exact under AdamW). n_task, n_safety: when `batch` and
     `safety_batch` are one rank's part of a global batch, the global counts of loss tokens; each loss is then
     this rank's sum over the global count, and the ranks' gradients add up to those of the global means."""
-    input_ids, labels = batch
+    input_ids, labels = batch  # (B, T) each
     with autocast(model, autocast_dtype):
+        # the task: next-token cross-entropy on the tokens that have a label (for chat data, the assistant's)
         task = lm_loss(model, input_ids, labels, n_task)
+        # the activation side: the current model's readout z on harmful prompts, pulled back to the aligned z0.
+        # It needs only a forward up to the SAE layer, on a batch of its own (the fixed calibration prompts).
         safety = features.loss(model, safety_batch, n_safety) if features is not None and lam > 0 else None
     loss = task if safety is None else task + lam * safety
     if penalty is not None:
         loss = loss + penalty(model)  # AsFT, in float32 outside autocast
     loss.backward()
     if subspace is not None and (project_update or project_grad):
+        # The part of g on S would be undone by project_ below; removing it now keeps it out of the clip norm
+        # and out of AdamW's moment estimates. On its own (project_grad) this is the paper's gradient projection.
         subspace.project_grad_(model)  # g <- g - (g S) S^T
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # AdamW divides each coordinate by its own sqrt(v) and decays W towards 0: even a projected g gives an
+    # update with a component on S, which is why the weights themselves are projected after the step
     opt.step()
     opt.zero_grad(set_to_none=True)
     if subspace is not None and project_update:
@@ -90,25 +98,29 @@ def finetune_cwac(model, seqs: list[Seq], *, steps: int, batch_size: int = 16, l
         raise ValueError("no training sequences")
     if lam < 0:
         raise ValueError(f"lam={lam}, expected >= 0")
+    # every rank trains on an equal share of both global batches
     if world > 1 and (batch_size % world or safety_batch % world or penalty is not None):
         raise ValueError(f"on {world} ranks --batch-size ({batch_size}) and the safety batch ({safety_batch}) must be "
                          f"multiples of {world}, and no extra penalty term is supported")
     device = model_device(model) if device is None else device  # where the batches go (not where offloaded weights are)
+    # S and W0S beside the weights: the projection after every step then moves no data
     subspace = subspace.to(model_device(model)) if subspace is not None else None
-    warmup = max(1, steps // 20) if warmup is None else warmup
+    warmup = max(1, steps // 20) if warmup is None else warmup  # default: 5% of the steps
     # a target's bias would shift its output on the protected inputs: not trained (restored however we leave)
     frozen = [b for b in subspace.biases(model) if b.requires_grad] if subspace is not None and project_update else []
     for b in frozen:
         b.requires_grad_(False)
     try:
         opt = make_optimizer(model, lr, weight_decay)
-        data = batches(seqs, batch_size, seed)
-        g = torch.Generator().manual_seed(seed + 7)  # harmful prompt batches for L_safety
-        use_safety = features is not None and lam > 0
+        data = batches(seqs, batch_size, seed)  # endless shuffled batches of training sequences
+        # harmful prompt batches for L_safety: a generator of their own, so that the task batches are the same
+        # with and without the activation constraint
+        g = torch.Generator().manual_seed(seed + 7)
+        use_safety = features is not None and lam > 0  # lam = 0: no safety forward at all, plain SFT cost
         start = 0
         hist = {"step": [], "loss": [], "task": [], "safety": [], "lr": [], "curve": []}
         if resume is not None:
-            start, hist = resume["step"], resume["history"]
+            start, hist = resume["step"], resume["history"]  # the history goes on from the checkpoint's
             if callable(resume["optimizer"]):  # a sharded checkpoint loads itself (`dist.load_sharded`)
                 resume["optimizer"](opt)
             else:
@@ -118,18 +130,20 @@ def finetune_cwac(model, seqs: list[Seq], *, steps: int, batch_size: int = 16, l
                 if use_safety:
                     torch.randint(len(features.ids), (safety_batch,), generator=g)
         elif eval_fn is not None and eval_every:
-            hist["curve"].append({"step": 0, **eval_fn(model)})
+            hist["curve"].append({"step": 0, **eval_fn(model)})  # the curve starts before the first step
         model.train()
         for step in (bar := tqdm(range(start, steps), desc=desc, disable=not progress, mininterval=1.0,
                                  initial=start, total=steps)):
-            for group in opt.param_groups:
+            for group in opt.param_groups:  # one schedule for both groups (with and without weight decay)
                 group["lr"] = lr_at(step, steps, lr, warmup)
-            batch = next(data)
+            batch = next(data)  # B sequences (ids, mask)
+            # indices into the fixed harmful prompts; drawn on the CPU generator, so the same picks on any device
             pick = torch.randint(len(features.ids), (safety_batch,), generator=g).to(device) if use_safety else None
             counts = {}
             if world > 1:  # this rank's part of the global batch; the losses normalised by the global counts
                 counts = {"n_task": n_targets(batch),
                           "n_safety": int(features.keep[pick].sum()) if use_safety else None}
+                # (the counts above are taken on the global batch, before this rank keeps its contiguous slice)
                 batch = batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]
                 pick = pick.chunk(world)[rank] if use_safety else None
             out = cwac_step(model, opt, collate(batch, pad_id, device), subspace=subspace, features=features,
@@ -141,17 +155,18 @@ def finetune_cwac(model, seqs: list[Seq], *, steps: int, batch_size: int = 16, l
                 torch.distributed.all_reduce(total)
                 out = dict(zip(("loss", "task", "safety"), total.tolist()))
             hist["step"].append(step)
-            for k, v in out.items():
+            for k, v in out.items():  # loss, task, safety
                 hist[k].append(v)
             hist["lr"].append(opt.param_groups[0]["lr"])
             bar.set_postfix(task=f"{out['task']:.3f}", safety=f"{out['safety']:.3f}")
             if eval_fn is not None and eval_every and (step + 1) % eval_every == 0:
+                # the measurement in eval mode, then back to training
                 model.eval()
                 hist["curve"].append({"step": step + 1, **eval_fn(model)})
                 model.train()
-            if on_step is not None:
+            if on_step is not None:  # step + 1 steps are done: where a run resumed from this checkpoint starts
                 on_step(step + 1, model, opt, hist)
-    finally:
+    finally:  # also on an error or an interrupt: eval mode, and the frozen biases trainable again
         model.eval()
         for b in frozen:
             b.requires_grad_(True)

@@ -132,6 +132,17 @@ def token_mask(ids: torch.Tensor, mask: torch.Tensor, skip_ids=(), skip_prefix: 
     return keep
 
 
+def prompt_batches(seqs: list[list[int]], pad_id: int, device=None, batch_size: int | None = None, skip_ids=(),
+                   skip_prefix: int = 0):
+    """The batch loop every read of a model's activations shares: for each run of `batch_size` sequences, in
+    order, yield `ids` (B, T), right-padded on `device`, and `keep` (B, T) bool, the tokens that count (see
+    `token_mask`). batch_size=None: every sequence in one batch."""
+    batch_size = batch_size or max(len(seqs), 1)
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, device)  # (B, T) each
+        yield ids, token_mask(ids, mask, skip_ids, skip_prefix)
+
+
 def mix_by_tokens(harmful: list[list[int]], generic: list[list[int]], harmful_frac: float,
                   seed: int) -> list[list[int]]:
     """Every harmful sequence plus shuffled generic ones until the harmful share of the tokens is

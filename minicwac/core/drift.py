@@ -26,7 +26,8 @@ import re
 
 import torch
 
-from .data import pad_right, token_mask
+from .data import prompt_batches
+from .features import mean_diff_directions
 from .hooks import block_list, capture, model_device
 
 TERMS = ("dW_h0", "W0_dh", "exact", "second_order")
@@ -34,6 +35,7 @@ TERMS = ("dW_h0", "W0_dh", "exact", "second_order")
 
 def _linears(model) -> list[str]:
     blocks, _ = block_list(model)
+    # the linears inside the decoder blocks (a LoRA layer is an nn.Linear too); lm_head is not in a block
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(blocks + ".")]
 
 
@@ -56,59 +58,49 @@ def drift_map(base, tuned, prompts: list[list[int]], pad_id: int, harmless: list
     if missing:
         raise ValueError(f"the fine-tuned model has no module {missing[0]!r}; expected the base model's names")
     blocks_name, blocks = block_list(base)
-    outs = [f"{blocks_name}.{i}" for i in range(len(blocks))]
-    W0 = {n: _weight(base, n) for n in names}
-    dW = {n: _weight(tuned, n) - W0[n] for n in names}
+    outs = [f"{blocks_name}.{i}" for i in range(len(blocks))]  # block outputs: the residual stream after each
+    W0 = {n: _weight(base, n) for n in names}  # (out, in) each, float32
+    dW = {n: _weight(tuned, n) - W0[n] for n in names}  # taken once: every batch reuses it
+    # running sums over the kept tokens of each term's norm; "ref" is ||W0 h0||, what every term is divided by
     sums = {n: dict.fromkeys(("ref",) + TERMS, 0.0) for n in names}
+    # per block: sums of ||dx||, of ||x0|| and of dx's component along the refusal direction
     res = [{"drift": 0.0, "norm": 0.0, "proj": 0.0} for _ in outs]
-    direction = _refusal_directions(base, prompts, harmless, pad_id, skip_ids, outs, batch_size) if harmless else None
+    direction = None
+    if harmless:  # the refusal direction after every block: (n_blocks, hidden)
+        direction = mean_diff_directions(base, list(range(1, len(outs) + 1)), [prompts], harmless, pad_id, skip_ids,
+                                         batch_size=batch_size)[..., 0]
     n_tok = 0
-    for i in range(0, len(prompts), batch_size):
-        ids, mask = pad_right(prompts[i:i + batch_size], pad_id, model_device(base))
-        keep = token_mask(ids, mask, skip_ids)
+    for ids, keep in prompt_batches(prompts, pad_id, model_device(base), batch_size, skip_ids):
+        # one forward of each model on the same prompts reads every linear's input and every block's output
         with capture(base, names, what="input") as h0s, capture(base, outs) as x0s:
             base(ids)
         with capture(tuned, names, what="input") as hs, capture(tuned, outs) as xs:
             tuned(ids.to(model_device(tuned)))
         for n in names:
-            h0, h = h0s[n][keep].float(), hs[n][keep].float().to(h0s[n].device)
-            dh = h - h0
-            y0 = h0 @ W0[n].T
+            # the same token positions in both models: h0 and h line up row by row
+            h0, h = h0s[n][keep].float(), hs[n][keep].float().to(h0s[n].device)  # (tokens, in)
+            dh = h - h0  # the drift this linear receives from upstream
+            y0 = h0 @ W0[n].T  # (tokens, out): the aligned model's output
+            # y - y0 = W0 dh + dW h0 + dW dh; "exact" is the left side itself, computed directly
             terms = {"dW_h0": h0 @ dW[n].T, "W0_dh": dh @ W0[n].T, "exact": h @ (W0[n] + dW[n]).T - y0,
-                     "second_order": dh @ dW[n].T}
+                     "second_order": dh @ dW[n].T}  # (tokens, out) each
             sums[n]["ref"] += float(y0.norm(dim=-1).sum())
             for k, v in terms.items():
-                sums[n][k] += float(v.norm(dim=-1).sum())
+                sums[n][k] += float(v.norm(dim=-1).sum())  # per-token norms, summed
         for b, o in enumerate(outs):
-            x0, x = x0s[o][keep].float(), xs[o][keep].float().to(x0s[o].device)
+            x0, x = x0s[o][keep].float(), xs[o][keep].float().to(x0s[o].device)  # (tokens, hidden)
             res[b]["drift"] += float((x - x0).norm(dim=-1).sum())
             res[b]["norm"] += float(x0.norm(dim=-1).sum())
             if direction is not None:
-                res[b]["proj"] += float(((x - x0) @ direction[b]).sum())
+                # signed: < 0 when fine-tuning moves harmful prompts towards the harmless side
+                res[b]["proj"] += float(((x - x0) @ direction[b]).sum())  # (tokens, hidden) @ (hidden,)
         n_tok += int(keep.sum())
+    # ratios of sums, not means of per-token ratios: tokens with a tiny ||W0 h0|| do not dominate
     linears = {n: {k: s[k] / max(s["ref"], 1e-30) for k in TERMS} for n, s in sums.items()}
     blocks_out = [{"layer": b + 1, "drift": r["drift"] / max(r["norm"], 1e-30),
                    "refusal_drift": None if direction is None else r["proj"] / max(r["norm"], 1e-30)}
                   for b, r in enumerate(res)]
     return {"linears": linears, "blocks": blocks_out, "n_tokens": n_tok}
-
-
-def _refusal_directions(model, harmful, harmless, pad_id, skip_ids, outs, batch_size) -> list[torch.Tensor]:
-    """Per block output: the unit difference of means, harmful minus harmless, of the model's residual stream."""
-    def means(seqs):
-        total, n = None, 0
-        for i in range(0, len(seqs), batch_size):
-            ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model_device(model))
-            keep = token_mask(ids, mask, skip_ids)
-            with capture(model, outs) as xs:
-                model(ids)
-            s = [xs[o][keep].float().sum(0) for o in outs]
-            total = s if total is None else [a + b for a, b in zip(total, s)]
-            n += int(keep.sum())
-        return [t / n for t in total]
-
-    d = [a - b for a, b in zip(means(harmful), means(harmless))]
-    return [v / v.norm().clamp(min=1e-30) for v in d]
 
 
 # ---------------------------------------------------------------- choosing the constrained modules from a map
@@ -119,7 +111,7 @@ AUTO_SHARE = 0.5  # fixed before any comparison was run: the kinds that carry at
 def module_kind(name: str) -> tuple[str, str]:
     """(blocks prefix, kind) of a linear inside a block: "model.layers.3.mlp.down_proj" -> ("model.layers.",
     "mlp.down_proj")."""
-    m = re.fullmatch(r"(.*?\.)\d+\.(.+)", name)
+    m = re.fullmatch(r"(.*?\.)\d+\.(.+)", name)  # the first number in the name is the block's
     if m is None:
         raise ValueError(f"{name!r} is not a linear inside a numbered block; expected e.g. model.layers.3.mlp.down_proj")
     return m.group(1), m.group(2)
@@ -133,19 +125,22 @@ def choose_targets(dmap: dict, share: float = AUTO_SHARE) -> dict:
     if not 0 < share <= 1:
         raise ValueError(f"share={share}, expected a fraction in (0, 1]")
     by_kind, prefix = {}, {}
+    # dW_h0, not the exact change: the weight constraint acts on the drift a module's own update adds, while
+    # W0_dh arrives from upstream and is fixed where it starts
     for name, terms in dmap["linears"].items():
         pre, kind = module_kind(name)
         by_kind[kind] = by_kind.get(kind, 0.0) + terms["dW_h0"]
         prefix.setdefault(kind, pre)
     if not by_kind:
         raise ValueError("the drift map has no linears to choose from")
-    ranked = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
+    ranked = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))  # largest first; ties keep the model's order
     total, acc, kinds = sum(ranked.values()), 0.0, []
-    for kind, v in ranked.items():
+    for kind, v in ranked.items():  # greedy: the top kinds until their share reaches `share`
         kinds.append(kind)
         acc += v
         if acc >= share * total:
             break
+    # every layer of each chosen kind: "model\.layers\.\d+\.mlp\.down_proj"
     patterns = [re.escape(prefix[k]) + r"\d+\." + re.escape(k) for k in kinds]
     return {"rule": f"smallest set of module kinds, ranked by their summed dW_h0 / ||W0 h0|| over layers, that "
                     f"covers {share:g} of the total", "share": share, "by_kind": ranked, "kinds": kinds,
@@ -160,7 +155,7 @@ def probe_targets(model, seqs, prompts: list[list[int]], pad_id: int, harmless: 
     result is reported on). Returns the choice with "probe" (its settings and loss) and "map" (the drift map)."""
     from .cwac import train
 
-    probe = copy.deepcopy(model)
+    probe = copy.deepcopy(model)  # the model itself stays as it was: the map compares the two
     hist = train(probe, seqs, steps=steps, batch_size=batch_size, lr=lr, pad_id=pad_id, seed=seed, desc="probe",
                  progress=progress)
     dmap = drift_map(model, probe, prompts, pad_id, harmless, skip_ids)

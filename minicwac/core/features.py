@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import pad_right, token_mask
-from .hooks import model_device, residual
+from .data import prompt_batches
+from .hooks import block_name, capture, model_device, residual
 from .sae import SAE
 
 READOUTS = ("pre", "post", "directions", "residual")
@@ -31,11 +31,10 @@ def latent_means(model, sae: SAE, seqs: list[list[int]], pad_id: int, skip_ids=(
                  batch_size: int = 32, skip_prefix: int = 0) -> torch.Tensor:
     """Mean (over kept tokens of `seqs`) of every latent's pre-TopK ("pre") or post-TopK ("post") value: (d_sae,)."""
     total, n = 0.0, 0
-    for i in range(0, len(seqs), batch_size):
-        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model_device(model))
-        x = residual(model, ids, sae.cfg.layer)[token_mask(ids, mask, skip_ids, skip_prefix)]
-        z = sae.pre_acts(x) if values == "pre" else sae.encode(x)
-        total = total + z.sum(0)
+    for ids, keep in prompt_batches(seqs, pad_id, model_device(model), batch_size, skip_ids, skip_prefix):
+        x = residual(model, ids, sae.cfg.layer)[keep]  # (kept tokens, hidden)
+        z = sae.pre_acts(x) if values == "pre" else sae.encode(x)  # (kept tokens, d_sae)
+        total = total + z.sum(0)  # (d_sae,): summed batch by batch, one batch of latents alive at a time
         n += len(z)
     return total / n
 
@@ -46,7 +45,8 @@ def score_latents(model, sae: SAE, harmful: list[list[int]], harmless: list[list
     harmless prompts ("contrast"). Means of post-TopK values by default: a latent scores only where it fires."""
     if how not in ("harmful", "contrast"):
         raise ValueError(f"how={how!r}, expected 'harmful' or 'contrast'")
-    s = latent_means(model, sae, harmful, pad_id, skip_ids, values, skip_prefix=skip_prefix)
+    s = latent_means(model, sae, harmful, pad_id, skip_ids, values, skip_prefix=skip_prefix)  # (d_sae,)
+    # "contrast": a latent that fires as much on harmless prompts (the chat format, common words) scores near 0
     if how == "contrast":
         if not harmless:
             raise ValueError("how='contrast' needs harmless prompts")
@@ -74,22 +74,41 @@ def select_latents(scores: torch.Tensor, m: int | str = 100) -> torch.Tensor:
     """Indices of the top-m latents by score, or with m="firing" every latent with a positive score."""
     if check_latents(m) == "firing":
         idx = (scores > 0).nonzero().flatten()
-        return idx[scores[idx].argsort(descending=True)]
+        return idx[scores[idx].argsort(descending=True)]  # best first, as topk returns them
     return scores.topk(min(m, len(scores))).indices
 
 
 @torch.no_grad()
-def mean_diff_directions(model, layer: int, groups: list[list[list[int]]], harmless: list[list[int]], pad_id: int,
-                         skip_ids=(), skip_prefix: int = 0) -> torch.Tensor:
-    """Unit difference-of-means directions, one per group of harmful prompts (e.g. one per category):
-    mean residual of the group minus the mean residual on harmless prompts. Returns (hidden, n_groups)."""
-    def mean_act(seqs):
-        ids, mask = pad_right(seqs, pad_id, model_device(model))
-        return residual(model, ids, layer)[token_mask(ids, mask, skip_ids, skip_prefix)].float().mean(0)
+def mean_residuals(model, seqs: list[list[int]], layers: list[int], pad_id: int, skip_ids=(), skip_prefix: int = 0,
+                   batch_size: int | None = None) -> torch.Tensor:
+    """The mean residual stream after each of `layers` blocks over the kept tokens of `seqs`: (len(layers), hidden),
+    float32. One forward per batch reads every layer; batch_size=None: every sequence in one batch."""
+    names = [block_name(model, layer) for layer in layers]
+    total, n = None, 0
+    for ids, keep in prompt_batches(seqs, pad_id, model_device(model), batch_size, skip_ids, skip_prefix):
+        # the forward ends after the deepest layer asked for: the blocks above it never run
+        with capture(model, names, stop_after=block_name(model, max(layers))) as acts:
+            model(ids)  # acts[name]: (B, T, hidden)
+        s = torch.stack([acts[name][keep].float().sum(0) for name in names])  # (L, hidden): summed over tokens
+        total = s if total is None else total + s
+        n += int(keep.sum())
+    return total / n  # the mean over every kept token, whatever the batching
 
-    base = mean_act(harmless)
-    D = torch.stack([mean_act(g) - base for g in groups], 1)
-    return D / D.norm(dim=0, keepdim=True)
+
+@torch.no_grad()
+def mean_diff_directions(model, layer: int | list[int], groups: list[list[list[int]]], harmless: list[list[int]],
+                         pad_id: int, skip_ids=(), skip_prefix: int = 0, batch_size: int | None = None) -> torch.Tensor:
+    """Unit difference-of-means directions, one per group of harmful prompts (e.g. one per category, or a single
+    group: the refusal direction): the group's mean residual minus the mean residual on harmless prompts.
+    Returns (hidden, n_groups) at one `layer`, (len(layer), hidden, n_groups) for a list of layers."""
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    # the harmless mean is taken out so that what every prompt shares (the chat format, the residual stream's
+    # common offset) cancels: what is left points from ordinary requests towards harmful ones
+    base = mean_residuals(model, harmless, layers, pad_id, skip_ids, skip_prefix, batch_size)  # (L, hidden)
+    D = torch.stack([mean_residuals(model, g, layers, pad_id, skip_ids, skip_prefix, batch_size) - base
+                     for g in groups], -1)  # (L, hidden, G)
+    D = D / D.norm(dim=1, keepdim=True).clamp(min=1e-30)  # each column to unit norm
+    return D[0] if isinstance(layer, int) else D
 
 
 @dataclass
@@ -110,25 +129,33 @@ class SafetyFeatures:
         if self.readout == "pre":
             return self.sae.pre_acts(x, self.idx)  # only the m selected encoder columns
         if self.readout == "post":
-            return self.sae.encode(x)[..., self.idx]
+            # the full encoder: whether a latent survives TopK depends on all the others
+            return self.sae.encode(x)[..., self.idx]  # (..., d_sae) -> (..., m)
         if self.readout == "directions":
-            return x.float() @ self.directions
-        return x.float()
+            return x.float() @ self.directions  # (..., hidden) @ (hidden, m)
+        return x.float()  # "residual": m = hidden
 
     def loss(self, model, batch: torch.Tensor | None = None, n_tokens: int | None = None) -> torch.Tensor:
         """L_safety on the prompts `batch` (indices into the fixed set; all of them if None). n_tokens: divide the
         sum over tokens by this count instead of taking the mean (one rank's part of a global batch)."""
+        # z0 was cached once on these same prompts, padded the same way: row i of ids and of z0 match token for
+        # token, so the loss needs no alignment, only an index
         ids, keep, z0 = (self.ids, self.keep, self.z0) if batch is None else \
-            (self.ids[batch], self.keep[batch], self.z0[batch])
+            (self.ids[batch], self.keep[batch], self.z0[batch])  # (B, T), (B, T), (B, T, m)
         T = int(keep.any(0).nonzero().max()) + 1  # drop the padding columns this batch does not need
         ids, keep, z0 = ids[:, :T], keep[:, :T], z0[:, :T]
+        # The gradient reaches the model through x only (the SAE is frozen): the embeddings and the first
+        # `layer` blocks get one, the blocks above them none.
         x = residual(model, ids, self.layer, grad=True)  # (B, T, hidden): nothing above the SAE layer runs
         with torch.autocast(x.device.type, enabled=False):  # z and z0 in float32, also under bf16-mixed
-            z = self.readout_of(x.float())
-        per_token = ((z - z0) ** 2).sum(-1)[keep]  # summed over features, averaged over tokens
+            z = self.readout_of(x.float())  # (B, T, m)
+        # squared distance to the aligned model's values: summed over the m features (the constraint's strength
+        # does not shrink as m grows), averaged over the kept tokens (padding and skipped tokens drop out)
+        per_token = ((z - z0) ** 2).sum(-1)[keep]  # (kept tokens,)
         return per_token.mean() if n_tokens is None else per_token.sum() / n_tokens
 
     def to(self, device) -> "SafetyFeatures":
+        # a new object: the fixed prompts, z0 and the SAE move together with the model
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return SafetyFeatures(self.layer, self.readout, mv(self.ids), mv(self.keep), mv(self.z0),
                               None if self.sae is None else self.sae.to(device), mv(self.idx), mv(self.directions))
@@ -155,8 +182,11 @@ def safety_features(model, seqs: list[list[int]], pad_id: int, *, readout: str =
         layer = sae.cfg.layer
     if sae is not None:
         sae.requires_grad_(False)  # frozen: L_safety trains the model, never the SAE (no .grad piles up in W_enc)
-    ids, mask = pad_right(seqs, pad_id, model_device(model))
-    keep = token_mask(ids, mask, skip_ids, skip_prefix)
+    if not seqs:
+        raise ValueError("no harmful prompts to cache z0 on")
+    # one batch: the loss later indexes rows of these same padded tensors, so z0 is stored in their layout
+    ids, keep = next(prompt_batches(seqs, pad_id, model_device(model), None, skip_ids, skip_prefix))  # (N, T) each
     sf = SafetyFeatures(layer, readout, ids, keep, torch.empty(0), sae, idx, directions)
+    # the same readout the loss applies, on the aligned model: z0 (N, T, m), fixed for the whole fine-tuning
     sf.z0 = sf.readout_of(residual(model, ids, layer).float()).detach()
     return sf

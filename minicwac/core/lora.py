@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .files import atomic_folder
+from .subspace import project_out_
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -212,9 +213,6 @@ def constrain_peft_(peft_model: nn.Module, subspace) -> int:
             raise ValueError(f"no LoRA module for the subspace layer {name!r} in the PEFT model")
         for m in hits:
             for lin in m.lora_A.values():
-                A = lin.weight
-                Sd = S.to(A.device, torch.float32)
-                Af = A.float()
-                A.copy_(Af - (Af @ Sd) @ Sd.T)
+                project_out_(lin.weight, S, torch.float32)  # (r, in): A S = 0, in float32 whatever S's dtype
                 n += 1
     return n

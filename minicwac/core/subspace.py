@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import pad_right, token_mask
+from .data import prompt_batches
 from .files import atomic_folder, recover
 from .hooks import capture, model_device
 
@@ -33,6 +34,7 @@ ALL_LINEARS = (r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|do
 def target_names(model: torch.nn.Module, patterns=DEFAULT_TARGETS) -> list[str]:
     """Names of the nn.Linear modules whose full name matches one of the regex `patterns`."""
     rx = [re.compile(p) for p in patterns]
+    # in module order, which is the blocks' forward order; the subspace keeps it
     names = [n for n, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and any(r.fullmatch(n) for r in rx)]
     if not names:
@@ -49,18 +51,19 @@ def input_covariance(model, seqs: list[list[int]], names: list[str], pad_id: int
     Streams: only one batch of activations is alive at a time. The forward stops after the last target.
     Returns ({name: C}, n tokens)."""
     model.eval()
+    # the target that runs last (modules are registered in forward order): the blocks above it never run
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     last = max(names, key=order.__getitem__)
-    C: dict[str, torch.Tensor] = {}
-    n = 0
-    for i in tqdm(range(0, len(seqs), batch_size), desc="covariance", disable=not progress):
-        ids, mask = pad_right(seqs[i:i + batch_size], pad_id, model_device(model))
-        keep = token_mask(ids, mask, skip_ids, skip_prefix)
+    C: dict[str, torch.Tensor] = {}  # name -> running sum of x^T x, (in, in)
+    n = 0  # kept tokens so far
+    batches = prompt_batches(seqs, pad_id, model_device(model), batch_size, skip_ids, skip_prefix)
+    for ids, keep in tqdm(batches, desc="covariance", total=math.ceil(len(seqs) / batch_size), disable=not progress):
         with capture(model, names, what="input", stop_after=last) as acts:
-            model(ids)
+            model(ids)  # acts[name]: the input of each target, (B, T, in)
         for name in names:
+            # float64: the sum runs over every calibration token, and the small eigenvalues decide the rank
             x = acts[name][keep].double()  # (tokens, in)
-            C[name] = C[name] + x.T @ x if name in C else x.T @ x
+            C[name] = C[name] + x.T @ x if name in C else x.T @ x  # (in, in)
         n += int(keep.sum())
     if n == 0:
         raise ValueError("no tokens to compute the covariance on (every sequence empty or skipped)")
@@ -69,14 +72,15 @@ def input_covariance(model, seqs: list[list[int]], names: list[str], pad_id: int
 
 def eigh_desc(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (descending, clamped at 0) and eigenvectors (columns) of a symmetric PSD matrix."""
-    evals, evecs = torch.linalg.eigh(C)
+    evals, evecs = torch.linalg.eigh(C)  # ascending
+    # clamp: round-off can leave tiny negative eigenvalues on a PSD matrix
     return evals.flip(0).clamp(min=0), evecs.flip(1)
 
 
 def svd_basis(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The SVD view of the same thing: right singular vectors of X (n x in) are C's eigenvectors and
     s^2 / n its eigenvalues. Returns (s^2 / n, V) in descending order."""
-    _, s, Vh = torch.linalg.svd(X.double(), full_matrices=False)
+    _, s, Vh = torch.linalg.svd(X.double(), full_matrices=False)  # X = U diag(s) Vh, so C = V diag(s^2 / n) V^T
     return s ** 2 / X.shape[0], Vh.T
 
 
@@ -89,12 +93,14 @@ def randomized_eigh(C: torch.Tensor, r: int, q: int | None = None, niter: int = 
     if niter < 4:
         raise ValueError(f"niter={niter}, expected >= 4 (fewer power steps miss the tail of slow spectra)")
     q = min(q, C.shape[0])
-    Q = torch.randn(C.shape[0], q, dtype=C.dtype, device=C.device, generator=generator)
-    Q, _ = torch.linalg.qr(C @ Q)
+    Q = torch.randn(C.shape[0], q, dtype=C.dtype, device=C.device, generator=generator)  # (in, q) random probes
+    Q, _ = torch.linalg.qr(C @ Q)  # (in, q): an orthonormal basis of what C does to the probes
+    # power steps: each product with C weights the top eigenvectors more; QR after each keeps the columns from
+    # all collapsing onto the first one
     for _ in range(niter):
         Q, _ = torch.linalg.qr(C @ Q)
     evals, V = eigh_desc(Q.T @ C @ Q)  # q x q: the Rayleigh-Ritz step
-    return evals[:r], (Q @ V)[:, :r]
+    return evals[:r], (Q @ V)[:, :r]  # (r,), (in, r): the Ritz vectors back in the input space
 
 
 def rank_for_energy(evals: torch.Tensor, energy: float, total: float | None = None) -> int:
@@ -104,7 +110,7 @@ def rank_for_energy(evals: torch.Tensor, energy: float, total: float | None = No
     total = float(evals.sum()) if total is None else total
     if total <= 0:
         return 0
-    cum = torch.cumsum(evals.double(), 0) / total
+    cum = torch.cumsum(evals.double(), 0) / total  # cum[i]: the share held by the top i + 1 eigenvalues
     hit = (cum >= energy - 1e-6).nonzero()  # tolerance: float32 eigenvalues round a share of 0.99 to 0.98999
     return int(hit[0]) + 1 if len(hit) else len(evals)
 
@@ -114,11 +120,12 @@ class Subspace:
     """Per target weight: S (in x k, orthonormal columns) and W0S = W0 S (out x k); `cfg` says how it was made."""
 
     S: dict[str, torch.Tensor]  # keyed by module name, e.g. "model.layers.0.mlp.down_proj"
-    W0S: dict[str, torch.Tensor]
+    W0S: dict[str, torch.Tensor]  # W0 itself is not kept: (out x k) instead of (out x in)
     cfg: dict = field(default_factory=dict)
     spectra: dict[str, torch.Tensor] = field(default_factory=dict)  # eigenvalues of C (descending), for plots
 
     def to(self, device) -> "Subspace":
+        # the spectra stay where they are: only plots read them
         return Subspace({k: v.to(device) for k, v in self.S.items()}, {k: v.to(device) for k, v in self.W0S.items()},
                         dict(self.cfg), self.spectra)
 
@@ -136,6 +143,7 @@ class Subspace:
         if missing:
             raise ValueError(f"the subspace has no layer {missing[0]!r}; it has {len(self.S)} layers "
                              f"(e.g. {next(iter(self.S))!r})")
+        # the cfg's ranks then list the kept layers only
         return Subspace({n: self.S[n] for n in names}, {n: self.W0S[n] for n in names},
                         {**self.cfg, "ranks": {n: self.cfg.get("ranks", {}).get(n) for n in names}},
                         {n: self.spectra[n] for n in names if n in self.spectra})
@@ -146,7 +154,7 @@ class Subspace:
         for name, S in self.S.items():
             if name not in modules:
                 raise ValueError(f"subspace layer {name!r} is not in the model")
-            W = modules[name].weight
+            W = modules[name].weight  # (out, in); sharded: its global shape
             if W.shape[1] != S.shape[0] or W.shape[0] != self.W0S[name].shape[0]:
                 raise ValueError(f"{name}.weight {tuple(W.shape)}, subspace expects "
                                  f"({self.W0S[name].shape[0]}, {S.shape[0]})")
@@ -175,7 +183,7 @@ class Subspace:
                                   src_data_rank=None)
             W0S[name] = DTensor.from_local(d.to_local().to(dev), W.device_mesh, W.placements, shape=d.shape,
                                            stride=d.stride())
-            S_[name] = S.to(dev)
+            S_[name] = S.to(dev)  # (in, k) whole: every row of W meets all of S
         return Subspace(S_, W0S, dict(self.cfg), self.spectra)
 
     @torch.no_grad()
@@ -184,11 +192,15 @@ class Subspace:
         row-sharded weights, on each rank's rows."""
         for name, m, S in self._targets(model):
             if hasattr(m, "lora_A"):  # LoRA (W0 frozen): A <- A - (A S) S^T, so (W - W0) S = 0
-                _remove_(_local(m.lora_A), S)
+                project_out_(_local(m.lora_A), S)  # (r, in)
                 continue
-            W, W0S = _local(m.weight), _local(self.W0S[name])
+            W, W0S = _local(m.weight), _local(self.W0S[name])  # (out, in), (out, k): this rank's rows
             S, W0S = S.to(W.device), W0S.to(W.device)  # no-ops unless the weights are offloaded to the CPU
-            Wf = W.to(S.dtype)
+            # In S's dtype, whatever the weight's: a bf16 weight rounds only the result, when it is written back.
+            Wf = W.to(S.dtype)  # (out, in)
+            # W S - W0S (out, k) is how far the layer's response to the subspace has moved. Taking it off along
+            # S^T puts it back exactly (S^T S = I, so the new W S is W0S) and leaves W v unchanged for every
+            # input v orthogonal to S (S^T v = 0): the task learns freely there.
             W.copy_(Wf - (Wf @ S - W0S) @ S.T)
 
     @torch.no_grad()
@@ -196,8 +208,10 @@ class Subspace:
         """Remove the gradient's component on S: g <- g - (g S) S^T (what the paper does; not exact under Adam)."""
         for _, m, S in self._targets(model):
             W = getattr(m, "lora_A", m.weight)  # with LoRA, A's gradient
-            if W.grad is not None:
-                _remove_(_local(W.grad), S)
+            if W.grad is not None:  # None: not trained, or not used by this step's loss
+                # A plain SGD step on this g would keep W S fixed. Adam's per-coordinate scaling and weight decay
+                # do not, so on its own this is not exact (notebook 04 measures the gap); project_ is.
+                project_out_(_local(W.grad), S)  # (out, in)
 
     @torch.no_grad()
     def leak(self, model, reference) -> dict[str, float]:
@@ -205,7 +219,8 @@ class Subspace:
         ref = dict(reference.named_modules())
         out = {}
         for name, m, S in self._targets(model):
-            dW = (m.weight - ref[name].weight).to(S.dtype)
+            dW = (m.weight - ref[name].weight).to(S.dtype)  # (out, in): the whole update
+            # (out, k): its part that acts on S; 0 under the weight constraint, ~sqrt(k / in) for a random update
             out[name] = float((dW @ S).norm() / dW.norm().clamp(min=1e-30))
         return out
 
@@ -222,10 +237,11 @@ class Subspace:
             if not W.numel():  # a rank may hold no rows of a small matrix
                 continue
             S, W0S = S.to(W.device), W0S.to(W.device)
-            err = W.to(S.dtype) @ S - W0S
+            err = W.to(S.dtype) @ S - W0S  # (out, k)
             if A is not None:  # LoRA: the effective weight is W + scale B A
+                # B (out, r) @ (A S) (r, k): A S first, never the (out, in) product B A
                 err = err + m.scale * _local(m.lora_B).to(S.dtype) @ (A.to(S.device, S.dtype) @ S)
-            out = max(out, float(err.norm() / W0S.norm().clamp(min=1e-30)))
+            out = max(out, float(err.norm() / W0S.norm().clamp(min=1e-30)))  # the worst target
         return out
 
     def ranks(self) -> dict[str, tuple[int, int]]:
@@ -234,20 +250,20 @@ class Subspace:
 
     def save(self, path: str | Path) -> None:
         """`subspace.safetensors` (name.weight.S, name.weight.W0S) + `cfg.json`, written to a temporary folder first."""
-        tensors = {}
+        tensors = {}  # one flat key per tensor: NAME.weight.S, NAME.weight.W0S, NAME.weight.evals
         for n in self.S:
             tensors[f"{n}.weight.S"] = self.S[n].contiguous().cpu()
             tensors[f"{n}.weight.W0S"] = self.W0S[n].contiguous().cpu()
             if n in self.spectra:
                 tensors[f"{n}.weight.evals"] = self.spectra[n].float().contiguous().cpu()
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path) as tmp:  # an interrupted save never leaves half a folder behind
             save_file(tensors, str(tmp / "subspace.safetensors"))
             (tmp / "cfg.json").write_text(json.dumps(self.cfg, indent=2))
 
     @classmethod
     def load(cls, path: str | Path, device="cpu") -> "Subspace":
         path = Path(path)
-        recover(path)
+        recover(path)  # finish or undo a save that was interrupted while it swapped folders
         for f in ("subspace.safetensors", "cfg.json"):
             if not (path / f).is_file():
                 raise FileNotFoundError(f"{path / f} not found: a subspace folder has subspace.safetensors and cfg.json")
@@ -256,20 +272,26 @@ class Subspace:
             tensors = load_file(str(path / "subspace.safetensors"), device=str(device))
         except Exception as e:  # noqa: BLE001 -- safetensors raises several types for a corrupt file
             raise ValueError(f"{path} is not a readable subspace folder ({type(e).__name__}: {e})") from None
+        # "model.layers.3.mlp.down_proj.weight.S" -> "model.layers.3.mlp.down_proj"
         S = {k[:-len(".weight.S")]: v for k, v in tensors.items() if k.endswith(".weight.S")}
         W0S = {k[:-len(".weight.W0S")]: v for k, v in tensors.items() if k.endswith(".weight.W0S")}
         if set(S) != set(W0S) or not S:
             raise ValueError(f"{path}/subspace.safetensors: expected a .weight.S and a .weight.W0S per layer, "
                              f"got {sorted(tensors)[:4]}")
+        # optional: the layers saved with a spectrum
         evals = {k[:-len(".weight.evals")]: v for k, v in tensors.items() if k.endswith(".weight.evals")}
         return cls(S, W0S, cfg, evals)
 
 
-def _remove_(x: torch.Tensor, S: torch.Tensor) -> None:
-    """x <- x - (x S) S^T in place (in S's dtype): the rows of x lose their component in the subspace."""
-    S = S.to(x.device)
-    xf = x.to(S.dtype)
-    x.copy_(xf - (xf @ S) @ S.T)
+def project_out_(x: torch.Tensor, S: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """x <- x - (x S) S^T in place: every row of x (rows, in) loses its component in the span of S's orthonormal
+    columns (in, k). Computed in `dtype` (None: S's dtype), written back in x's own dtype.
+
+    The one projection of the weight side: a gradient (`Subspace.project_grad_`), a LoRA A (`Subspace.project_`,
+    `lora.constrain_peft_`)."""
+    S = S.to(x.device, dtype or S.dtype)  # (in, k)
+    xf = x.to(S.dtype)  # (rows, in)
+    x.copy_(xf - (xf @ S) @ S.T)  # (rows, k) @ (k, in): the part of each row in the subspace, taken off
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -278,6 +300,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def prompts_hash(seqs: list[list[int]]) -> str:
+    # recorded in cfg.json: which calibration prompts made a saved subspace
     return hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16]
 
 
@@ -296,13 +319,15 @@ def compute_subspace(model, seqs: list[list[int]], pad_id: int, *, patterns=DEFA
     modules = dict(model.named_modules())
     S, W0S, ranks, spectra = {}, {}, {}, {}
     for name in names:
-        Cn = C[name]
+        Cn = C[name]  # (in, in), float64
         d = Cn.shape[0]
         if not float(Cn.diagonal().sum()) > 0:  # all inputs zero on these tokens: no direction to protect
             warnings.warn(f"{name}: trace(C) = 0 on the {n} calibration tokens (its inputs are all zero), so it gets "
                           "rank 0 and stays unconstrained; check the layer or leave it out of the targets",
                           stacklevel=2)
         if d > randomized_above:
+            # the top r eigenpairs only; the energy is measured against the full trace, so when the top r do not
+            # reach it the rank is not known yet: double r and try again (the same seed: reproducible)
             total, r = float(Cn.diagonal().sum()), min(d, k or 256)
             while True:
                 evals, evecs = randomized_eigh(Cn, r, generator=torch.Generator(Cn.device).manual_seed(0))
@@ -311,14 +336,15 @@ def compute_subspace(model, seqs: list[list[int]], pad_id: int, *, patterns=DEFA
                     break
                 r = min(d, 2 * r)
         else:
-            evals, evecs = eigh_desc(Cn)
+            evals, evecs = eigh_desc(Cn)  # (in,), (in, in)
             kk = k if k is not None else rank_for_energy(evals, energy)
-        kk = min(kk, d)
-        spectra[name] = evals.float().cpu()
-        Sk = evecs[:, :kk].to(dtype)
+        kk = min(kk, d)  # a fixed k above the layer's width: every direction
+        spectra[name] = evals.float().cpu()  # for plots (randomized: the top r only)
+        Sk = evecs[:, :kk].to(dtype)  # (in, k): the top-k eigenvectors, orthonormal columns
         S[name] = Sk
-        W0S[name] = modules[name].weight.detach().to(dtype) @ Sk
+        W0S[name] = modules[name].weight.detach().to(dtype) @ Sk  # (out, in) @ (in, k) -> (out, k)
         ranks[name] = [kk, d]
+    # how the subspace was made and on which prompts: saved with it as cfg.json
     cfg = {"energy": None if k is not None else energy, "k": k, "targets": list(patterns), "ranks": ranks,
            "n_tokens": n, "skip_prefix": skip_prefix, "n_prompts": len(seqs), "prompts_sha256": prompts_hash(seqs),
            "model": model_folder}
