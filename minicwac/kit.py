@@ -58,7 +58,8 @@ KIT_VERSION = 1
 
 @dataclass
 class KitSettings:
-    """The constraint settings a kit is made with ([paper] / [ours] as in METHOD.md)."""
+    """The constraint settings a kit is made with; [paper] and [ours] as in the method notes,
+    docs/method.md#9-choices-where-the-paper-is-silent."""
 
     targets: str = "down_proj"  # weight side: "down_proj" [paper], "all" (every linear of every block) or "auto"
     # (the module kinds a short SFT probe's drift map names, `core.drift.probe_targets`) [ours]

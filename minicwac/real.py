@@ -62,7 +62,8 @@ REAL_METHODS = ("sft", "weight", "activation", "cwac", "safeinstr", "weight-all"
 
 @dataclass
 class RealPreset:
-    """Sizes and hyper-parameters of one real-checkpoint run (all [ours] except lam and m, see METHOD.md)."""
+    """Sizes and hyper-parameters of one real-checkpoint run: all [ours] except lam and m (the method notes,
+    docs/method.md#9-choices-where-the-paper-is-silent)."""
 
     splits: dict  # harmful prompts per split: align, calib, attack, eval
     n_harmless: int  # harmless requests for alignment (answered by the base model)

@@ -67,7 +67,8 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, task: str = "sentimen
 
 @dataclass
 class SafetyRecipe:
-    """Every choice of the constraints and baselines on the toy world (METHOD.md: [paper] and [ours])."""
+    """Every choice of the constraints and baselines on the toy world; [paper] and [ours] as in the method notes,
+    docs/method.md#9-choices-where-the-paper-is-silent."""
 
     energy: float = 0.99  # subspace rank: share of trace(C) kept
     targets: tuple = DEFAULT_TARGETS  # weight targets (regex on module names); ALL_LINEARS for every linear
@@ -113,7 +114,9 @@ METHOD_SWITCHES = {
     "cwac-dirs": {"weight": True, "act": True, "readout": "directions"},
     "activation-residual": {"act": True, "readout": "residual"},
     "activation-avg": {"act": True, "avg": True}, "cwac-avg": {"weight": True, "act": True, "avg": True},
-    # the baselines as their authors wrote them (LoRA on q/v is full dW on q/v until minicwac has LoRA)
+    # the baselines as their authors wrote them, except that their LoRA adapters on q/v are full dW on q/v: the AsFT
+    # penalty and the SafeLoRA projection (core/baselines.py) act on a module's full weight, not on core/lora.py's
+    # adapters, and the reported -qv numbers were made this way (docs/method.md#6-baselines)
     "safeinstr-add": {"safeinstr": "add"}, "asft-qv": {"asft": True, "only": QV},
     "safelora-qv": {"safelora": "number", "only": QV},
 }
