@@ -1,5 +1,5 @@
-"""Baselines that run in the CWAC harness (METHOD.md section 6): SafeInstr changes the data, AsFT adds a penalty
-to the same loss, SafeLoRA acts after training. AsFT and SafeLoRA need the base and the aligned model.
+"""Baselines that run in the CWAC harness (docs/method.md#6-baselines): SafeInstr changes the data, AsFT adds a
+penalty to the same loss, SafeLoRA acts after training. AsFT and SafeLoRA need the base and the aligned model.
 
 Each has the form its authors wrote and the form minicwac's main table runs (docs/results.md says which is which):
 SafeInstr *adds* refusal examples (mode "add") or *replaces* a share of the task examples ("replace"); SafeLoRA

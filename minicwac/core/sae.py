@@ -4,10 +4,11 @@
     z     = TopK(pre)                               keep the k largest, zero the rest
     x_hat = (z W_dec + b_dec) / s                   W_dec rows have unit norm
 
-Recipe (field practice, see METHOD.md section 4): MSE loss plus an AuxK loss that lets dead latents
-reconstruct the residual error; decoder rows renormalised after each step with the gradient component parallel
-to them removed before it; b_dec initialised at the data mean or geometric median; parameters and loss in fp32.
-At save the scale s is folded into the weights, so a saved SAE takes raw activations.
+Recipe (field practice, docs/method.md#4-activation-side-safety-latents-of-an-sae): MSE loss plus an AuxK loss
+that lets dead latents reconstruct the residual error; decoder rows renormalised after each step with the
+gradient component parallel to them removed before it; b_dec initialised at the data mean or geometric median;
+parameters and loss in fp32. At save the scale s is folded into the weights, so a saved SAE takes raw
+activations.
 """
 from __future__ import annotations
 

