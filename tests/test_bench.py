@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minicwac.tools import bench
-from minicwac.core.cwac import finetune_cwac
+from minicwac.core.cwac import Constraints, Schedule, finetune_cwac
 from minicwac.io.model import Config
 from minicwac.toy.pipeline import clone
 
@@ -43,9 +43,9 @@ def test_bench_step_is_the_package_step(which):
     st = bench.step_setup(m=20, layer=3)
     ref = clone(st["model"])
     W0 = {n: p.detach().clone() for n, p in st["model"].named_parameters()}
-    kw = dict(subspace=st["subspace"], features=st["features"], lam=bench.LAM) if which == "cwac" else {}
-    hist = finetune_cwac(ref, st["seqs"], steps=1, batch_size=st["recipe"].finetune_batch, lr=st["recipe"].finetune_lr,
-                         pad_id=st["tok"].pad_token_id, seed=0, progress=False, **kw)
+    c = Constraints(st["subspace"], st["features"], bench.LAM, 16) if which == "cwac" else None
+    hist = finetune_cwac(ref, st["seqs"], Schedule(1, st["recipe"].finetune_batch, st["recipe"].finetune_lr, seed=0), c,
+                         pad_id=st["tok"].pad_token_id, progress=False)
     st["model"].train()
     out = st[which]()
     assert out["loss"] == hist["loss"][0] and out["safety"] == hist["safety"][0]

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_config
 
 from minicwac.core.baselines import AsFTPenalty, alignment_projectors, safeinstr_mix, safelora_project_
-from minicwac.core.cwac import finetune_cwac
+from minicwac.core.cwac import Constraints, Schedule, finetune_cwac
 from minicwac.core.features import safety_features
 from minicwac.io.model import GPT
 from minicwac.core.sae import SAE, SAEConfig
@@ -54,8 +54,8 @@ def test_one_cwac_step_equals_a_hand_computation(parts):
     model, sub, feats = parts
     lr, wd, lam, eps, seed, sb = 1e-2, 0.1, 0.5, 1e-8, 3, 4
     pkg = copy_of(model)
-    finetune_cwac(pkg, task_seqs(), steps=1, batch_size=4, lr=lr, weight_decay=wd, warmup=1, grad_clip=1e9,
-                  subspace=sub, features=feats, lam=lam, safety_batch=sb, seed=seed, progress=False)
+    finetune_cwac(pkg, task_seqs(), Schedule(1, 4, lr, wd, warmup=1, grad_clip=1e9, seed=seed),
+                  Constraints(sub, feats, lam, sb), progress=False)
 
     hand = copy_of(model).train()
     ids, labels = collate(next(batches(task_seqs(), 4, seed)), 0)
@@ -88,10 +88,10 @@ def test_switches_give_sft_weight_activation_cwac(parts):
     W S = W0 S; the activation side lowers L_safety relative to SFT on the same data."""
     model, sub, feats = parts
     runs = {}
-    for name, kw in {"sft": {}, "lam0": {"features": feats, "lam": 0.0}, "weight": {"subspace": sub},
-                     "activation": {"features": feats, "lam": 5.0}}.items():
+    for name, c in {"sft": None, "lam0": Constraints(None, feats, 0.0, 16), "weight": Constraints(sub, None, 0.5, 16),
+                    "activation": Constraints(None, feats, 5.0, 16)}.items():
         m = copy_of(model)
-        h = finetune_cwac(m, task_seqs(), steps=15, batch_size=4, lr=3e-3, seed=1, progress=False, **kw)
+        h = finetune_cwac(m, task_seqs(), Schedule(15, 4, 3e-3, seed=1), c, progress=False)
         runs[name] = (m, h)
     for a, b in zip(runs["sft"][0].parameters(), runs["lam0"][0].parameters()):
         assert torch.equal(a, b)
@@ -107,13 +107,13 @@ def test_switches_give_sft_weight_activation_cwac(parts):
 def test_drift_curve_and_argument_checks(parts):
     model, _, _ = parts
     calls = []
-    h = finetune_cwac(copy_of(model), task_seqs(), steps=6, batch_size=4, eval_every=3,
-                      eval_fn=lambda m: calls.append(1) or {"hs": float(len(calls))}, progress=False)
+    h = finetune_cwac(copy_of(model), task_seqs(), Schedule(6, 4),
+                      curve=(3, lambda m: calls.append(1) or {"hs": float(len(calls))}), progress=False)
     assert [c["step"] for c in h["curve"]] == [0, 3, 6] and [c["hs"] for c in h["curve"]] == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match="lam"):
-        finetune_cwac(copy_of(model), task_seqs(), steps=1, lam=-1.0, progress=False)
+        finetune_cwac(copy_of(model), task_seqs(), Schedule(1), Constraints(None, None, -1.0, 16), progress=False)
     with pytest.raises(ValueError, match="steps"):
-        finetune_cwac(copy_of(model), task_seqs(), steps=0, progress=False)
+        finetune_cwac(copy_of(model), task_seqs(), Schedule(0), progress=False)
 
 
 def test_safeinstr_mix_counts():
@@ -181,8 +181,7 @@ def test_cwac_runs_the_same_math_on_every_family(model_type, dtype):
     with torch.no_grad():
         assert float(feats.loss(model)) < 1e-3  # z = z0 at the aligned weights
     biases = {n: b.detach().clone() for n, b in zip(sub.S, sub.biases(model))}
-    hist = finetune_cwac(model, task_seqs(), steps=4, batch_size=4, lr=1e-2, subspace=sub, features=feats,
-                         progress=False)
+    hist = finetune_cwac(model, task_seqs(), Schedule(4, 4, 1e-2), Constraints(sub, feats, 0.5, 16), progress=False)
     assert all(torch.isfinite(torch.tensor(hist["loss"])))
     mods, ref_mods = dict(model.named_modules()), dict(ref.named_modules())
     for name, S in sub.S.items():
@@ -224,8 +223,7 @@ def test_clip_norm_counts_only_the_applied_gradient(parts):
 def test_the_sae_is_frozen_and_gathers_no_gradient(parts):
     model, _, feats = parts
     assert not any(p.requires_grad for p in feats.sae.parameters())
-    finetune_cwac(copy_of(model), task_seqs(), steps=2, batch_size=4, features=feats, lam=1.0, safety_batch=4,
-                  progress=False)
+    finetune_cwac(copy_of(model), task_seqs(), Schedule(2, 4), Constraints(None, feats, 1.0, 4), progress=False)
     assert all(p.grad is None for p in feats.sae.parameters())
 
 
@@ -245,8 +243,8 @@ def test_frozen_biases_are_restored_when_training_raises():
         return {"hs": 0.0}
 
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        finetune_cwac(model, task_seqs(), steps=3, batch_size=4, subspace=sub, eval_every=1,
-                      eval_fn=fails_after_a_step, progress=False)
+        finetune_cwac(model, task_seqs(), Schedule(3, 4), Constraints(sub, None, 0.5, 16),
+                      curve=(1, fails_after_a_step), progress=False)
     assert all(b.requires_grad for b in biases), "a failed run left the target biases frozen"
 
 

@@ -18,7 +18,7 @@ from minicwac.io import dist
 from minicwac.__main__ import main
 from minicwac.core.subspace import Subspace
 from minicwac.io.hf import load_checkpoint, load_pretrained, save_pretrained
-from minicwac.kit import Kit, KitSettings, calibrate, encode_data, finetune, load_conversations
+from minicwac.kit import Kit, KitSettings, RunOptions, calibrate, encode_data, finetune, load_conversations
 from minicwac.io.model import GPT
 
 ARGS = ["--steps", "5", "--batch-size", "4", "--lr", "1e-3", "--quiet"]
@@ -55,8 +55,8 @@ def _finetune(ranks, d, out, resume=False, die_after=None, dtype="fp32"):
 
         dist.save_sharded = save_then_die
     try:
-        finetune(model, tok, seqs, kit, d / out, method="cwac", steps=5, batch_size=4, lr=1e-3, save_every=2,
-                 resume=resume, progress=False, ranks=ranks, dtype=dtype)
+        finetune(model, tok, seqs, kit, d / out, method="cwac", steps=5, batch_size=4, lr=1e-3, dtype=dtype,
+                 run=RunOptions(save_every=2, resume=resume, ranks=ranks), progress=False)
     except KeyboardInterrupt:
         pass
 
@@ -159,7 +159,7 @@ def test_sharded_errors(folder, tmp_path):
     kit = Kit.load(folder / "kit", model)
     seqs, _ = encode_data(tok, load_conversations(folder / "data.jsonl"), 64)
     with pytest.raises(ValueError, match="sharded run"):
-        finetune(model, tok, seqs, kit, tmp_path / "x", steps=1, offload=True)
+        finetune(model, tok, seqs, kit, tmp_path / "x", steps=1, run=RunOptions(offload=True))
     with pytest.raises(ValueError, match="--device tpu"):
         dist.init("tpu")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "unused.safetensors"))  # nothing of the above wrote a file

@@ -12,11 +12,11 @@ from test_kit import HARMFUL
 
 from minicwac.io import dist
 from minicwac.__main__ import main
-from minicwac.core.cwac import finetune_cwac
+from minicwac.core.cwac import Constraints, Schedule, finetune_cwac
 from minicwac.core.lora import LoRALinear, LoRASettings, add_lora, constrain_peft_, lora_modules, merge_lora
 from minicwac.core.subspace import ALL_LINEARS, Subspace, compute_subspace
 from minicwac.io.hf import load_checkpoint, load_tokenizer
-from minicwac.kit import Kit, encode_data, finetune, load_conversations
+from minicwac.kit import Kit, RunOptions, encode_data, finetune, load_conversations
 
 
 def _prompts(n=12, vocab=97, seed=1):
@@ -65,8 +65,8 @@ def test_the_adapter_constraint_is_exact_whatever_b_does(make_model, targets):
         model = make_model()
         sub = compute_subspace(model, _prompts(), 0, patterns=pats, energy=0.9)
         add_lora(model, LoRASettings(r=4))
-        finetune_cwac(model, _seqs(), steps=5, batch_size=8, lr=1e-2, warmup=1, subspace=sub, progress=False,
-                      project_update=project)
+        finetune_cwac(model, _seqs(), Schedule(5, 8, 1e-2, warmup=1), Constraints(sub, None, 0.5, 16, project_update=project),
+                      progress=False)
         assert all(float(m.lora_B.detach().abs().max()) > 0 for m in lora_modules(model).values())  # B did move
         return model, sub
 
@@ -172,7 +172,7 @@ def _lora_rank(ranks, d, out, offload=False):
     kit = Kit.load(d / "kit", model)
     seqs, _ = encode_data(tok, load_conversations(d / "data.jsonl"), 64)
     finetune(model, tok, seqs, kit, d / out, method="cwac", steps=5, batch_size=4, lr=1e-3, progress=False,
-             ranks=ranks, lora=lora, checkpointing=True, offload=offload)
+             lora=lora, run=RunOptions(ranks=ranks, checkpointing=True, offload=offload))
 
 
 def test_lora_cwac_on_two_ranks_matches_one(folder):  # noqa: F811

@@ -145,7 +145,7 @@ def test_activation_estimate_matches_what_a_bf16_model_saves(lora):
     model = GPT(cfg).to(torch.bfloat16).train()  # as FSDP2's bf16-mixed computes: bf16 parameters
     r = 8
     if lora is not None:
-        add_lora(model, LoRASettings(r=r, targets=lora))
+        add_lora(model, LoRASettings(r=r, target_modules=lora))
     ids = torch.randint(cfg.vocab_size, (2, 24))
     a = P.layer_activation_bytes(cfg, 2, r if lora else None, lora or P.LINEARS)
     once = P.once_activation_bytes(cfg, 2, full=lora is None)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from minicwac.core.cwac import finetune_cwac
+from minicwac.core.cwac import Constraints, Schedule, finetune_cwac
 from minicwac.core.hooks import capture
 from minicwac.io.model import GPT
 from minicwac.core.data import shared_prefix
@@ -120,7 +120,7 @@ def test_update_projection_is_exact_under_adamw_with_weight_decay(model):
     ref = GPT(model.config)
     ref.load_state_dict(model.state_dict())
     sub = compute_subspace(model, prompts(), pad_id=0, energy=0.99)
-    finetune_cwac(model, _drift_set(), steps=40, batch_size=8, lr=1e-2, weight_decay=0.1, subspace=sub, progress=False)
+    finetune_cwac(model, _drift_set(), Schedule(40, 8, 1e-2, 0.1), Constraints(sub, None, 0.5, 16), progress=False)
     mods, refm = dict(model.named_modules()), dict(ref.named_modules())
     for name, S in sub.S.items():
         dW = mods[name].weight - refm[name].weight
@@ -134,8 +134,8 @@ def test_gradient_projection_alone_leaks_under_adam(model):
     ref = GPT(model.config)
     ref.load_state_dict(model.state_dict())
     sub = compute_subspace(model, prompts(), pad_id=0, energy=0.99)
-    finetune_cwac(model, _drift_set(), steps=40, batch_size=8, lr=1e-2, weight_decay=0.1, subspace=sub,
-                  project_grad=True, project_update=False, progress=False)
+    finetune_cwac(model, _drift_set(), Schedule(40, 8, 1e-2, 0.1),
+                  Constraints(sub, None, 0.5, 16, project_update=False, project_grad=True), progress=False)
     assert min(sub.leak(model, ref).values()) > 0.05
 
 
@@ -166,7 +166,7 @@ def test_leak_on_unconstrained_training_is_large(model):
     ref = GPT(model.config)
     ref.load_state_dict(model.state_dict())
     sub = compute_subspace(model, prompts(), pad_id=0, energy=0.99)
-    finetune_cwac(model, _drift_set(), steps=20, batch_size=8, lr=1e-2, progress=False)
+    finetune_cwac(model, _drift_set(), Schedule(20, 8, 1e-2), progress=False)
     assert min(sub.leak(model, ref).values()) > 0.3
 
 

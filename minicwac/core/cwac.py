@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from .data import Seq, batches, collate, lm_loss, lr_at, make_optimizer, n_targets
 from .features import SafetyFeatures
 from .hooks import model_device
+from .settings import SEED_SAFETY
 from .subspace import Subspace
 
 
@@ -72,84 +74,106 @@ def cwac_step(model, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torc
     return {"loss": loss.item(), "task": task.item(), "safety": 0.0 if safety is None else safety.item()}
 
 
-def finetune_cwac(model, seqs: list[Seq], *, steps: int, batch_size: int = 16, lr: float = 1e-4,
-                  weight_decay: float = 0.1, warmup: int | None = None, grad_clip: float = 1.0, pad_id: int = 0,
-                  subspace: Subspace | None = None, features: SafetyFeatures | None = None, lam: float = 0.5,
-                  safety_batch: int = 16, project_grad: bool = False, project_update: bool = True,
-                  penalty: Callable | None = None, autocast_dtype: torch.dtype | None = None, seed: int = 0,
-                  eval_every: int | None = None, eval_fn: Callable | None = None, resume: dict | None = None,
-                  on_step: Callable | None = None, desc: str = "cwac", progress: bool = True, rank: int = 0,
-                  world: int = 1, device: torch.device | None = None) -> dict:
-    """Train `model` in place for `steps` calls of `cwac_step`. Returns a history: step, loss, task, safety, lr
-    (+ "curve" from eval_fn every `eval_every` steps and at step 0: the drift curve).
+@dataclass
+class Schedule:
+    """How one run trains: AdamW, a linear warmup then cosine decay, gradient clipping, the batches' order."""
 
-    subspace: the weight constraint. features + lam: the activation constraint on `safety_batch` harmful prompts
-    per step. penalty(model) -> scalar: any extra loss term (AsFT). AdamW, warmup then cosine decay.
-    resume: {"step": k, "optimizer": state_dict, "history": ...} from `on_step` continues a run at step k with
-    the same batches as an uninterrupted run (the data order and the safety picks are replayed); "optimizer" may
-    also be a function that loads the weights and the optimizer state itself (a sharded checkpoint).
-    on_step(step, model, opt, history) is called after every step (checkpoints).
-    rank, world: this process's place in a data-parallel run (`minicwac.io.dist`): every rank draws the same global
-    batch of `batch_size` sequences (and `safety_batch` prompts) and trains on its 1/world part of it, so one
-    command gives the same run on 1 or N ranks; the history holds the global losses."""
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1")
+    steps: int
+    batch_size: int = 16  # sequences per step (in a data-parallel run: the global batch)
+    lr: float = 1e-4  # the peak learning rate
+    weight_decay: float = 0.1
+    warmup: int | None = None  # None: 5% of the steps
+    grad_clip: float = 1.0
+    seed: int = 0  # the batches' order; the safety picks use seed + SEED_SAFETY
+
+    def check(self) -> "Schedule":
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1")
+        return self
+
+
+@dataclass
+class Constraints:
+    """What a run adds to plain training (nothing: SFT); the rows of `settings.METHODS` say which."""
+
+    subspace: Subspace | None  # the weight constraint: W S = W0 S after every step (None: none)
+    features: SafetyFeatures | None  # the activation constraint: L_safety on these latents (None: none) ...
+    lam: float  # ... with this weight in the loss (`KitSettings.lam`)
+    safety_batch: int  # harmful prompts per step for L_safety (`KitSettings.safety_batch`)
+    project_update: bool = True  # the exact weight constraint (the update projected); False with project_grad:
+    project_grad: bool = False  # the gradient-only variant, as the paper words it (not exact under AdamW)
+    penalty: Callable | None = None  # penalty(model) -> a scalar added to the loss (AsFT)
+
+    def check(self, world: int, batch_size: int) -> "Constraints":
+        if self.lam < 0:
+            raise ValueError(f"lam={self.lam}, expected >= 0")
+        # every rank trains on an equal share of both global batches
+        if world > 1 and (batch_size % world or self.safety_batch % world or self.penalty is not None):
+            raise ValueError(f"on {world} ranks --batch-size ({batch_size}) and the safety batch "
+                             f"({self.safety_batch}) must be multiples of {world}, and no extra penalty term is "
+                             "supported")
+        return self
+
+
+def finetune_cwac(model, seqs: list[Seq], schedule: Schedule, constraints: Constraints | None = None, *,
+                  pad_id: int = 0, autocast_dtype: torch.dtype | None = None,
+                  curve: tuple[int, Callable] | None = None, resume: dict | None = None,
+                  on_step: Callable | None = None, ranks=None, desc: str = "cwac", progress: bool = True) -> dict:
+    """Train `model` in place for `schedule.steps` calls of `cwac_step`. Returns a history: step, loss, task,
+    safety, lr (+ "curve": eval_fn(model) every `every` steps and at step 0, with curve=(every, eval_fn)).
+
+    constraints: the weight and activation constraints (None: plain training). resume: {"step": k, "optimizer":
+    state_dict, "history": ...} from `on_step` continues a run at step k with the same batches as an uninterrupted
+    run (the data order and the safety picks are replayed); "optimizer" may also be a function that loads the
+    weights and the optimizer state itself (a sharded checkpoint). on_step(step, model, opt, history) is called
+    after every step (checkpoints).
+    ranks: this process's place in a data-parallel run (`.rank`, `.world`, `.device`; `minicwac.io.dist`): every
+    rank draws the same global batch of sequences (and of safety prompts) and trains on its 1/world part of it, so
+    one command gives the same run on 1 or N ranks; the history holds the global losses."""
+    sch, c = schedule.check(), constraints or Constraints(None, None, 0.0, 1)
     if not seqs:
         raise ValueError("no training sequences")
-    if lam < 0:
-        raise ValueError(f"lam={lam}, expected >= 0")
-    # every rank trains on an equal share of both global batches
-    if world > 1 and (batch_size % world or safety_batch % world or penalty is not None):
-        raise ValueError(f"on {world} ranks --batch-size ({batch_size}) and the safety batch ({safety_batch}) must be "
-                         f"multiples of {world}, and no extra penalty term is supported")
-    device = model_device(model) if device is None else device  # where the batches go (not where offloaded weights are)
+    rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world)
+    c.check(world, sch.batch_size)
+    # where the batches go (not where offloaded weights are)
+    device = model_device(model) if ranks is None else ranks.device
     # S and W0S beside the weights: the projection after every step then moves no data
-    subspace = subspace.to(model_device(model)) if subspace is not None else None
-    warmup = max(1, steps // 20) if warmup is None else warmup  # default: 5% of the steps
+    sub = c.subspace.to(model_device(model)) if c.subspace is not None else None
+    feats = c.features if c.features is not None and c.lam > 0 else None  # lam = 0: no safety forward at all
+    warmup = max(1, sch.steps // 20) if sch.warmup is None else sch.warmup  # default: 5% of the steps
     # a target's bias would shift its output on the protected inputs: not trained (restored however we leave)
-    frozen = [b for b in subspace.biases(model) if b.requires_grad] if subspace is not None and project_update else []
+    frozen = [b for b in sub.biases(model) if b.requires_grad] if sub is not None and c.project_update else []
     for b in frozen:
         b.requires_grad_(False)
     try:
-        opt = make_optimizer(model, lr, weight_decay)
-        data = batches(seqs, batch_size, seed)  # endless shuffled batches of training sequences
+        opt = make_optimizer(model, sch.lr, sch.weight_decay)
+        data = batches(seqs, sch.batch_size, sch.seed)  # endless shuffled batches of training sequences
         # harmful prompt batches for L_safety: a generator of their own, so that the task batches are the same
         # with and without the activation constraint
-        g = torch.Generator().manual_seed(seed + 7)
-        use_safety = features is not None and lam > 0  # lam = 0: no safety forward at all, plain SFT cost
-        start = 0
-        hist = {"step": [], "loss": [], "task": [], "safety": [], "lr": [], "curve": []}
+        g = torch.Generator().manual_seed(sch.seed + SEED_SAFETY)
+
+        def draw():  # indices into the fixed harmful prompts, on the CPU generator: the same picks on any device
+            return torch.randint(len(feats.ids), (c.safety_batch,), generator=g) if feats is not None else None
+
+        start, hist = 0, {"step": [], "loss": [], "task": [], "safety": [], "lr": [], "curve": []}
         if resume is not None:
-            start, hist = resume["step"], resume["history"]  # the history goes on from the checkpoint's
-            if callable(resume["optimizer"]):  # a sharded checkpoint loads itself (`dist.load_sharded`)
-                resume["optimizer"](opt)
-            else:
-                opt.load_state_dict(resume["optimizer"])
-            for _ in range(start):  # replay the random draws of the steps already taken
-                next(data)
-                if use_safety:
-                    torch.randint(len(features.ids), (safety_batch,), generator=g)
-        elif eval_fn is not None and eval_every:
-            hist["curve"].append({"step": 0, **eval_fn(model)})  # the curve starts before the first step
+            start, hist = resume_from(resume, opt, data, draw)
+        elif curve is not None:
+            hist["curve"].append({"step": 0, **curve[1](model)})  # the curve starts before the first step
         model.train()
-        for step in (bar := tqdm(range(start, steps), desc=desc, disable=not progress, mininterval=1.0,
-                                 initial=start, total=steps)):
+        for step in (bar := tqdm(range(start, sch.steps), desc=desc, disable=not progress, mininterval=1.0,
+                                 initial=start, total=sch.steps)):
             for group in opt.param_groups:  # one schedule for both groups (with and without weight decay)
-                group["lr"] = lr_at(step, steps, lr, warmup)
-            batch = next(data)  # B sequences (ids, mask)
-            # indices into the fixed harmful prompts; drawn on the CPU generator, so the same picks on any device
-            pick = torch.randint(len(features.ids), (safety_batch,), generator=g).to(device) if use_safety else None
+                group["lr"] = lr_at(step, sch.steps, sch.lr, warmup)
+            batch, pick = next(data), draw()  # B sequences (ids, mask); safety_batch prompt indices
+            pick = pick.to(device) if pick is not None else None
             counts = {}
             if world > 1:  # this rank's part of the global batch; the losses normalised by the global counts
-                counts = {"n_task": n_targets(batch),
-                          "n_safety": int(features.keep[pick].sum()) if use_safety else None}
-                # (the counts above are taken on the global batch, before this rank keeps its contiguous slice)
-                batch = batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]
-                pick = pick.chunk(world)[rank] if use_safety else None
-            out = cwac_step(model, opt, collate(batch, pad_id, device), subspace=subspace, features=features,
-                            lam=lam, safety_batch=pick, penalty=penalty, grad_clip=grad_clip,
-                            project_update=project_update, project_grad=project_grad, autocast_dtype=autocast_dtype,
-                            **counts)
+                batch, pick, counts = rank_part(batch, pick, feats, rank, world)
+            out = cwac_step(model, opt, collate(batch, pad_id, device), subspace=sub, features=feats, lam=c.lam,
+                            safety_batch=pick, penalty=c.penalty, grad_clip=sch.grad_clip,
+                            project_update=c.project_update, project_grad=c.project_grad,
+                            autocast_dtype=autocast_dtype, **counts)
             if world > 1:  # the global losses: the sum of the ranks' parts
                 total = torch.tensor([out["loss"], out["task"], out["safety"]], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(total)
@@ -159,10 +183,9 @@ def finetune_cwac(model, seqs: list[Seq], *, steps: int, batch_size: int = 16, l
                 hist[k].append(v)
             hist["lr"].append(opt.param_groups[0]["lr"])
             bar.set_postfix(task=f"{out['task']:.3f}", safety=f"{out['safety']:.3f}")
-            if eval_fn is not None and eval_every and (step + 1) % eval_every == 0:
-                # the measurement in eval mode, then back to training
+            if curve is not None and (step + 1) % curve[0] == 0:  # measured in eval mode, then back to training
                 model.eval()
-                hist["curve"].append({"step": step + 1, **eval_fn(model)})
+                hist["curve"].append({"step": step + 1, **curve[1](model)})
                 model.train()
             if on_step is not None:  # step + 1 steps are done: where a run resumed from this checkpoint starts
                 on_step(step + 1, model, opt, hist)
@@ -173,10 +196,29 @@ def finetune_cwac(model, seqs: list[Seq], *, steps: int, batch_size: int = 16, l
     return hist
 
 
+def resume_from(resume: dict, opt, data, draw) -> tuple[int, dict]:
+    """Load a checkpoint's optimizer state and replay the random draws of its steps; returns (step, history)."""
+    if callable(resume["optimizer"]):  # a sharded checkpoint loads itself (`dist.load_sharded`)
+        resume["optimizer"](opt)
+    else:
+        opt.load_state_dict(resume["optimizer"])
+    for _ in range(resume["step"]):  # the data order and the safety picks of the steps already taken
+        next(data), draw()
+    return resume["step"], resume["history"]  # the history goes on from the checkpoint's
+
+
+def rank_part(batch: list[Seq], pick: torch.Tensor | None, feats: SafetyFeatures | None, rank: int, world: int):
+    """This rank's contiguous share of the global batch and of the safety picks, and the global counts of loss
+    tokens (taken before slicing) that each rank divides its sums by."""
+    counts = {"n_task": n_targets(batch), "n_safety": int(feats.keep[pick].sum()) if feats is not None else None}
+    batch = batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]
+    return batch, pick.chunk(world)[rank] if feats is not None else None, counts
+
+
 def train(model, seqs: list[Seq], *, steps: int, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.1,
           warmup: int | None = None, grad_clip: float = 1.0, pad_id: int = 0, seed: int = 0, desc: str = "train",
           progress: bool = True) -> dict:
     """Plain training (pretraining, alignment, SFT): the CWAC loop with no constraint. Returns step, loss, lr."""
-    h = finetune_cwac(model, seqs, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      warmup=warmup, grad_clip=grad_clip, pad_id=pad_id, seed=seed, desc=desc, progress=progress)
+    h = finetune_cwac(model, seqs, Schedule(steps, batch_size, lr, weight_decay, warmup, grad_clip, seed),
+                      pad_id=pad_id, desc=desc, progress=progress)
     return {k: h[k] for k in ("step", "loss", "lr")}

@@ -29,6 +29,7 @@ import torch
 from .data import prompt_batches
 from .features import mean_diff_directions
 from .hooks import block_list, capture, model_device
+from .settings import AUTO_SHARE
 
 TERMS = ("dW_h0", "W0_dh", "exact", "second_order")
 
@@ -104,9 +105,6 @@ def drift_map(base, tuned, prompts: list[list[int]], pad_id: int, harmless: list
 
 
 # ---------------------------------------------------------------- choosing the constrained modules from a map
-
-AUTO_SHARE = 0.5  # fixed before any comparison was run: the kinds that carry at least half of the drift
-
 
 def module_kind(name: str) -> tuple[str, str]:
     """(blocks prefix, kind) of a linear inside a block: "model.layers.3.mlp.down_proj" -> ("model.layers.",

@@ -38,17 +38,17 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class LoRASettings:
     r: int = 16
     alpha: float | None = None  # None: 2 r (a scale of 2)
-    targets: tuple[str, ...] = LINEARS  # module name endings inside the decoder blocks
+    target_modules: tuple[str, ...] = LINEARS  # module name endings inside the decoder blocks (PEFT's name)
 
     def check(self) -> "LoRASettings":
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"lora r={self.r!r}, expected a positive integer")
         if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ValueError(f"lora alpha={self.alpha!r}, expected a finite number > 0")
-        bad = [t for t in self.targets if t not in LINEARS]
-        if bad or not self.targets:
-            raise ValueError(f"lora targets {list(bad or self.targets)}: expected some of {', '.join(LINEARS)}")
-        self.targets = tuple(self.targets)
+        bad = [t for t in self.target_modules if t not in LINEARS]
+        if bad or not self.target_modules:
+            raise ValueError(f"lora targets {list(bad or self.target_modules)}: expected some of {', '.join(LINEARS)}")
+        self.target_modules = tuple(self.target_modules)
         return self
 
     @property
@@ -84,7 +84,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def add_lora(model: nn.Module, settings: LoRASettings, seed: int = 0) -> list[str]:
-    """Put an adapter on every `settings.targets` linear of every decoder block (in place) and freeze every other
+    """Put an adapter on every `settings.target_modules` linear of every decoder block (in place) and freeze every other
     parameter; A drawn from `seed`. Returns the adapted module names (the subspace's names:
     model.layers.{i}.mlp.down_proj, ...)."""
     from .hooks import block_list
@@ -92,10 +92,10 @@ def add_lora(model: nn.Module, settings: LoRASettings, seed: int = 0) -> list[st
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters")
     blocks, _ = block_list(model)
-    rx = re.compile(re.escape(blocks) + r"\.\d+\..*\.(" + "|".join(settings.targets) + ")")
+    rx = re.compile(re.escape(blocks) + r"\.\d+\..*\.(" + "|".join(settings.target_modules) + ")")
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and rx.fullmatch(n)]
     if not names:
-        raise ValueError(f"no linear layer named {', '.join(settings.targets)} in the decoder blocks")
+        raise ValueError(f"no linear layer named {', '.join(settings.target_modules)} in the decoder blocks")
     for p in model.parameters():
         p.requires_grad_(False)
     for n in names:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .drift import AUTO_SHARE
 from .features import check_latents
 from .subspace import ALL_LINEARS, DEFAULT_TARGETS
 
@@ -22,6 +21,7 @@ from .subspace import ALL_LINEARS, DEFAULT_TARGETS
 TARGETS = {"down_proj": DEFAULT_TARGETS, "all": ALL_LINEARS,
            "qv": (r"model\.layers\.\d+\.self_attn\.(q|v)_proj",)}  # the LoRA targets of AsFT's and SafeLoRA's papers
 TARGET_CHOICES = ("down_proj", "all", "auto")  # what a kit can be calibrated for
+AUTO_SHARE = 0.5  # "auto": fixed before any comparison was run, the kinds that carry at least half of the drift
 
 # Offsets added to a run's seed: each random stream of one run has a seed of its own, fixed by the run's seed.
 SEED_ALIGN = 1  # the alignment SFT's batches

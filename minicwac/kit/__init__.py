@@ -16,6 +16,6 @@ core's (`minicwac.core`). The command line (`python -m minicwac calibrate | fine
 from ..core.settings import KitSettings
 from .calibration import Kit, calibrate, fingerprint
 from .data import encode_data, load_conversations
-from .finetuning import finetune
+from .finetuning import RunOptions, finetune
 
-__all__ = ["Kit", "KitSettings", "calibrate", "finetune", "load_conversations", "encode_data", "fingerprint"]
+__all__ = ["Kit", "KitSettings", "calibrate", "finetune", "RunOptions", "load_conversations", "encode_data", "fingerprint"]

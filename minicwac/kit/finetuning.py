@@ -6,13 +6,13 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..core.cwac import finetune_cwac
+from ..core.cwac import Constraints, Schedule, finetune_cwac
 from ..core.data import Seq
 from ..core.evals import harmful_score
 from ..core.files import atomic_folder, write_json_atomic
@@ -73,25 +73,93 @@ def _move_into(src: Path, out: Path) -> None:
     src.rmdir()
 
 
+@dataclass
+class RunOptions:
+    """What happens around the training loop of `finetune`: the drift curve, checkpoints, sharding, memory, the
+    output's form."""
+
+    eval_harmful: list[str] | None = None  # harmful prompts for the drift curve (HS against step) ...
+    eval_every: int = 0  # ... every this many steps
+    eval_tokens: int = 32  # answer length of the drift curve's HS
+    save_every: int = 0  # a resumable checkpoint (OUT/checkpoint) every this many steps (0: none)
+    resume: bool = False  # continue from OUT/checkpoint: the same weights as an uninterrupted run
+    ranks: object = None  # `dist.init()` in a torchrun process: FSDP2 over the ranks
+    offload: bool = False  # sharded runs: weights, gradients and AdamW states in CPU memory
+    checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1/3 more compute)
+    adapter: bool = False  # with LoRA: write a PEFT adapter folder instead of the merged model ...
+    base_model: str | None = None  # ... whose base_model_name_or_path is this
+
+    def check(self, lora: LoRASettings | None) -> "RunOptions":
+        if self.ranks is not None and self.eval_harmful:
+            raise ValueError("the drift curve (--eval-harmful) is not supported in a sharded run; run eval on the "
+                             "written folder")
+        if self.offload and self.ranks is None:
+            raise ValueError("offload applies to a sharded run (started by torchrun)")
+        if self.adapter and lora is None:
+            raise ValueError("an adapter folder needs LoRA (--lora-r)")
+        return self
+
+
 def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, method: str = "cwac",
              steps: int | None = None, epochs: float | None = None, lr: float = 2e-5, batch_size: int = 8,
-             lam: float | None = None, dtype: str = "fp32", eval_harmful: list[str] | None = None,
-             eval_every: int = 0, eval_tokens: int = 32, save_every: int = 0, resume: bool = False, seed: int = 0,
-             progress: bool = True, ranks=None, offload: bool = False, lora: LoRASettings | None = None,
-             adapter: bool = False, base_model: str | None = None, checkpointing: bool = False) -> dict:
-    """Fine-tune `model` on `seqs` with `method` and the kit's constraints; write OUT as a Hugging Face folder
-    (model + tokenizer), OUT/history.json and, with eval prompts, OUT/drift.png (HS against step).
+             seed: int = 0, lam: float | None = None, dtype: str = "fp32", lora: LoRASettings | None = None,
+             run: RunOptions | None = None, progress: bool = True) -> dict:
+    """Fine-tune `model` on `seqs` with `method` and the kit's constraints (lam: the kit's unless given); write OUT
+    as a Hugging Face folder (model + tokenizer), OUT/history.json and, with a drift curve, OUT/drift.png.
 
-    save_every N: a resumable checkpoint (OUT/checkpoint) every N steps; resume=True continues from it and ends
-    with the same weights as an uninterrupted run. dtype "bf16-mixed": float32 weights, bf16 autocast.
-    ranks (`dist.init()` in a torchrun process): the model is sharded with FSDP2 (`dist.shard_model`, offload:
-    weights, gradients and AdamW states in CPU memory), each rank trains on its part of every global batch, the
-    checkpoint is sharded (`dist.save_sharded`) and rank 0 writes the folder.
+    steps, or epochs: passes over the data. dtype "bf16-mixed": float32 weights, bf16 autocast.
     lora: train LoRA adapters only (`core.lora`), the weight constraint made exact on them (A S = 0); OUT is the
-    merged model, or with adapter=True a PEFT adapter folder (adapter_config.json, adapter_model.safetensors; its
-    base_model_name_or_path is `base_model`) and the tokenizer; `model` itself is left merged (or, with
-    adapter=True, with its adapters). checkpointing: recompute each block's activations
-    in the backward pass (memory that no longer grows with depth, about a third more compute)."""
+    merged model (`model` itself is left merged), or with run.adapter a PEFT adapter folder and the tokenizer.
+    run (`RunOptions`): save_every N writes a resumable checkpoint (OUT/checkpoint) every N steps and resume=True
+    continues from it; with ranks (a torchrun process) the model is sharded with FSDP2 (`dist.shard_model`), each
+    rank trains on its part of every global batch, the checkpoint is sharded and rank 0 writes the folder."""
+    run = (run or RunOptions()).check(lora)
+    steps = check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, lora, run)
+    sub, feats = kit.constraint(method) if kit is not None else (None, None)
+    lam = (kit.settings.lam if kit is not None else 0.0) if lam is None else lam
+    out, ranks = Path(out), run.ranks
+    ckpt, main = out / "checkpoint", ranks is None or ranks.main
+    prepare_run_folder(out, ckpt, run.resume, ranks)
+    record = {"method": method, "steps": steps, "lr": lr, "batch_size": batch_size, "lam": lam, "dtype": dtype,
+              "seed": seed, "data_sha256": hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16],
+              "kit": None if kit is None else kit.fingerprint, "lora": None if lora is None else asdict(lora)}
+    if lora is not None and not lora_modules(model):  # (`dist.load_pretrained` adds them before it shards)
+        add_lora(model, lora, seed)
+    model.gradient_checkpointing = run.checkpointing
+    if ranks is None:
+        state = _load_state(ckpt, model, record) if run.resume else None
+        save_state = lambda step, m, opt, hist: _save_state(ckpt, m, opt, step, hist, record)  # noqa: E731
+    else:  # FSDP2: shard the model and the constraint; every rank writes its shards of the checkpoint
+        from ..io import dist
+        if not dist.is_sharded(model):
+            dist.shard_model(model, ranks, dtype, run.offload)
+        sub = sub.shard(model) if sub is not None else None
+        feats = feats.to(ranks.device) if feats is not None else None
+        state = None
+        if run.resume:
+            meta = _check_run(ckpt, record)
+            state = {"step": meta["step"], "history": meta["history"],
+                     "optimizer": lambda opt: dist.load_sharded(ckpt, model, opt)}
+        save_state = lambda step, m, opt, hist: dist.save_sharded(  # noqa: E731
+            ckpt, m, opt, ranks, {"step": step, "history": hist, "run": record})
+
+    def on_step(step, m, opt, hist):
+        if run.save_every and step % run.save_every == 0 and step < steps:
+            save_state(step, m, opt, hist)
+
+    curve = None
+    if run.eval_harmful and run.eval_every:
+        curve = (run.eval_every, lambda m: harmful_score(m, tok, run.eval_harmful, run.eval_tokens))
+    hist = finetune_cwac(model, seqs, Schedule(steps, batch_size, lr, seed=seed),
+                         None if kit is None else Constraints(sub, feats, lam, kit.settings.safety_batch),
+                         pad_id=tok.pad_token_id, autocast_dtype=DTYPES[dtype] if ranks is None else None,  # FSDP2
+                         curve=curve, resume=state, on_step=on_step, ranks=ranks, desc=method,  # casts by its policy
+                         progress=progress and main)
+    return write_finetuned(model, tok, out, ckpt, sub, hist, record, method, lora, run)
+
+
+def check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, lora, run) -> int:
+    """The arguments of `finetune`, checked before anything is written; returns the number of steps."""
     method_row(method, "kit")  # a method the kit offers, or a ValueError naming them
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}, expected one of {', '.join(DTYPES)}")
@@ -99,87 +167,54 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
         raise ValueError("give exactly one of steps and epochs")
     if not seqs:
         raise ValueError("no training sequences")
+    if method != "sft" and kit is None:
+        raise ValueError(f"method {method} needs a kit (python -m minicwac calibrate ...)")
+    if next(model.parameters()).dtype != torch.float32:
+        raise ValueError(f"the model's weights are {next(model.parameters()).dtype}; load them in float32 (bf16 "
+                         "weights cannot hold the projected values: use dtype='bf16-mixed' for bf16 compute)")
+    if lora is not None:
+        lora.check()
+        if run.adapter and model.config.model_type == "gpt2":
+            raise ValueError("a GPT-2 adapter cannot be written in PEFT's layout (GPT-2 fuses q, k, v): save merged")
     if steps is None:
         if not epochs > 0:
             raise ValueError(f"epochs={epochs}, expected > 0")
         steps = max(1, math.ceil(epochs * max(1, len(seqs) // batch_size)))
-    if method != "sft" and kit is None:
-        raise ValueError(f"method {method} needs a kit (python -m minicwac calibrate ...)")
-    if ranks is not None and eval_harmful:
-        raise ValueError("the drift curve (--eval-harmful) is not supported in a sharded run; run eval on the "
-                         "written folder")
-    if offload and ranks is None:
-        raise ValueError("offload applies to a sharded run (started by torchrun)")
-    if next(model.parameters()).dtype != torch.float32:
-        raise ValueError(f"the model's weights are {next(model.parameters()).dtype}; load them in float32 (bf16 "
-                         "weights cannot hold the projected values: use dtype='bf16-mixed' for bf16 compute)")
-    if adapter and lora is None:
-        raise ValueError("an adapter folder needs LoRA (--lora-r)")
-    sub, feats = kit.constraint(method) if kit is not None else (None, None)
-    if lora is not None:
-        lora.check()
-        if adapter and model.config.model_type == "gpt2":
-            raise ValueError("a GPT-2 adapter cannot be written in PEFT's layout (GPT-2 fuses q, k, v): save merged")
-    lam = (kit.settings.lam if kit is not None else 0.0) if lam is None else lam
-    out = Path(out)
-    ckpt = out / "checkpoint"
-    if not resume and out.exists() and any(out.iterdir()):  # never write over files we did not make
+    return steps
+
+
+def prepare_run_folder(out: Path, ckpt: Path, resume: bool, ranks) -> None:
+    """OUT must be new or empty, or (resume) hold our checkpoint: never write over files we did not make."""
+    if not resume and out.exists() and any(out.iterdir()):
         what = "a fine-tuning run; pass --resume to continue it" if ckpt.exists() else "files"
         raise FileExistsError(f"{out} already holds {what}; choose another --out (or --resume a run that has "
                               "a checkpoint)")
     if resume and not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt} not found: nothing to resume (run without --resume, with --save-every N)")
-    main = ranks is None or ranks.main
     if ranks is not None:
         from ..io import dist
         dist.barrier()  # every rank has checked OUT before rank 0 writes into it
-    if main:
+    if ranks is None or ranks.main:
         out.mkdir(parents=True, exist_ok=True)
-    run = {"method": method, "steps": steps, "lr": lr, "batch_size": batch_size, "lam": lam, "dtype": dtype,
-           "seed": seed, "data_sha256": hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16],
-           "kit": None if kit is None else kit.fingerprint, "lora": None if lora is None else asdict(lora)}
-    if lora is not None and not lora_modules(model):  # (`dist.load_pretrained` adds them before it shards)
-        add_lora(model, lora, seed)
-    model.gradient_checkpointing = checkpointing
-    state, extra = None, {}
-    if ranks is None:
-        state = _load_state(ckpt, model, run) if resume else None
-        save_state = lambda step, m, opt, hist: _save_state(ckpt, m, opt, step, hist, run)  # noqa: E731
-    else:  # FSDP2: shard the model and the constraint; every rank writes its shards of the checkpoint
-        if not dist.is_sharded(model):
-            dist.shard_model(model, ranks, dtype, offload)
-        sub = sub.shard(model) if sub is not None else None
-        feats = feats.to(ranks.device) if feats is not None else None
-        if resume:
-            meta = _check_run(ckpt, run)
-            state = {"step": meta["step"], "history": meta["history"],
-                     "optimizer": lambda opt: dist.load_sharded(ckpt, model, opt)}
-        save_state = lambda step, m, opt, hist: dist.save_sharded(  # noqa: E731
-            ckpt, m, opt, ranks, {"step": step, "history": hist, "run": run})
-        extra = {"rank": ranks.rank, "world": ranks.world, "device": ranks.device}
 
-    def hs_curve(m):
-        return harmful_score(m, tok, eval_harmful, eval_tokens)
 
-    def on_step(step, m, opt, hist):
-        if save_every and step % save_every == 0 and step < steps:
-            save_state(step, m, opt, hist)
-
-    hist = finetune_cwac(model, seqs, steps=steps, batch_size=batch_size, lr=lr, pad_id=tok.pad_token_id,
-                         subspace=sub, features=feats, lam=lam, seed=seed,
-                         autocast_dtype=DTYPES[dtype] if ranks is None else None,  # FSDP2 casts by its own policy
-                         eval_every=eval_every if eval_harmful else None, eval_fn=hs_curve if eval_harmful else None,
-                         resume=state, on_step=on_step, desc=method, progress=progress and main, **extra)
-    leak = None if sub is None else sub.mismatch(model)  # the invariant on the written weights: W S = W0 S
+def write_finetuned(model, tok, out: Path, ckpt: Path, sub, hist: dict, record: dict, method: str,
+                    lora: LoRASettings | None, run: RunOptions) -> dict:
+    """The weight-side error on the trained weights, then (rank 0) the model folder, history.json, drift.png; the
+    resumable checkpoint is removed once the run is complete."""
+    ranks = run.ranks
+    main = ranks is None or ranks.main
+    error = None if sub is None else sub.mismatch(model)  # the invariant on the written weights: W S = W0 S
     if ranks is not None:  # the largest over every rank's shards; then the whole model, gathered to rank 0
-        leak = None if sub is None else dist.max_over_ranks(leak)
+        from ..io import dist
+        error = None if sub is None else dist.max_over_ranks(error)
         full = dist.full_state(model)
         model = dist.unsharded(model, full, lora) if main else None
-    result = {"run": run, "history": hist, "relative_WS_error": leak}
+    result = {"run": record, "history": hist, "relative_WS_error": error}
     if main:
         from ..io.hf import save_pretrained  # minicwac's own model class writes Hugging Face folders
-        if adapter:
-            save_adapter(model, out / ".model.tmp", lora, base_model=base_model)
+        if run.adapter:
+            save_adapter(model, out / ".model.tmp", lora, base_model=run.base_model)
             tok.save(out / ".model.tmp")
         else:
             save_pretrained(merge_lora(model) if lora is not None else model, tok, out / ".model.tmp")
@@ -190,6 +225,7 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
         if ckpt.exists():
             shutil.rmtree(ckpt)  # the run is complete: its resumable checkpoint (written by us) is no longer needed
     if ranks is not None:
+        from ..io import dist
         dist.barrier()
     return result
 
@@ -277,12 +313,12 @@ def run(args) -> None:
         say(f"{cut} of {len(seqs)} conversations were longer than --max-len {args.max_len} and were cut")
     epochs = 1.0 if args.steps is None and args.epochs is None else args.epochs
     try:
+        run = RunOptions(eval_harmful=eval_harmful, eval_every=args.eval_every or 0, save_every=args.save_every or 0,
+                         resume=args.resume, ranks=ranks, offload=args.offload, checkpointing=args.checkpointing,
+                         adapter=args.save_adapter, base_model=str(args.model))
         res = finetune(model, tok, seqs, kit, args.out, method=args.method, steps=args.steps, epochs=epochs,
-                       lr=args.lr, batch_size=args.batch_size, lam=args.lam, dtype=args.dtype,
-                       eval_harmful=eval_harmful, eval_every=args.eval_every or 0, save_every=args.save_every or 0,
-                       resume=args.resume, seed=args.seed, progress=not args.quiet, ranks=ranks, offload=args.offload,
-                       lora=lora, adapter=args.save_adapter, base_model=str(args.model),
-                       checkpointing=args.checkpointing)
+                       lr=args.lr, batch_size=args.batch_size, seed=args.seed, lam=args.lam, dtype=args.dtype,
+                       lora=lora, run=run, progress=not args.quiet)
     finally:
         if ranks is not None:
             dist.close()

@@ -11,12 +11,13 @@ import time
 
 import torch
 
-from ..core.cwac import cwac_step
+from ..core.cwac import Constraints, Schedule, cwac_step, finetune_cwac
 from ..core.data import batches, collate, make_optimizer
 from ..core.evals import prompt_ids
 from ..core.features import check_sae_layer, safety_features
 from ..core.hooks import residual
 from ..core.sae import SAE, SAEConfig
+from ..core.settings import SEED_SAFETY, KitSettings
 from ..core.subspace import compute_subspace
 from ..toy.pipeline import Recipe, build_tokenizer, encode_chats, new_model
 from ..toy.world import build_world
@@ -45,7 +46,7 @@ def _time(fns: dict, device, repeats: int, warmup: int) -> dict[str, float]:
     return {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
 
 
-LAM = 0.5  # the bench's lambda (any lambda > 0 costs the same)
+LAM = KitSettings().lam  # the paper's lambda (any lambda > 0 costs the same)
 
 
 def step_setup(device: str = "cpu", m: int = 100, safety_batch: int = 16, task: str = "sentiment", seed: int = 0,
@@ -70,7 +71,7 @@ def step_setup(device: str = "cpu", m: int = 100, safety_batch: int = 16, task: 
     opt = make_optimizer(model, r.finetune_lr, 0.1)
     data = batches(seqs, r.finetune_batch, seed)
     fixed = [collate(next(data), tok.pad_token_id, device) for _ in range(4)]
-    g = torch.Generator().manual_seed(seed + 7)  # finetune_cwac's generator of safety picks
+    g = torch.Generator().manual_seed(seed + SEED_SAFETY)  # finetune_cwac's generator of safety picks
     it = {"i": 0}
 
     def task_batch():
@@ -148,23 +149,21 @@ def _fsdp_rank(ranks, out: str, repeats: int, warmup: int, m: int, safety_batch:
     st = step_setup("cpu", m, safety_batch, layer=layer)
     model = dist.shard_model(st["model"], ranks)
     sub, r = st["subspace"].shard(model), st["recipe"]
-    run = dict(steps=warmup + repeats, warmup=warmup, batch_size=r.finetune_batch, lr=r.finetune_lr,
-               pad_id=st["tok"].pad_token_id)
+    sch, pad = Schedule(warmup + repeats, r.finetune_batch, r.finetune_lr), st["tok"].pad_token_id
     res = {"ranks": ranks.world, "backend": "gloo", "threads": torch.get_num_threads(),
            "params": sum(p.numel() for p in model.parameters()), "m": m, "layer": st["layer"],
-           "sft_ms": _step_ms(model, st["seqs"], ranks, **run),
-           "cwac_ms": _step_ms(model, st["seqs"], ranks, subspace=sub, features=st["features"], lam=LAM,
-                               safety_batch=safety_batch, **run)}
+           "sft_ms": _step_ms(model, st["seqs"], ranks, sch, None, pad, warmup),
+           "cwac_ms": _step_ms(model, st["seqs"], ranks, sch, Constraints(sub, st["features"], LAM, safety_batch),
+                               pad, warmup)}
     res["ratio"] = res["cwac_ms"] / res["sft_ms"]
     res["leak"] = dist.max_over_ranks(sub.mismatch(model))
     if ranks.main:
         Path(out).write_text(json.dumps(res))
 
 
-def _step_ms(model, seqs, ranks, steps: int, warmup: int = 2, **kw) -> float:
+def _step_ms(model, seqs, ranks, schedule, constraints, pad_id: int, warmup: int = 2) -> float:
     """Median ms per step, after `warmup` steps, of the package's own loop in this rank group (`finetune_cwac`
-    with rank and world: each rank its part of every global batch)."""
-    from ..core.cwac import finetune_cwac
+    with ranks: each rank its part of every global batch)."""
     times = []
 
     def tick(*_):
@@ -172,8 +171,7 @@ def _step_ms(model, seqs, ranks, steps: int, warmup: int = 2, **kw) -> float:
         times.append(time.perf_counter())
 
     tick()
-    finetune_cwac(model, seqs, steps=steps, rank=ranks.rank, world=ranks.world, device=ranks.device, on_step=tick,
-                  progress=False, **kw)
+    finetune_cwac(model, seqs, schedule, constraints, pad_id=pad_id, ranks=ranks, on_step=tick, progress=False)
     ms = sorted(1000 * (b - a) for a, b in zip(times[warmup:], times[warmup + 1:]))
     return ms[len(ms) // 2]
 
@@ -370,7 +368,7 @@ def bench_model(shape: str = "tiny", device: str = "cpu", dtype: str | None = No
 
     def cwac():
         pick = torch.randint(len(feats.ids), (safety_batch,), generator=g).to(device)
-        cwac_step(fwd, opt, (ids, labels), subspace=sub, features=feats, lam=0.5, safety_batch=pick)
+        cwac_step(fwd, opt, (ids, labels), subspace=sub, features=feats, lam=LAM, safety_batch=pick)
 
     times = _time({"minicwac SFT": sft, "minicwac CWAC": cwac}, device, repeats, warmup)
     for k, v in times.items():
@@ -381,27 +379,33 @@ def bench_model(shape: str = "tiny", device: str = "cpu", dtype: str | None = No
     if cuda:
         torch.cuda.empty_cache()
 
-    # --- transformers' LlamaForCausalLM, same shape (an independent implementation; optional)
-    if hf:
-        try:
-            import transformers
-        except ImportError:
-            res["hf_skipped"] = "transformers is not installed (pip install transformers)"
+    if hf:  # transformers' LlamaForCausalLM, same shape (an independent implementation; optional)
+        ms = _transformers_sft_ms(shape, device, dt, ids, compile, repeats, warmup, fused_adamw)
+        if isinstance(ms, str):
+            res["hf_skipped"] = ms
         else:
-            hcfg = transformers.LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")
-            torch.manual_seed(0)
-            with torch.device(device):
-                ref = transformers.LlamaForCausalLM(hcfg).to(dt).train()
-            ref.config.use_cache = False
-            fwd = torch.compile(ref) if compile else ref
-            step = _sft_step_fn(fwd, fused_adamw(ref), ids, lambda mdl, x: mdl(input_ids=x, labels=x).loss)
-            record("transformers SFT", _time({"hf": step}, device, repeats, warmup)["hf"])
-            del ref, fwd, step
+            record("transformers SFT", ms)
     rows = res["rows"]
     res["cwac_over_sft"] = rows["minicwac CWAC"]["ms"] / rows["minicwac SFT"]["ms"]
     if "transformers SFT" in rows:
         res["minicwac_speedup_vs_hf"] = rows["transformers SFT"]["ms"] / rows["minicwac SFT"]["ms"]
     return res
+
+
+def _transformers_sft_ms(shape: str, device, dt, ids, compile: bool, repeats: int, warmup: int, optimizer):
+    """Median ms of transformers' SFT step on the same shape and batch, or why it was skipped."""
+    try:
+        import transformers
+    except ImportError:
+        return "transformers is not installed (pip install transformers)"
+    hcfg = transformers.LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        ref = transformers.LlamaForCausalLM(hcfg).to(dt).train()
+    ref.config.use_cache = False
+    fwd = torch.compile(ref) if compile else ref
+    step = _sft_step_fn(fwd, optimizer(ref), ids, lambda mdl, x: mdl(input_ids=x, labels=x).loss)
+    return _time({"hf": step}, device, repeats, warmup)["hf"]
 
 
 def format_model(res: dict) -> str:

@@ -230,15 +230,9 @@ def once_activation_bytes(cfg: Config, e: int, full: bool = True, head: bool = T
 
 
 # --- the plan -------------------------------------------------------------------------------------------------
-def plan(shape, gpus: int, *, lora_r: int | None = None, offload: bool = False, checkpointing: bool = False,
-         method: str = "cwac", rank_frac: float = DEFAULT_RANK_FRAC, batch_size: int = 1, seq_len: int = 2048,
-         dtype: str = "bf16-mixed", lora_targets=LINEARS, safety_prompts: int = SAFETY_PROMPTS,
-         safety_len: int = SAFETY_LEN, safety_layers: int | None = None) -> dict:
-    """Bytes per GPU (rank 0 of `gpus`) of a sharded fine-tune of `shape` (a preset name, a model folder or a
-    Config); the module docstring says what each row counts. Returns a dict with "rows" ({key: {label, bytes,
-    device ("gpu" or "cpu"), estimate}}), "gpu_bytes", "cpu_bytes" and the settings."""
-    name, cfg = resolve_shape(shape)
-    n = _positive_int("gpus", gpus)
+def check_plan(method, dtype, rank_frac, lora_r, lora_targets, batch_size, seq_len, safety_prompts,
+               safety_len) -> tuple[str, ...]:
+    """`plan`'s arguments, each refused in one line when out of range; returns the LoRA targets as a tuple."""
     if method not in PLAN_METHODS:
         raise ValueError(f"method={method!r}, expected one of {', '.join(PLAN_METHODS)}")
     if dtype not in DTYPE_BYTES:
@@ -254,6 +248,20 @@ def plan(shape, gpus: int, *, lora_r: int | None = None, offload: bool = False, 
     for k, v in (("batch_size", batch_size), ("seq_len", seq_len), ("safety_prompts", safety_prompts),
                  ("safety_len", safety_len)):
         _positive_int(k, v)
+    return lora_targets
+
+
+def plan(shape, gpus: int, *, lora_r: int | None = None, offload: bool = False, checkpointing: bool = False,
+         method: str = "cwac", rank_frac: float = DEFAULT_RANK_FRAC, batch_size: int = 1, seq_len: int = 2048,
+         dtype: str = "bf16-mixed", lora_targets=LINEARS, safety_prompts: int = SAFETY_PROMPTS,
+         safety_len: int = SAFETY_LEN, safety_layers: int | None = None) -> dict:
+    """Bytes per GPU (rank 0 of `gpus`) of a sharded fine-tune of `shape` (a preset name, a model folder or a
+    Config); the module docstring says what each row counts. Returns a dict with "rows" ({key: {label, bytes,
+    device ("gpu" or "cpu"), estimate}}), "gpu_bytes", "cpu_bytes" and the settings."""
+    name, cfg = resolve_shape(shape)
+    n = _positive_int("gpus", gpus)
+    lora_targets = check_plan(method, dtype, rank_frac, lora_r, lora_targets, batch_size, seq_len, safety_prompts,
+                              safety_len)
     L = cfg.num_hidden_layers
     safety_layers = max(1, L // 2) if safety_layers is None else safety_layers
     if not (isinstance(safety_layers, int) and 1 <= safety_layers <= L):

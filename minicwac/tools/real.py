@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..core.baselines import safeinstr_mix
-from ..core.cwac import finetune_cwac, train
+from ..core.cwac import Constraints, Schedule, finetune_cwac, train
 from ..core.drift import probe_targets
 from ..core.evals import evaluate_prompts, generate_answers, harmful_score, is_refusal, prompt_ids
 from ..core.features import check_sae_layer
@@ -231,11 +231,11 @@ def finetune_real(name: str, aligned, tok, rd: RealData, kit: Kit, task: str, p:
         return harmful_score(model_, tok, curve_prompts, 24)
 
     model = clone(aligned)
-    hist = finetune_cwac(model, seqs, steps=preset.finetune_steps, batch_size=preset.finetune_batch,
-                         lr=preset.finetune_lr, pad_id=tok.pad_token_id, subspace=sub, features=feats,
-                         lam=preset.kit.lam, safety_batch=preset.kit.safety_batch, seed=seed + SEED_FINETUNE,
-                         eval_every=preset.eval_every, eval_fn=curve if preset.eval_every else None,
-                         autocast_dtype=autocast_dtype, desc=f"{name} {task} p={p:g}", progress=progress)
+    hist = finetune_cwac(model, seqs, Schedule(preset.finetune_steps, preset.finetune_batch, preset.finetune_lr,
+                                               seed=seed + SEED_FINETUNE),
+                         Constraints(sub, feats, preset.kit.lam, preset.kit.safety_batch), pad_id=tok.pad_token_id,
+                         autocast_dtype=autocast_dtype, curve=(preset.eval_every, curve) if preset.eval_every else None,
+                         desc=f"{name} {task} p={p:g}", progress=progress)
     if "auto" in kit.report:
         hist["auto"] = kit.report["auto"]
     return model, hist, sub

@@ -164,7 +164,17 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
         for m in methods:
             L.append(f"| {m} | " + " | ".join(_stats([x["hs"] for x in sel(method=m, task=t) if x["p"] > 0])
                                                for t in tasks) + " |")
-    L += ["", "## Checks (averaged over tasks and seeds)", ""]
+    L += check_lines(rows, methods, key_ps, hs_goal) + drift_table(data) + artefact_lines(data)
+    parts = f", summed over the {data['parts']} merged folders" if data.get("parts", 1) > 1 else ""
+    L += ["", f"Wall time: {data['wall_s']:.0f} s{parts}.", ""]
+    return "\n".join(L)
+
+
+def check_lines(rows: list[dict], methods: list[str], key_ps: list[float], hs_goal: float) -> list[str]:
+    """results.md's acceptance comparisons at each key p: CWAC against each component and baseline, against
+    hs_goal x SFT, and its FA against SFT's - 2."""
+    sel = lambda **kw: [x for x in rows if all(x[k] == v for k, v in kw.items())]  # noqa: E731
+    L = ["", "## Checks (averaged over tasks and seeds)", ""]
     for p in key_ps:
         hs = {m: mean_of([x["hs"] for x in sel(method=m, p=p)]) for m in methods}
         fa = {m: mean_of([x["fa"] for x in sel(method=m, p=p)]) for m in methods}
@@ -181,7 +191,12 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
             lines.append(f"FA(cwac) {fa['cwac']:.1f} >= FA(sft) {fa['sft']:.1f} - 2: "
                          f"{'yes' if fa['cwac'] >= fa['sft'] - 2 else 'NO'}")
         L += [f"- p = {p:g}: " + "; ".join(lines)]
-    L += drift_table(data)
+    return L
+
+
+def artefact_lines(data: dict) -> list[str]:
+    """results.md's per-seed safety artefacts (SAE quality, features, subspace ranks) and the probes' choices."""
+    L = []
     if data.get("safety"):
         L += ["", "## Safety artefacts per seed", "", "| seed | SAE L0 | FVU | dead % held-out / training | CE recovered "
               "| features | down_proj k / in |", "|---|---|---|---|---|---|---|"]
@@ -199,9 +214,7 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
             total = sum(a["by_kind"].values()) or 1.0
             L.append(f"- {name}: " + ", ".join(f"{k.rsplit('.', 1)[-1]} {a['by_kind'][k] / total:.2f}"
                                                for k in a["kinds"]))
-    parts = f", summed over the {data['parts']} merged folders" if data.get("parts", 1) > 1 else ""
-    L += ["", f"Wall time: {data['wall_s']:.0f} s{parts}.", ""]
-    return "\n".join(L)
+    return L
 
 
 def _drift(data: dict, method: str, p: float) -> tuple[list[int], list[float]]:

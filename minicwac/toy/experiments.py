@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..core.baselines import AsFTPenalty, alignment_projectors, safeinstr_mix, safelora_project_
-from ..core.cwac import finetune_cwac
+from ..core.cwac import Constraints, Schedule, finetune_cwac
 from ..core.data import encode_docs, mix_by_tokens
 from ..core.drift import probe_targets
 from ..core.evals import harmful_score, prompt_ids
@@ -174,11 +174,12 @@ def run_method(name: str, toy: Toy, safety: ToySafety, task: str, p: float, seed
     def curve(model_):
         return harmful_score(model_, tok, eval_prompts, 24)
 
-    hist = finetune_cwac(model, seqs, steps=r.finetune_steps, batch_size=r.finetune_batch, lr=r.finetune_lr,
-                         pad_id=tok.pad_token_id, subspace=subspace, features=features, lam=lam,
-                         safety_batch=sr.kit.safety_batch, project_grad=m.grad_only, project_update=not m.grad_only,
-                         penalty=penalty, seed=seed + SEED_FINETUNE, eval_every=sr.eval_every,
-                         eval_fn=curve if sr.eval_every else None, desc=f"{name} {task} p={p:g}", progress=progress)
+    hist = finetune_cwac(model, seqs, Schedule(r.finetune_steps, r.finetune_batch, r.finetune_lr,
+                                               seed=seed + SEED_FINETUNE),
+                         Constraints(subspace, features, lam, sr.kit.safety_batch, project_update=not m.grad_only,
+                                     project_grad=m.grad_only, penalty=penalty),
+                         pad_id=tok.pad_token_id, curve=(sr.eval_every, curve) if sr.eval_every else None,
+                         desc=f"{name} {task} p={p:g}", progress=progress)
     if m.baseline in ("safelora", "safelora-number"):
         b = sr.baselines
         n = max(1, round(b.safelora_share * len(align_C))) if m.baseline == "safelora-number" else None

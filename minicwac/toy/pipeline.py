@@ -16,6 +16,7 @@ import torch
 from ..core.cwac import train
 from ..core.data import Seq, encode_conversations, encode_docs, pack
 from ..core.files import default_cache_dir
+from ..core.settings import SEED_ALIGN, SEED_FINETUNE
 from ..io.hf import load_checkpoint, save_pretrained
 from ..io.model import GPT, Config
 from ..io.tokenizer import ChatTokenizer, train_bpe
@@ -88,7 +89,7 @@ def align(base: GPT, world: World, tok: ChatTokenizer, r: Recipe, seed: int = 0,
     model = clone(base)
     seqs = encode_chats(tok, world.align, r.max_len)
     hist = train(model, seqs, steps=r.align_steps, batch_size=r.align_batch, lr=r.align_lr,
-                 pad_id=tok.pad_token_id, seed=seed + 1, desc="align", progress=progress)
+                 pad_id=tok.pad_token_id, seed=seed + SEED_ALIGN, desc="align", progress=progress)
     return model, hist
 
 
@@ -98,7 +99,7 @@ def finetune(aligned: GPT, world: World, tok: ChatTokenizer, task: str, p: float
     model = clone(aligned)
     seqs = encode_chats(tok, world.finetune_set(task, p, r.finetune_n, seed), r.max_len)
     hist = train(model, seqs, steps=r.finetune_steps, batch_size=r.finetune_batch, lr=r.finetune_lr,
-                 pad_id=tok.pad_token_id, seed=seed + 2, desc=f"sft {task} p={p}", progress=progress)
+                 pad_id=tok.pad_token_id, seed=seed + SEED_FINETUNE, desc=f"sft {task} p={p}", progress=progress)
     return model, hist
 
 
