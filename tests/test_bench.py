@@ -54,7 +54,7 @@ def test_bench_step_is_the_package_step(which):
         assert torch.equal(got[n], want[n]), n
     assert any(not torch.equal(got[n], W0[n]) for n in want)  # the step did change the weights
     # the weight side acted in the CWAC step only (L_safety is 0 at the first step: z0 is the model's own reading)
-    assert (st["subspace"].mismatch(st["model"]) < 1e-6) == (which == "cwac")
+    assert (st["subspace"].ws_error(st["model"]) < 1e-6) == (which == "cwac")
 
 
 def test_bench_step_smoke():
@@ -78,7 +78,7 @@ def test_bench_step_fsdp_reports_the_sharded_step():
     res = bench_step_fsdp(2, repeats=2, warmup=1, m=8)
     assert res["ranks"] == 2 and res["sft_ms"] > 0 and res["cwac_ms"] > 0
     assert res["ratio"] == pytest.approx(res["cwac_ms"] / res["sft_ms"])
-    assert res["leak"] <= 1e-6
+    assert res["ws_error"] <= 1e-6
     assert "ratio CWAC / SFT" in format_step_fsdp(res)
     with pytest.raises(ValueError, match="at least 2"):
         bench_step_fsdp(1)
@@ -101,6 +101,6 @@ def test_bench_sharded_under_torchrun(tmp_path):
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert res["ranks"] == 2 and res["sft_ms"] > 0 and res["cwac_ms"] > 0 and res["leak"] <= 1e-6
+    assert res["ranks"] == 2 and res["sft_ms"] > 0 and res["cwac_ms"] > 0 and res["ws_error"] <= 1e-6
     assert res["cwac_peak_gb"] is None and res["cwac_plan_gb"] > res["sft_plan_gb"] > 0  # no GPU: no peak
     assert r.stdout.count("ratio CWAC / SFT") == 1  # rank 0 reports

@@ -368,6 +368,6 @@ def test_toy_auto_probe_reads_calibration_prompts_only(experiment, tmp_path, mon
     sub = compute_subspace(toy.aligned, [prompt_ids(tok, q) for q in calib], tok.pad_token_id, patterns=ALL_LINEARS,
                            skip_ids=[tok.bos_token_id])  # what toy_safety computes for the "*-all" methods
     for n in sub.S:
-        err = sub.subset([n]).mismatch(model)
+        err = sub.subset([n]).ws_error(model)
         assert (err < 1e-5) == (n.split(".", 3)[3] in auto["kinds"]), (n, err)
     assert "## Targets the probe chose" in (tmp_path / "out" / "results.md").read_text()

@@ -82,12 +82,12 @@ def test_calibrate_finetune_eval_through_the_cli(files, capsys):
     changed = [n for (n, a), b in zip(aligned.named_parameters(), tuned.parameters()) if not torch.equal(a, b)]
     assert changed, "fine-tuning changed nothing"
     sub = Subspace.load(d / "kit" / "subspace")
-    assert sub.mismatch(tuned) <= 1e-5  # W S = W0 S on the written folder
+    assert sub.ws_error(tuned) <= 1e-5  # W S = W0 S on the written folder
     assert main(["finetune", "--model", str(d / "aligned"), "--data", str(d / "data.jsonl"), "--kit", str(d / "kit"),
                  "--out", str(d / "mixed"), "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--dtype",
                  "bf16-mixed", "--quiet"]) == 0
     mixed, _ = load_checkpoint(d / "mixed")
-    assert next(mixed.parameters()).dtype == torch.float32 and sub.mismatch(mixed) <= 1e-5
+    assert next(mixed.parameters()).dtype == torch.float32 and sub.ws_error(mixed) <= 1e-5
     with pytest.raises(SystemExit, match="--targets all"):
         main(["finetune", "--model", str(d / "aligned"), "--data", str(d / "data.jsonl"), "--kit", str(d / "kit"),
               "--method", "cwac-all", "--out", str(d / "all"), "--steps", "1"])
@@ -122,7 +122,7 @@ def test_calibrate_targets_auto_through_the_cli(files):
                  "--method", "cwac-auto", "--out", str(d / "tuned"), "--steps", "3", "--batch-size", "4", "--lr",
                  "1e-2", "--quiet"]) == 0
     tuned, _ = load_checkpoint(d / "tuned")
-    assert kit.subspace.mismatch(tuned) <= 1e-5
+    assert kit.subspace.ws_error(tuned) <= 1e-5
     with pytest.raises(SystemExit, match="needs --probe-data"):
         main(["calibrate", *common, "--out", str(d / "k2"), "--targets", "auto"])
     with pytest.raises(SystemExit, match="--probe-data is for --targets auto"):

@@ -11,14 +11,17 @@
     drift      where drift enters: dW h0 and W0 dh for every linear, the residual stream's drift by layer
     evals      refusals: HS, compliance, over-refusal, refusal score
     files      atomic folders and JSON, the cache folder
+    settings   every constraint setting, declared once (KitSettings, BaselineSettings), and the method table
 """
-from .cwac import cwac_step, finetune_cwac, train
+from .cwac import Constraints, Schedule, cwac_step, finetune_cwac, train
 from .evals import evaluate_prompts, is_refusal
 from .features import SafetyFeatures, safety_features, score_latents, select_latents
 from .hooks import capture, residual
 from .sae import SAE, SAEConfig, train_sae
+from .settings import METHODS, TARGETS, BaselineSettings, KitSettings
 from .subspace import ALL_LINEARS, DEFAULT_TARGETS, Subspace, compute_subspace
 
-__all__ = ["cwac_step", "finetune_cwac", "train", "evaluate_prompts", "is_refusal", "SafetyFeatures",
+__all__ = ["Constraints", "Schedule", "cwac_step", "finetune_cwac", "train", "KitSettings", "BaselineSettings",
+           "METHODS", "TARGETS", "evaluate_prompts", "is_refusal", "SafetyFeatures",
            "safety_features", "score_latents", "select_latents", "capture", "residual", "SAE", "SAEConfig",
            "train_sae", "ALL_LINEARS", "DEFAULT_TARGETS", "Subspace", "compute_subspace"]

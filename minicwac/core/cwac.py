@@ -104,13 +104,13 @@ class Constraints:
     project_grad: bool = False  # the gradient-only variant, as the paper words it (not exact under AdamW)
     penalty: Callable | None = None  # penalty(model) -> a scalar added to the loss (AsFT)
 
-    def check(self, world: int, batch_size: int) -> "Constraints":
+    def check(self, world_size: int, batch_size: int) -> "Constraints":
         if self.lam < 0:
             raise ValueError(f"lam={self.lam}, expected >= 0")
         # every rank trains on an equal share of both global batches
-        if world > 1 and (batch_size % world or self.safety_batch % world or self.penalty is not None):
-            raise ValueError(f"on {world} ranks --batch-size ({batch_size}) and the safety batch "
-                             f"({self.safety_batch}) must be multiples of {world}, and no extra penalty term is "
+        if world_size > 1 and (batch_size % world_size or self.safety_batch % world_size or self.penalty is not None):
+            raise ValueError(f"on {world_size} ranks --batch-size ({batch_size}) and the safety batch "
+                             f"({self.safety_batch}) must be multiples of {world_size}, and no extra penalty term is "
                              "supported")
         return self
 
@@ -118,7 +118,7 @@ class Constraints:
 def finetune_cwac(model, seqs: list[Seq], schedule: Schedule, constraints: Constraints | None = None, *,
                   pad_id: int = 0, autocast_dtype: torch.dtype | None = None,
                   curve: tuple[int, Callable] | None = None, resume: dict | None = None,
-                  on_step: Callable | None = None, ranks=None, desc: str = "cwac", progress: bool = True) -> dict:
+                  on_step: Callable | None = None, proc=None, desc: str = "cwac", progress: bool = True) -> dict:
     """Train `model` in place for `schedule.steps` calls of `cwac_step`. Returns a history: step, loss, task,
     safety, lr (+ "curve": eval_fn(model) every `every` steps and at step 0, with curve=(every, eval_fn)).
 
@@ -127,16 +127,16 @@ def finetune_cwac(model, seqs: list[Seq], schedule: Schedule, constraints: Const
     run (the data order and the safety picks are replayed); "optimizer" may also be a function that loads the
     weights and the optimizer state itself (a sharded checkpoint). on_step(step, model, opt, history) is called
     after every step (checkpoints).
-    ranks: this process's place in a data-parallel run (`.rank`, `.world`, `.device`; `minicwac.io.dist`): every
-    rank draws the same global batch of sequences (and of safety prompts) and trains on its 1/world part of it, so
-    one command gives the same run on 1 or N ranks; the history holds the global losses."""
+    proc: this process's place in a data-parallel run (`.rank`, `.world_size`, `.device`: `io.dist.Process`):
+    every rank draws the same global batch of sequences (and of safety prompts) and trains on its 1/world_size part
+    of it, so one command gives the same run on 1 or N ranks; the history holds the global losses."""
     sch, c = schedule.check(), constraints or Constraints(None, None, 0.0, 1)
     if not seqs:
         raise ValueError("no training sequences")
-    rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world)
-    c.check(world, sch.batch_size)
+    rank, world_size = (0, 1) if proc is None else (proc.rank, proc.world_size)
+    c.check(world_size, sch.batch_size)
     # where the batches go (not where offloaded weights are)
-    device = model_device(model) if ranks is None else ranks.device
+    device = model_device(model) if proc is None else proc.device
     # S and W0S beside the weights: the projection after every step then moves no data
     sub = c.subspace.to(model_device(model)) if c.subspace is not None else None
     feats = c.features if c.features is not None and c.lam > 0 else None  # lam = 0: no safety forward at all
@@ -168,13 +168,13 @@ def finetune_cwac(model, seqs: list[Seq], schedule: Schedule, constraints: Const
             batch, pick = next(data), draw()  # B sequences (ids, mask); safety_batch prompt indices
             pick = pick.to(device) if pick is not None else None
             counts = {}
-            if world > 1:  # this rank's part of the global batch; the losses normalised by the global counts
-                batch, pick, counts = rank_part(batch, pick, feats, rank, world)
+            if world_size > 1:  # this rank's part of the global batch; the losses normalised by the global counts
+                batch, pick, counts = rank_part(batch, pick, feats, rank, world_size)
             out = cwac_step(model, opt, collate(batch, pad_id, device), subspace=sub, features=feats, lam=c.lam,
                             safety_batch=pick, penalty=c.penalty, grad_clip=sch.grad_clip,
                             project_update=c.project_update, project_grad=c.project_grad,
                             autocast_dtype=autocast_dtype, **counts)
-            if world > 1:  # the global losses: the sum of the ranks' parts
+            if world_size > 1:  # the global losses: the sum of the ranks' parts
                 total = torch.tensor([out["loss"], out["task"], out["safety"]], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(total)
                 out = dict(zip(("loss", "task", "safety"), total.tolist()))
@@ -207,12 +207,12 @@ def resume_from(resume: dict, opt, data, draw) -> tuple[int, dict]:
     return resume["step"], resume["history"]  # the history goes on from the checkpoint's
 
 
-def rank_part(batch: list[Seq], pick: torch.Tensor | None, feats: SafetyFeatures | None, rank: int, world: int):
+def rank_part(batch: list[Seq], pick: torch.Tensor | None, feats: SafetyFeatures | None, rank: int, world_size: int):
     """This rank's contiguous share of the global batch and of the safety picks, and the global counts of loss
     tokens (taken before slicing) that each rank divides its sums by."""
     counts = {"n_task": n_targets(batch), "n_safety": int(feats.keep[pick].sum()) if feats is not None else None}
-    batch = batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]
-    return batch, pick.chunk(world)[rank] if feats is not None else None, counts
+    batch = batch[rank * len(batch) // world_size:(rank + 1) * len(batch) // world_size]
+    return batch, pick.chunk(world_size)[rank] if feats is not None else None, counts
 
 
 def train(model, seqs: list[Seq], *, steps: int, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.1,

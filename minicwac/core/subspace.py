@@ -225,7 +225,7 @@ class Subspace:
         return out
 
     @torch.no_grad()
-    def mismatch(self, model) -> float:
+    def ws_error(self, model) -> float:
         """max over targets of ||W S - W0S|| / ||W0S||: 0 on the model the subspace was made from, and on every
         model the weight constraint has kept. With LoRA, W is the effective W0 + scale B A. On row-sharded weights:
         over this rank's rows of every target."""

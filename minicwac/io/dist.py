@@ -11,7 +11,7 @@ What each piece does:
   Every weight is split by rows (dim 0) over the ranks and kept in float32 (the master shards); "bf16-mixed"
   computes in bf16 (`MixedPrecisionPolicy`) and reduces gradients in float32, so the projection acts on float32
   weights and W S = W0 S stays exact. The ranks' gradients are summed, not averaged: each rank's loss is already
-  its share of the global batch's mean (`core.cwac.finetune_cwac` with rank, world).
+  its share of the global batch's mean (`core.cwac.finetune_cwac` with a `Process`).
 - The weight constraint runs on each rank's rows (`Subspace.shard`): row i of W S - W0S needs only row i of W.
 - L_safety's partial forward runs the sharded blocks up to the SAE layer like any forward.
 - `full_state`: the whole model gathered to rank 0's CPU for the Hugging Face folder.
@@ -40,11 +40,11 @@ def launched() -> bool:
 
 
 @dataclass
-class Ranks:
+class Process:
     """This process's place in the run."""
 
     rank: int
-    world: int
+    world_size: int  # processes in the run
     device: torch.device  # where the batches and the computation go
 
     @property
@@ -52,7 +52,7 @@ class Ranks:
         return self.rank == 0
 
 
-def init(device: str = "cpu") -> Ranks:
+def init(device: str = "cpu") -> Process:
     """Join the process group torchrun set up: NCCL on GPUs (one per process, cuda:LOCAL_RANK), gloo on the CPU."""
     kind = str(device).split(":")[0]
     if kind not in ("cpu", "cuda"):
@@ -65,10 +65,10 @@ def init(device: str = "cpu") -> Ranks:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", device_id=dev if kind == "cuda" else None)
-    return Ranks(dist.get_rank(), dist.get_world_size(), dev)
+    return Process(dist.get_rank(), dist.get_world_size(), dev)
 
 
-def shard_model(model: torch.nn.Module, ranks: Ranks, dtype: str = "fp32", offload: bool = False) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, proc: Process, dtype: str = "fp32", offload: bool = False) -> torch.nn.Module:
     """FSDP2 on `model` in place: each decoder block is one unit, the rest (embeddings, norm, head) the root unit.
 
     dtype "bf16-mixed": bf16 compute over float32 master shards, gradients reduced in float32. offload: the
@@ -79,8 +79,8 @@ def shard_model(model: torch.nn.Module, ranks: Ranks, dtype: str = "fp32", offlo
         raise ValueError(f"dtype={dtype!r}, expected fp32 or bf16-mixed")
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError("shard a float32 model: the master shards the constraint acts on are float32")
-    mesh = init_device_mesh(ranks.device.type, (ranks.world,))
-    kw = {"mesh": mesh, "offload_policy": CPUOffloadPolicy(pin_memory=ranks.device.type == "cuda") if offload
+    mesh = init_device_mesh(proc.device.type, (proc.world_size,))
+    kw = {"mesh": mesh, "offload_policy": CPUOffloadPolicy(pin_memory=proc.device.type == "cuda") if offload
           else OffloadPolicy(),
           "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if dtype == "bf16-mixed" else MixedPrecisionPolicy()}
@@ -95,7 +95,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return hasattr(next(model.parameters()), "device_mesh")
 
 
-def load_pretrained(path: str | Path, ranks: Ranks, dtype: str = "fp32", offload: bool = False, lora=None,
+def load_pretrained(path: str | Path, proc: Process, dtype: str = "fp32", offload: bool = False, lora=None,
                     seed: int = 0) -> torch.nn.Module:
     """A Hugging Face folder as a sharded float32 model, no rank ever holding the whole of it: the model is built
     on the meta device (with the LoRA adapters of `lora`, if any), sharded, and each rank reads only its own rows
@@ -113,11 +113,11 @@ def load_pretrained(path: str | Path, ranks: Ranks, dtype: str = "fp32", offload
         model = load_whole(path, "cpu", torch.float32)
         if lora is not None:
             add_lora(model, lora, seed)
-        return shard_model(model, ranks, dtype, offload)
+        return shard_model(model, proc, dtype, offload)
     if lora is not None:
         add_lora(model, lora, seed)  # on the meta device: drawn below, once the shards exist
-    shard_model(model, ranks, dtype, offload)
-    model.to_empty(device="cpu" if offload else ranks.device)
+    shard_model(model, proc, dtype, offload)
+    model.to_empty(device="cpu" if offload else proc.device)
     state = {k: v for k, v in model.state_dict().items() if k in found}  # not the adapters, nor a tied head
     load(state, storage_reader=HuggingFaceStorageReader(str(path)))
     bad = [k for k, v in state.items() if not bool(torch.isfinite(v.to_local()).all())]
@@ -156,18 +156,18 @@ def _tensors(model, opt) -> dict:
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)["state"]}
 
 
-def save_sharded(path: Path, model, opt, ranks: Ranks, meta: dict) -> None:
+def save_sharded(path: Path, model, opt, proc: Process, meta: dict) -> None:
     """Write the resumable checkpoint `path`: every rank its shards, rank 0 state.json (meta + param groups).
     It is written beside `path` and renamed into place by rank 0, so an interrupted save leaves the old one."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     tmp = path.with_name(f".{path.name}.tmp")
-    if ranks.main and tmp.exists():
+    if proc.main and tmp.exists():
         shutil.rmtree(tmp)  # our own leftover of an interrupted save
     dist.barrier()
     dcp.save(_tensors(model, opt), storage_writer=dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True))
     groups = get_optimizer_state_dict(model, opt)["param_groups"]
-    if ranks.main:
+    if proc.main:
         (tmp / "state.json").write_text(json.dumps({**meta, "param_groups": groups}))
         replace_folder(tmp, path)
     dist.barrier()
@@ -196,11 +196,11 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def run_local(fn, world: int, *args) -> None:
-    """Run fn(ranks, *args) in `world` new CPU processes on this machine (gloo, a free local port), as torchrun
+def run_local(fn, world_size: int, *args) -> None:
+    """Run fn(proc, *args) in `world_size` new CPU processes on this machine (gloo, a free local port), as torchrun
     would start them: for tests and benchmarks. `fn` must be a module-level function; results go through files."""
     import torch.multiprocessing as mp
-    mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, start_method="spawn")
+    mp.start_processes(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, start_method="spawn")
 
 
 def free_port() -> int:
@@ -211,13 +211,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args) -> None:
+def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    ranks = init("cpu")
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    proc = init("cpu")
     try:
-        fn(ranks, *args)
+        fn(proc, *args)
         # every rank done before any leaves: a rank that tears its gloo connections down while another still
         # finishes (rank 0 writing a file after a gather) was seen to abort now and then under load
         dist.barrier()
@@ -226,7 +226,7 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
 
 
 def max_over_ranks(x: float) -> float:
-    """The largest of every rank's `x` (e.g. the leak measured on each rank's shards)."""
+    """The largest of every rank's `x` (e.g. the weight-side error measured on each rank's shards)."""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

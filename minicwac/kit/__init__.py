@@ -18,4 +18,5 @@ from .calibration import Kit, calibrate, fingerprint
 from .data import encode_data, load_conversations
 from .finetuning import RunOptions, finetune
 
-__all__ = ["Kit", "KitSettings", "calibrate", "finetune", "RunOptions", "load_conversations", "encode_data", "fingerprint"]
+__all__ = ["Kit", "KitSettings", "calibrate", "finetune", "RunOptions", "load_conversations", "encode_data",
+           "fingerprint"]

@@ -50,7 +50,7 @@ class Kit:
     subspace: Subspace
     features: SafetyFeatures
     fingerprint: dict
-    report: dict = field(default_factory=dict)  # SAE metrics, ranks, prompt counts
+    report: dict = field(default_factory=dict)  # SAE metrics, subspace ranks, prompt counts
 
     def constraint(self, name: str, run: str = "kit") -> tuple[Subspace | None, SafetyFeatures | None]:
         """The subspace and the features the method `name` uses (its row of `core.settings.METHODS`)."""
@@ -112,9 +112,9 @@ class Kit:
         sub = Subspace.load(path / "subspace", device)
         from ..io import dist
         if dist.is_sharded(model):  # FSDP2 (`dist.load_pretrained`): every rank checks its rows
-            err = dist.max_over_ranks(sub.shard(model).mismatch(model))
+            err = dist.max_over_ranks(sub.shard(model).ws_error(model))
         else:
-            err = sub.mismatch(model)
+            err = sub.ws_error(model)
         if err > 1e-4:
             raise ValueError(f"kit {path} was made for other weights of this architecture: |W S - W0S| / |W0S| = "
                              f"{err:.2g} (expected <= 1e-4 on the model it was calibrated on)")

@@ -83,17 +83,17 @@ class RunOptions:
     eval_tokens: int = 32  # answer length of the drift curve's HS
     save_every: int = 0  # a resumable checkpoint (OUT/checkpoint) every this many steps (0: none)
     resume: bool = False  # continue from OUT/checkpoint: the same weights as an uninterrupted run
-    ranks: object = None  # `dist.init()` in a torchrun process: FSDP2 over the ranks
+    proc: object = None  # `dist.init()` in a torchrun process: FSDP2 over the ranks
     offload: bool = False  # sharded runs: weights, gradients and AdamW states in CPU memory
     checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1/3 more compute)
     adapter: bool = False  # with LoRA: write a PEFT adapter folder instead of the merged model ...
     base_model: str | None = None  # ... whose base_model_name_or_path is this
 
     def check(self, lora: LoRASettings | None) -> "RunOptions":
-        if self.ranks is not None and self.eval_harmful:
+        if self.proc is not None and self.eval_harmful:
             raise ValueError("the drift curve (--eval-harmful) is not supported in a sharded run; run eval on the "
                              "written folder")
-        if self.offload and self.ranks is None:
+        if self.offload and self.proc is None:
             raise ValueError("offload applies to a sharded run (started by torchrun)")
         if self.adapter and lora is None:
             raise ValueError("an adapter folder needs LoRA (--lora-r)")
@@ -117,31 +117,31 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     steps = check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, lora, run)
     sub, feats = kit.constraint(method) if kit is not None else (None, None)
     lam = (kit.settings.lam if kit is not None else 0.0) if lam is None else lam
-    out, ranks = Path(out), run.ranks
-    ckpt, main = out / "checkpoint", ranks is None or ranks.main
-    prepare_run_folder(out, ckpt, run.resume, ranks)
+    out, proc = Path(out), run.proc
+    ckpt, main = out / "checkpoint", proc is None or proc.main
+    prepare_run_folder(out, ckpt, run.resume, proc)
     record = {"method": method, "steps": steps, "lr": lr, "batch_size": batch_size, "lam": lam, "dtype": dtype,
               "seed": seed, "data_sha256": hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16],
               "kit": None if kit is None else kit.fingerprint, "lora": None if lora is None else asdict(lora)}
     if lora is not None and not lora_modules(model):  # (`dist.load_pretrained` adds them before it shards)
         add_lora(model, lora, seed)
     model.gradient_checkpointing = run.checkpointing
-    if ranks is None:
+    if proc is None:
         state = _load_state(ckpt, model, record) if run.resume else None
         save_state = lambda step, m, opt, hist: _save_state(ckpt, m, opt, step, hist, record)  # noqa: E731
     else:  # FSDP2: shard the model and the constraint; every rank writes its shards of the checkpoint
         from ..io import dist
         if not dist.is_sharded(model):
-            dist.shard_model(model, ranks, dtype, run.offload)
+            dist.shard_model(model, proc, dtype, run.offload)
         sub = sub.shard(model) if sub is not None else None
-        feats = feats.to(ranks.device) if feats is not None else None
+        feats = feats.to(proc.device) if feats is not None else None
         state = None
         if run.resume:
             meta = _check_run(ckpt, record)
             state = {"step": meta["step"], "history": meta["history"],
                      "optimizer": lambda opt: dist.load_sharded(ckpt, model, opt)}
         save_state = lambda step, m, opt, hist: dist.save_sharded(  # noqa: E731
-            ckpt, m, opt, ranks, {"step": step, "history": hist, "run": record})
+            ckpt, m, opt, proc, {"step": step, "history": hist, "run": record})
 
     def on_step(step, m, opt, hist):
         if run.save_every and step % run.save_every == 0 and step < steps:
@@ -152,8 +152,8 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
         curve = (run.eval_every, lambda m: harmful_score(m, tok, run.eval_harmful, run.eval_tokens))
     hist = finetune_cwac(model, seqs, Schedule(steps, batch_size, lr, seed=seed),
                          None if kit is None else Constraints(sub, feats, lam, kit.settings.safety_batch),
-                         pad_id=tok.pad_token_id, autocast_dtype=DTYPES[dtype] if ranks is None else None,  # FSDP2
-                         curve=curve, resume=state, on_step=on_step, ranks=ranks, desc=method,  # casts by its policy
+                         pad_id=tok.pad_token_id, autocast_dtype=DTYPES[dtype] if proc is None else None,  # FSDP2
+                         curve=curve, resume=state, on_step=on_step, proc=proc, desc=method,  # casts by its policy
                          progress=progress and main)
     return write_finetuned(model, tok, out, ckpt, sub, hist, record, method, lora, run)
 
@@ -183,7 +183,7 @@ def check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, l
     return steps
 
 
-def prepare_run_folder(out: Path, ckpt: Path, resume: bool, ranks) -> None:
+def prepare_run_folder(out: Path, ckpt: Path, resume: bool, proc) -> None:
     """OUT must be new or empty, or (resume) hold our checkpoint: never write over files we did not make."""
     if not resume and out.exists() and any(out.iterdir()):
         what = "a fine-tuning run; pass --resume to continue it" if ckpt.exists() else "files"
@@ -191,10 +191,10 @@ def prepare_run_folder(out: Path, ckpt: Path, resume: bool, ranks) -> None:
                               "a checkpoint)")
     if resume and not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt} not found: nothing to resume (run without --resume, with --save-every N)")
-    if ranks is not None:
+    if proc is not None:
         from ..io import dist
         dist.barrier()  # every rank has checked OUT before rank 0 writes into it
-    if ranks is None or ranks.main:
+    if proc is None or proc.main:
         out.mkdir(parents=True, exist_ok=True)
 
 
@@ -202,15 +202,15 @@ def write_finetuned(model, tok, out: Path, ckpt: Path, sub, hist: dict, record: 
                     lora: LoRASettings | None, run: RunOptions) -> dict:
     """The weight-side error on the trained weights, then (rank 0) the model folder, history.json, drift.png; the
     resumable checkpoint is removed once the run is complete."""
-    ranks = run.ranks
-    main = ranks is None or ranks.main
-    error = None if sub is None else sub.mismatch(model)  # the invariant on the written weights: W S = W0 S
-    if ranks is not None:  # the largest over every rank's shards; then the whole model, gathered to rank 0
+    proc = run.proc
+    main = proc is None or proc.main
+    error = None if sub is None else sub.ws_error(model)  # the invariant on the written weights: W S = W0 S
+    if proc is not None:  # the largest over every rank's shards; then the whole model, gathered to rank 0
         from ..io import dist
         error = None if sub is None else dist.max_over_ranks(error)
         full = dist.full_state(model)
         model = dist.unsharded(model, full, lora) if main else None
-    result = {"run": record, "history": hist, "relative_WS_error": error}
+    result = {"run": record, "history": hist, "ws_error": error}
     if main:
         from ..io.hf import save_pretrained  # minicwac's own model class writes Hugging Face folders
         if run.adapter:
@@ -219,12 +219,12 @@ def write_finetuned(model, tok, out: Path, ckpt: Path, sub, hist: dict, record: 
         else:
             save_pretrained(merge_lora(model) if lora is not None else model, tok, out / ".model.tmp")
         _move_into(out / ".model.tmp", out)
-        write_json_atomic(out / "history.json", {**result, "ranks": 1 if ranks is None else ranks.world})
+        write_json_atomic(out / "history.json", {**result, "ranks": 1 if proc is None else proc.world_size})
         if hist.get("curve"):
             plot_drift(hist["curve"], out / "drift.png", method)
         if ckpt.exists():
             shutil.rmtree(ckpt)  # the run is complete: its resumable checkpoint (written by us) is no longer needed
-    if ranks is not None:
+    if proc is not None:
         from ..io import dist
         dist.barrier()
     return result
@@ -298,14 +298,14 @@ def run(args) -> None:
         raise ValueError("--lora-alpha, --lora-targets and --save-adapter need --lora-r")
     lora = None if args.lora_r is None else LoRASettings(args.lora_r, args.lora_alpha,
                                                          tuple(args.lora_targets or LINEARS)).check()
-    ranks = dist.init(args.device) if dist.launched() else None  # torchrun: FSDP2 over its processes
-    say = print if ranks is None or ranks.main else (lambda *a, **k: None)
+    proc = dist.init(args.device) if dist.launched() else None  # torchrun: FSDP2 over its processes
+    say = print if proc is None or proc.main else (lambda *a, **k: None)
     convs = load_conversations(args.data)
     eval_harmful = load_prompts(args.eval_harmful) if args.eval_harmful else None
-    if ranks is None:  # the projection needs float32 weights
+    if proc is None:  # the projection needs float32 weights
         model, tok = load_checkpoint(args.model, args.device, torch.float32)
     else:  # sharded as it is read: each rank reads its own rows (+ LoRA adapters, drawn the same on every rank)
-        model = dist.load_pretrained(args.model, ranks, args.dtype, args.offload, lora, args.seed)
+        model = dist.load_pretrained(args.model, proc, args.dtype, args.offload, lora, args.seed)
         tok = load_tokenizer(args.model)
     kit = Kit.load(args.kit, model) if args.kit else None
     seqs, cut = encode_data(tok, convs, args.max_len, args.too_long)
@@ -314,18 +314,18 @@ def run(args) -> None:
     epochs = 1.0 if args.steps is None and args.epochs is None else args.epochs
     try:
         run = RunOptions(eval_harmful=eval_harmful, eval_every=args.eval_every or 0, save_every=args.save_every or 0,
-                         resume=args.resume, ranks=ranks, offload=args.offload, checkpointing=args.checkpointing,
+                         resume=args.resume, proc=proc, offload=args.offload, checkpointing=args.checkpointing,
                          adapter=args.save_adapter, base_model=str(args.model))
         res = finetune(model, tok, seqs, kit, args.out, method=args.method, steps=args.steps, epochs=epochs,
                        lr=args.lr, batch_size=args.batch_size, seed=args.seed, lam=args.lam, dtype=args.dtype,
                        lora=lora, run=run, progress=not args.quiet)
     finally:
-        if ranks is not None:
+        if proc is not None:
             dist.close()
     h = res["history"]
     say(f"{args.method}: {len(h['step'])} steps, task loss {h['task'][0]:.3f} -> {h['task'][-1]:.3f}"
         + (f", L_safety {h['safety'][-1]:.4f}" if any(h["safety"]) else "")
-        + ("" if res["relative_WS_error"] is None else f", |W S - W0S| / |W0S| = {res['relative_WS_error']:.1e}"))
+        + ("" if res["ws_error"] is None else f", |W S - W0S| / |W0S| = {res['ws_error']:.1e}"))
     what = "a PEFT adapter folder" if args.save_adapter else "a Hugging Face folder"
     say(f"wrote {args.out} ({what}), history.json" + (", drift.png" if h.get("curve") else "")
-        + ("" if ranks is None else f"; trained on {ranks.world} ranks"))
+        + ("" if proc is None else f"; trained on {proc.world_size} ranks"))

@@ -95,9 +95,9 @@ def bench_step(device: str = "cpu", repeats: int = 30, warmup: int = 5, m: int =
                task: str = "sentiment", seed: int = 0, layer: int | None = None) -> dict:
     """ms per SFT step and per CWAC step (`step_setup`), with m latents read at the residual after `layer` blocks
     (default: the middle one), and the parts of the CWAC step."""
-    st = step_setup(device, m, safety_batch, task, seed, layer)
-    model, sub, feats, sae, pick = st["model"], st["subspace"], st["features"], st["sae"], st["pick"]
-    layer, r = st["layer"], st["recipe"]
+    setup = step_setup(device, m, safety_batch, task, seed, layer)
+    model, sub, feats, sae, pick = setup["model"], setup["subspace"], setup["features"], setup["sae"], setup["pick"]
+    layer, r = setup["layer"], setup["recipe"]
 
     def safety_fwd_bwd():
         feats.loss(model, pick()).backward()
@@ -113,65 +113,65 @@ def bench_step(device: str = "cpu", repeats: int = 30, warmup: int = 5, m: int =
 
     model.train()
     res = {"device": str(device), "threads": torch.get_num_threads(), "params": model.num_params(),
-           "task_batch": tuple(st["fixed"][0][0].shape), "safety_batch": (safety_batch, feats.ids.shape[1]), "m": m,
+           "task_batch": tuple(setup["fixed"][0][0].shape), "safety_batch": (safety_batch, feats.ids.shape[1]), "m": m,
            "layer": layer, "n_layers": r.num_hidden_layers,
            "subspace_k": sum(k for k, _ in sub.ranks().values()),
-           **_time({"sft_ms": st["sft"], "cwac_ms": st["cwac"], "safety_forward_backward_ms": safety_fwd_bwd,
+           **_time({"sft_ms": setup["sft"], "cwac_ms": setup["cwac"], "safety_forward_backward_ms": safety_fwd_bwd,
                     "sae_encode_ms": sae_encode, "projection_ms": projection}, device, repeats, warmup)}
     res["ratio"] = res["cwac_ms"] / res["sft_ms"]
     return res
 
 
-def bench_step_fsdp(world: int = 2, repeats: int = 20, warmup: int = 3, m: int = 100, safety_batch: int = 16,
+def bench_step_fsdp(world_size: int = 2, repeats: int = 20, warmup: int = 3, m: int = 100, safety_batch: int = 16,
                     layer: int | None = None) -> dict:
-    """The SFT and CWAC steps of the toy setting (`step_setup`) sharded with FSDP2 over `world` CPU processes (gloo)
-    on this machine, through the package's loop as `finetune` runs it under torchrun. ms per step (rank 0's
-    median; every step ends with the ranks in step, since the gradients are reduced across them), and the leak
-    ||W S - W0S|| / ||W0S|| on every rank's shards after the timed steps."""
+    """The SFT and CWAC steps of the toy setting (`step_setup`) sharded with FSDP2 over `world_size` CPU processes
+    (gloo) on this machine, through the package's loop as `finetune` runs it under torchrun. ms per step (rank 0's
+    median; every step ends with the ranks in step, since the gradients are reduced across them), and the
+    weight-side error ||W S - W0S|| / ||W0S|| on every rank's shards after the timed steps."""
     import json
     import tempfile
     from pathlib import Path
 
     from ..io import dist
-    if world < 2:
-        raise ValueError(f"--ranks {world}: a sharded benchmark needs at least 2 processes")
+    if world_size < 2:
+        raise ValueError(f"--ranks {world_size}: a sharded benchmark needs at least 2 processes")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
-        dist.run_local(_fsdp_rank, world, str(out), repeats, warmup, m, safety_batch, layer)
+        dist.run_local(_fsdp_rank, world_size, str(out), repeats, warmup, m, safety_batch, layer)
         return json.loads(out.read_text())
 
 
-def _fsdp_rank(ranks, out: str, repeats: int, warmup: int, m: int, safety_batch: int, layer: int | None) -> None:
+def _fsdp_rank(proc, out: str, repeats: int, warmup: int, m: int, safety_batch: int, layer: int | None) -> None:
     import json
     from pathlib import Path
 
     from ..io import dist
-    st = step_setup("cpu", m, safety_batch, layer=layer)
-    model = dist.shard_model(st["model"], ranks)
-    sub, r = st["subspace"].shard(model), st["recipe"]
-    sch, pad = Schedule(warmup + repeats, r.finetune_batch, r.finetune_lr), st["tok"].pad_token_id
-    res = {"ranks": ranks.world, "backend": "gloo", "threads": torch.get_num_threads(),
-           "params": sum(p.numel() for p in model.parameters()), "m": m, "layer": st["layer"],
-           "sft_ms": _step_ms(model, st["seqs"], ranks, sch, None, pad, warmup),
-           "cwac_ms": _step_ms(model, st["seqs"], ranks, sch, Constraints(sub, st["features"], LAM, safety_batch),
+    setup = step_setup("cpu", m, safety_batch, layer=layer)
+    model = dist.shard_model(setup["model"], proc)
+    sub, r = setup["subspace"].shard(model), setup["recipe"]
+    sch, pad = Schedule(warmup + repeats, r.finetune_batch, r.finetune_lr), setup["tok"].pad_token_id
+    res = {"ranks": proc.world_size, "backend": "gloo", "threads": torch.get_num_threads(),
+           "params": sum(p.numel() for p in model.parameters()), "m": m, "layer": setup["layer"],
+           "sft_ms": _step_ms(model, setup["seqs"], proc, sch, None, pad, warmup),
+           "cwac_ms": _step_ms(model, setup["seqs"], proc, sch, Constraints(sub, setup["features"], LAM, safety_batch),
                                pad, warmup)}
     res["ratio"] = res["cwac_ms"] / res["sft_ms"]
-    res["leak"] = dist.max_over_ranks(sub.mismatch(model))
-    if ranks.main:
+    res["ws_error"] = dist.max_over_ranks(sub.ws_error(model))
+    if proc.main:
         Path(out).write_text(json.dumps(res))
 
 
-def _step_ms(model, seqs, ranks, schedule, constraints, pad_id: int, warmup: int = 2) -> float:
+def _step_ms(model, seqs, proc, schedule, constraints, pad_id: int, warmup: int = 2) -> float:
     """Median ms per step, after `warmup` steps, of the package's own loop in this rank group (`finetune_cwac`
-    with ranks: each rank its part of every global batch)."""
+    with `proc`: each rank its part of every global batch)."""
     times = []
 
     def tick(*_):
-        _sync(ranks.device)
+        _sync(proc.device)
         times.append(time.perf_counter())
 
     tick()
-    finetune_cwac(model, seqs, schedule, constraints, pad_id=pad_id, ranks=ranks, on_step=tick, progress=False)
+    finetune_cwac(model, seqs, schedule, constraints, pad_id=pad_id, proc=proc, on_step=tick, progress=False)
     ms = sorted(1000 * (b - a) for a, b in zip(times[warmup:], times[warmup + 1:]))
     return ms[len(ms) // 2]
 
@@ -185,31 +185,32 @@ def format_step_fsdp(res: dict) -> str:
         f"| SFT step | {res['sft_ms']:.2f} |",
         f"| CWAC step | {res['cwac_ms']:.2f} |",
         f"| ratio CWAC / SFT | {res['ratio']:.2f} |",
-        f"| leak: max over every rank's shards of norm(W S - W0S) / norm(W0S), after the timed steps | "
-        f"{res['leak']:.1e} |"])
+        f"| weight-side error: max over every rank's shards of norm(W S - W0S) / norm(W0S), after the timed steps | "
+        f"{res['ws_error']:.1e} |"])
 
 
-def bench_sharded(ranks, shape: str = "tiny", steps: int = 10, batch: int | None = None, seq: int | None = None,
+def bench_sharded(proc, shape: str = "tiny", steps: int = 10, batch: int | None = None, seq: int | None = None,
                   m: int = 100, rank_frac: float = 0.5, checkpointing: bool = False) -> dict:
     """A short sharded fine-tune of a random model of `shape` in this torchrun process group: `steps` SFT steps, then
     `steps` CWAC steps (S a random orthonormal basis of rank_frac x in per down_proj, W0S = W S; m latents of a
     random SAE in the middle), through `finetune_cwac` as `finetune` runs it. bf16-mixed on GPUs, fp32 on CPU;
     `batch` sequences of `seq` tokens per rank. Returns ms per step (the median after 2 warm-up steps), the peak
-    GPU memory (the largest over the ranks) against `plan`'s figure, and the leak on every rank's shards."""
+    GPU memory (the largest over the ranks) against `plan`'s figure, and the weight-side error on every rank's
+    shards."""
     from ..io import dist
     from ..core.subspace import Subspace, target_names
     from ..io.model import GPT, Config
     from .plan import plan, rank_k
-    cuda = ranks.device.type == "cuda"
+    cuda = proc.device.type == "cuda"
     dtype, batch, seq = "bf16-mixed" if cuda else "fp32", batch or (8 if cuda else 2), seq or (2048 if cuda else 64)
     if steps < 3:
         raise ValueError(f"--repeats {steps}: the sharded benchmark needs at least 3 steps (2 are warm-up)")
     cfg = Config(**SHAPES[shape])
     with torch.device("meta"):
         model = GPT(cfg, device="meta")
-    dist.shard_model(model, ranks, dtype)
-    model.to_empty(device=ranks.device)
-    g = torch.Generator(ranks.device).manual_seed(ranks.rank)  # random weights: the timings do not depend on them
+    dist.shard_model(model, proc, dtype)
+    model.to_empty(device=proc.device)
+    g = torch.Generator(proc.device).manual_seed(proc.rank)  # random weights: the timings do not depend on them
     with torch.no_grad():
         for p in model.parameters():
             p.to_local().normal_(0, cfg.initializer_range, generator=g) if p.dim() > 1 else p.to_local().fill_(1.0)
@@ -219,30 +220,29 @@ def bench_sharded(ranks, shape: str = "tiny", steps: int = 10, batch: int | None
     for n in target_names(model):
         W = model.get_submodule(n).weight
         S[n] = torch.linalg.qr(torch.randn(W.shape[1], rank_k(rank_frac, W.shape[1]), generator=cpu).to(
-            ranks.device))[0]
+            proc.device))[0]
         W0S[n] = W.detach().full_tensor() @ S[n]
     sub = Subspace(S, W0S).shard(model)
     layer = cfg.num_hidden_layers // 2
-    sae = SAE(SAEConfig(cfg.hidden_size, 8 * cfg.hidden_size, 32, layer), device=ranks.device)
+    sae = SAE(SAEConfig(cfg.hidden_size, 8 * cfg.hidden_size, 32, layer), device=proc.device)
     prompts = torch.randint(3, cfg.vocab_size, (32, 64), generator=cpu).tolist()
-    feats = safety_features(model, prompts, 0, readout="pre", sae=sae, idx=torch.arange(m, device=ranks.device),
+    feats = safety_features(model, prompts, 0, readout="pre", sae=sae, idx=torch.arange(m, device=proc.device),
                             layer=layer)
     seqs = [(torch.randint(3, cfg.vocab_size, (seq,), generator=cpu).tolist(), [1] * seq)
-            for _ in range(batch * ranks.world * steps)]
-    res = {"shape": shape, "ranks": ranks.world, "device": str(ranks.device.type), "dtype": dtype,
+            for _ in range(batch * proc.world_size * steps)]
+    res = {"shape": shape, "ranks": proc.world_size, "device": str(proc.device.type), "dtype": dtype,
            "params": sum(p.numel() for p in model.parameters()), "batch_per_rank": batch, "seq": seq, "m": m,
            "checkpointing": checkpointing, "subspace_k": sum(s.shape[1] for s in S.values())}
-    for name, kw in (("sft", {}), ("cwac", {"subspace": sub, "features": feats, "lam": LAM})):
+    for name, constraints in (("sft", None), ("cwac", Constraints(sub, feats, LAM, 16))):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        res[f"{name}_ms"] = _step_ms(model, seqs, ranks, steps, batch_size=batch * ranks.world, lr=1e-5,
-                                     safety_batch=16, **kw)
+        res[f"{name}_ms"] = _step_ms(model, seqs, proc, Schedule(steps, batch * proc.world_size, 1e-5), constraints, 0)
         res[f"{name}_peak_gb"] = dist.max_over_ranks(torch.cuda.max_memory_allocated() / 1e9) if cuda else None
-        res[f"{name}_plan_gb"] = plan(cfg, ranks.world, method=name, batch_size=batch, seq_len=seq, dtype=dtype,
+        res[f"{name}_plan_gb"] = plan(cfg, proc.world_size, method=name, batch_size=batch, seq_len=seq, dtype=dtype,
                                       rank_frac=rank_frac, checkpointing=checkpointing)["gpu_bytes"] / 1e9
     res["ratio"] = res["cwac_ms"] / res["sft_ms"]
-    res["tokens_per_s"] = batch * ranks.world * seq / (res["cwac_ms"] / 1000)
-    res["leak"] = dist.max_over_ranks(sub.mismatch(model))
+    res["tokens_per_s"] = batch * proc.world_size * seq / (res["cwac_ms"] / 1000)
+    res["ws_error"] = dist.max_over_ranks(sub.ws_error(model))
     return res
 
 
@@ -259,8 +259,8 @@ def format_sharded(res: dict) -> str:
         "| step | ms | peak GPU GB (largest rank) | `plan` GB |", "|---|---|---|---|",
         f"| SFT | {res['sft_ms']:.1f} | {peak('sft')} |",
         f"| CWAC | {res['cwac_ms']:.1f} | {peak('cwac')} |",
-        f"ratio CWAC / SFT {res['ratio']:.2f}; {res['tokens_per_s']:.0f} tokens/s (CWAC); leak (max over every rank's "
-        f"shards of norm(W S - W0S) / norm(W0S)) {res['leak']:.1e}"])
+        f"ratio CWAC / SFT {res['ratio']:.2f}; {res['tokens_per_s']:.0f} tokens/s (CWAC); weight-side error (max "
+        f"over every rank's shards of norm(W S - W0S) / norm(W0S)) {res['ws_error']:.1e}"])
 
 
 def format_step(res: dict) -> str:
@@ -480,14 +480,14 @@ def run_sharded(args) -> None:
     if not dist.launched():
         raise ValueError("bench --what sharded runs in a process group: start it with torchrun --nproc_per_node N "
                          "-m minicwac bench --what sharded ...")
-    ranks = dist.init(args.device)
+    proc = dist.init(args.device)
     try:
-        res = bench_sharded(ranks, args.shape, args.repeats or 10, args.batch, args.seq, args.m or 100,
+        res = bench_sharded(proc, args.shape, args.repeats or 10, args.batch, args.seq, args.m or 100,
                             checkpointing=args.checkpointing)
         dist.barrier()  # every rank done before any leaves the process group
     finally:
         dist.close()
-    if ranks.main:
+    if proc.main:
         print(format_sharded(res))
         if args.json:
             write_json_atomic(Path(args.json), res)

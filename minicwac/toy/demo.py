@@ -42,7 +42,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task", default="sentiment", choices=TASKS)
     p.add_argument("--p", type=harmful_ratio, nargs="+", default=[0.0, 0.1], help="harmful ratios (default 0 0.1)")
-    p.add_argument("--cache", default=None, help="cache of base/aligned models (default: $MINICWAC_CACHE or runs/cache)")
+    p.add_argument("--cache", default=None,
+                   help="cache of base/aligned models (default: $MINICWAC_CACHE or runs/cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

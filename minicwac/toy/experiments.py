@@ -50,14 +50,16 @@ class SafetyRecipe:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:10]
 
 
-def with_settings(sr: SafetyRecipe, **changes) -> SafetyRecipe:
-    """`sr` with some of its kit's and baselines' fields changed, each named by its own field name."""
+def with_settings(safety_recipe: SafetyRecipe, **changes) -> SafetyRecipe:
+    """`safety_recipe` with some of its kit's and baselines' fields changed, each named by its own field name."""
     kit = {f.name for f in fields(KitSettings)}
     unknown = [k for k in changes if k not in kit and k not in {f.name for f in fields(BaselineSettings)}]
     if unknown:
         raise ValueError(f"unknown setting {unknown[0]!r}; expected a field of KitSettings or BaselineSettings")
-    return replace(sr, kit=replace(sr.kit, **{k: v for k, v in changes.items() if k in kit}).check(),
-                   baselines=replace(sr.baselines, **{k: v for k, v in changes.items() if k not in kit}).check())
+    kit_changes = {k: v for k, v in changes.items() if k in kit}
+    base_changes = {k: v for k, v in changes.items() if k not in kit}
+    return replace(safety_recipe, kit=replace(safety_recipe.kit, **kit_changes).check(),
+                   baselines=replace(safety_recipe.baselines, **base_changes).check())
 
 
 MAIN_METHODS = ("sft", "weight", "activation", "cwac", "safeinstr", "asft", "safelora")
@@ -113,19 +115,20 @@ def sae_mix(tok, align: list[Example], calib: list[list[int]], docs: list[str], 
     return mix_by_tokens(harm, gen, harmful_frac, seed)
 
 
-def toy_safety(toy: Toy, r: Recipe, sr: SafetyRecipe, seed: int, progress: bool = True,
+def toy_safety(toy: Toy, r: Recipe, safety_recipe: SafetyRecipe, seed: int, progress: bool = True,
                targets: str = "down_proj", with_align_C: bool = True) -> ToySafety:
     """The seed's kit (`kit.calibrate` on the calibration split, its SAE cached beside the toy models; `targets`:
     "down_proj", or "all" for the "-all" and "-auto" methods), the latents' other readouts, the alignment matrices
     (AsFT and SafeLoRA; with_align_C=False skips them) and SafeInstr's refusals."""
     tok, model = toy.tok, toy.aligned
-    if sr.kit.targets == "auto":
+    if safety_recipe.kit.targets == "auto":
         raise ValueError("the toy runs choose the auto targets per run: use the methods weight-auto or cwac-auto")
-    s = replace(sr.kit, targets="all" if "all" in (targets, sr.kit.targets) else "down_proj", seed=seed)
+    wide = "all" in (targets, safety_recipe.kit.targets)
+    s = replace(safety_recipe.kit, targets="all" if wide else "down_proj", seed=seed)
     w = toy.world
     kit = calibrate(model, tok, [e.prompt for e in w.calibration], [e.prompt for e in w.calibration_harmless],
                     settings=s, max_len=r.max_len, sae_seqs=sae_corpus(toy, r, s.harmful_frac, seed),
-                    sae_folder=toy.folder / f"sae-{sr.key()}", progress=progress)
+                    sae_folder=toy.folder / f"sae-{safety_recipe.key()}", progress=progress)
     calib, _ = calib_seqs(toy)
     skip, pre = [tok.bos_token_id], kit.report["skip_prefix_tokens"]
     groups = {}  # the "directions" readout: one difference-of-means direction per harm category
@@ -142,7 +145,7 @@ def toy_safety(toy: Toy, r: Recipe, sr: SafetyRecipe, seed: int, progress: bool 
 
 
 def run_method(name: str, toy: Toy, safety: ToySafety, task: str, p: float, seed: int, r: Recipe,
-               sr: SafetyRecipe, progress: bool = True) -> tuple[GPT, dict]:
+               safety_recipe: SafetyRecipe, progress: bool = True) -> tuple[GPT, dict]:
     """Fine-tune a copy of the aligned model on `task` at harmful ratio p with the method `name` (its row of
     `core.settings.METHODS`); returns (model, history)."""
     m = method(name, "toy")
@@ -158,17 +161,17 @@ def run_method(name: str, toy: Toy, safety: ToySafety, task: str, p: float, seed
     seqs = encode_chats(tok, w.finetune_set(task, p, r.finetune_n, seed), r.max_len)
     if m.baseline in ("safeinstr", "safeinstr-add"):
         mode = "add" if m.baseline == "safeinstr-add" else "replace"
-        seqs = safeinstr_mix(seqs, safety.refusals, sr.baselines.safeinstr_frac, seed, mode)
+        seqs = safeinstr_mix(seqs, safety.refusals, safety_recipe.baselines.safeinstr_frac, seed, mode)
     kit = safety.kit
     if m.weight == "auto":  # the drift map is read on the calibration prompts, never on the evaluation ones
         auto = probe_targets(toy.aligned, seqs, calib_seqs(toy)[0], tok.pad_token_id, skip_ids=[tok.bos_token_id],
-                             steps=sr.kit.probe_steps, lr=r.finetune_lr, batch_size=r.finetune_batch,
-                             seed=seed + SEED_PROBE, share=sr.kit.auto_share)
+                             steps=safety_recipe.kit.probe_steps, lr=r.finetune_lr, batch_size=r.finetune_batch,
+                             seed=seed + SEED_PROBE, share=safety_recipe.kit.auto_share)
         kit = replace(kit, report={**kit.report, "auto": auto})
     subspace = kit.constraint(name, "toy")[0]
     features = safety.features[m.readout] if m.activation else None
-    lam = sr.kit.lam / features.m if features is not None and m.average else sr.kit.lam
-    penalty = AsFTPenalty(toy.aligned, align_C, sr.baselines.asft_lam) if m.baseline == "asft" else None
+    lam = safety_recipe.kit.lam / features.m if features is not None and m.average else safety_recipe.kit.lam
+    penalty = AsFTPenalty(toy.aligned, align_C, safety_recipe.baselines.asft_lam) if m.baseline == "asft" else None
     eval_prompts = [e.prompt for e in w.eval_harmful[::3]]
 
     def curve(model_):
@@ -176,12 +179,14 @@ def run_method(name: str, toy: Toy, safety: ToySafety, task: str, p: float, seed
 
     hist = finetune_cwac(model, seqs, Schedule(r.finetune_steps, r.finetune_batch, r.finetune_lr,
                                                seed=seed + SEED_FINETUNE),
-                         Constraints(subspace, features, lam, sr.kit.safety_batch, project_update=not m.grad_only,
+                         Constraints(subspace, features, lam, safety_recipe.kit.safety_batch,
+                                     project_update=not m.grad_only,
                                      project_grad=m.grad_only, penalty=penalty),
-                         pad_id=tok.pad_token_id, curve=(sr.eval_every, curve) if sr.eval_every else None,
+                         pad_id=tok.pad_token_id,
+                         curve=(safety_recipe.eval_every, curve) if safety_recipe.eval_every else None,
                          desc=f"{name} {task} p={p:g}", progress=progress)
     if m.baseline in ("safelora", "safelora-number"):
-        b = sr.baselines
+        b = safety_recipe.baselines
         n = max(1, round(b.safelora_share * len(align_C))) if m.baseline == "safelora-number" else None
         hist["safelora_cos"] = safelora_project_(model, toy.aligned, align_C, b.safelora_threshold, n)
     if "auto" in kit.report:
@@ -202,9 +207,9 @@ def run_experiment(out: str | Path = "runs/experiment", preset: str = "quick", s
     ps = [check_p(p) for p in (pre["ps"] if ps is None else ps)]
     methods = list(pre["methods"] if methods is None else methods)
     rows = [method(m, "toy") for m in methods]  # an unknown method is refused here, before any run
-    r, sr = recipe or Recipe(), safety or SafetyRecipe()
+    r, safety_recipe = recipe or Recipe(), safety or SafetyRecipe()
     out = prepare_out(out)
-    settings = {"recipe": asdict(r), "safety": asdict(sr)}
+    settings = {"recipe": asdict(r), "safety": asdict(safety_recipe)}
     res_path = out / "results.json"
     data = {"settings": json.loads(json.dumps(settings, default=list)), "rows": [], "curves": {}, "safety": {},
             "wall_s": 0.0}
@@ -221,8 +226,9 @@ def run_experiment(out: str | Path = "runs/experiment", preset: str = "quick", s
         if not todo:
             continue
         toy = toy_models(seed, r, cache_dir, progress=progress)
-        saf = toy_safety(toy, r, sr, seed, progress, targets)
-        saf.kit.subspace.matching(TARGETS[sr.kit.targets]).save(out / "subspace" / f"s{seed}")  # weight/cwac's
+        saf = toy_safety(toy, r, safety_recipe, seed, progress, targets)
+        # the subspace `weight` and `cwac` constrain (every linear with the kit's targets "all")
+        saf.kit.subspace.matching(TARGETS[safety_recipe.kit.targets]).save(out / "subspace" / f"s{seed}")
         saf.sae.save(out / "sae" / f"s{seed}", extra={"report": saf.sae_report})
         data["safety"][str(seed)] = {"sae": {k: v for k, v in saf.sae_report.items() if k != "history"},
                                      "ranks": {str(list(TARGETS[saf.kit.settings.targets])): saf.kit.report["ranks"]},
@@ -232,7 +238,7 @@ def run_experiment(out: str | Path = "runs/experiment", preset: str = "quick", s
                 ev = evaluate(toy.aligned, toy.tok, toy.world, task)
                 data["rows"].append(row("aligned", "none", task, None, seed, ev))
         for name, task, p in todo:
-            model, hist = run_method(name, toy, saf, task, p, seed, r, sr, progress)
+            model, hist = run_method(name, toy, saf, task, p, seed, r, safety_recipe, progress)
             ev = evaluate(model, toy.tok, toy.world, task)
             data["rows"].append({k: clean_nan(v) for k, v in row("finetuned", name, task, p, seed, ev).items()})
             data["curves"][run_name(name, task, p, seed)] = hist["curve"]
@@ -278,9 +284,10 @@ def run(args) -> None:
     from ..cli import settings_from
     r = Recipe() if args.steps is None else Recipe(finetune_steps=args.steps)
     base = SafetyRecipe()
-    sr = replace(base, kit=settings_from(args, base.kit).check(), baselines=settings_from(args, base.baselines).check())
+    safety_recipe = replace(base, kit=settings_from(args, base.kit).check(),
+                            baselines=settings_from(args, base.baselines).check())
     out = args.out or f"runs/experiment-{args.preset}"
-    run_experiment(out, args.preset, args.seeds, args.tasks, args.p, args.methods, recipe=r, safety=sr,
+    run_experiment(out, args.preset, args.seeds, args.tasks, args.p, args.methods, recipe=r, safety=safety_recipe,
                    cache_dir=args.cache, save_models=not args.no_models, progress=not args.quiet)
     print(open(f"{out}/results.md").read())
     print(f"wrote {out}/results.json, results.md, hs_vs_p.png, fa_vs_hs.png, drift.png, models/, subspace/, sae/")
