@@ -32,3 +32,14 @@ def test_snippet_runs(path, heading, tok, tmp_path, monkeypatch):
     save_pretrained(model, tok, tmp_path / "aligned")
     monkeypatch.chdir(tmp_path)
     exec(compile(code.replace("path/to/aligned-model", str(tmp_path / "aligned")), str(path), "exec"), {})
+
+
+def test_the_front_page_shows_the_way_in_first():
+    """Under 20 KB; `make demo`, `make test` and the calibrate -> finetune commands come before the picture, and
+    "On your own model" before the long results table."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.encode()) < 20_000
+    first = text[:text.index("![")]
+    for line in ("make demo", "make test", "python -m minicwac calibrate", "python -m minicwac finetune"):
+        assert line in first, f"{line!r} should be on the README's first screen, above the picture"
+    assert text.index("## On your own model") < text.index("## Headline result")
