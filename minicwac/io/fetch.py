@@ -57,7 +57,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from .hf import atomic_folder, load_pretrained
 from .prompts import optional_import, parse_prompt_file, parse_refusal_csv
-from .model import Config
+from .config import Config
 from ..core.files import default_cache_dir
 from .tokenizer import ChatTokenizer, load_tokenizer
 
