@@ -23,7 +23,7 @@ _EXPORTS = {  # name -> the module that defines it
     "KitSettings": "core.settings", "METHODS": "core.settings",
     "load_checkpoint": "io.hf", "load_pretrained": "io.hf", "save_pretrained": "io.hf",
     "load_tokenizer": "io.tokenizer", "ChatTokenizer": "io.tokenizer", "train_bpe": "io.tokenizer",
-    "GPT": "io.model", "Config": "io.model",
+    "GPT": "io.model", "Config": "io.config",
     "Kit": "kit", "calibrate": "kit", "finetune": "kit", "RunOptions": "kit", "encode_data": "kit",
     "load_conversations": "kit",
 }

@@ -6,7 +6,8 @@ import torch
 
 from minicwac.io.fetch import DownloadError
 from minicwac.io.prompts import MissingDependencyError
-from minicwac.io.model import GPT, Config
+from minicwac.io.config import Config
+from minicwac.io.model import GPT
 from minicwac.io.tokenizer import ChatTokenizer, train_bpe
 from minicwac.toy.world import build_world
 

@@ -230,7 +230,8 @@ def test_leftovers_of_an_interrupted_save_are_cleaned_and_the_old_one_restored(f
 SAVE_LOOP = """
 import sys, torch
 from minicwac.io.hf import save_pretrained
-from minicwac.io.model import GPT, Config
+from minicwac.io.config import Config
+from minicwac.io.model import GPT
 cfg = Config(vocab_size=2000, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2)
 i = 0

@@ -11,8 +11,9 @@ import pytest
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from minicwac.io.tokenizer import (MAX_RENDER_CHARS, RENDER_CHARS_PER_INPUT_CHAR, TOY_CHAT_TEMPLATE, ChatMessagesError,
-                                ChatTemplateError, ChatTemplateUnsafeError, ChatTokenizer, load_tokenizer)
+from minicwac.io.chat_template import (MAX_RENDER_CHARS, RENDER_CHARS_PER_INPUT_CHAR, ChatMessagesError, ChatTemplateError,
+                                       ChatTemplateUnsafeError)
+from minicwac.io.tokenizer import TOY_CHAT_TEMPLATE, ChatTokenizer, load_tokenizer
 
 USER = {"role": "user", "content": "How do I bake bread?"}
 BOT = {"role": "assistant", "content": "Mix flour and water."}

@@ -7,7 +7,7 @@ import torch
 
 from minicwac.tools import bench
 from minicwac.core.cwac import Constraints, Schedule, finetune_cwac
-from minicwac.io.model import Config
+from minicwac.io.config import Config
 from minicwac.toy.pipeline import clone
 
 

@@ -27,7 +27,8 @@ transformers = pytest.importorskip(
     "transformers", reason="the family parity tests compare against transformers (a test-only dependency)")
 
 from minicwac.io.hf import load_pretrained, save_pretrained  # noqa: E402
-from minicwac.io.model import GPT, Config  # noqa: E402
+from minicwac.io.config import Config  # noqa: E402
+from minicwac.io.model import GPT  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 VOCAB, T_PROMPT, N_NEW = 128, 12, 20

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from minicwac.io import fetch as fetch_mod
 from minicwac.__main__ import main
-from minicwac.io.fetch import (DownloadError, extract_member, fetch_labels, fetch_model, fetch_prompts, hf_tensor_name,
-                               unpermute_qk)
+from minicwac.io.fetch import DownloadError, extract_member, fetch_labels, fetch_model, fetch_prompts
+from minicwac.io.gguf import hf_tensor_name, unpermute_qk
 from minicwac.io.prompts import (MissingDependencyError, load_labels, load_prompts, parse_prompt_file,
                                  parse_refusal_csv)
 from minicwac.core.evals import judge_check

@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from minicwac.io.model import GPT, Attention, Config, apply_rope, rope_cos_sin
+from minicwac.io.config import Config
+from minicwac.io.model import GPT, Attention, apply_rope, rope_cos_sin
 
 from conftest import tiny_config
 
@@ -343,7 +344,8 @@ def test_bfloat16_model(make_model):
 
 
 def test_stop_at_layer_out_of_range_is_an_error():
-    from minicwac.io.model import GPT, Config
+    from minicwac.io.config import Config
+    from minicwac.io.model import GPT
     m = GPT(Config(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                    num_attention_heads=2, num_key_value_heads=1))
     with pytest.raises(ValueError, match="stop_at_layer=3, expected 0..2"):

@@ -21,7 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..core.files import atomic_folder, recover
-from .model import FAMILIES, GPT, Config
+from .config import FAMILIES, Config
+from .model import GPT
 from .tokenizer import ChatTokenizer, load_tokenizer  # noqa: F401 -- load_tokenizer is part of this API
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)  # ("llama", "mistral", "qwen2", "gemma2", "gpt2")

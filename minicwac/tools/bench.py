@@ -19,6 +19,8 @@ from ..core.hooks import residual
 from ..core.sae import SAE, SAEConfig
 from ..core.settings import SEED_SAFETY, KitSettings
 from ..core.subspace import compute_subspace
+from ..io.config import Config
+from ..io.model import GPT
 from ..toy.pipeline import Recipe, build_tokenizer, encode_chats, new_model
 from ..toy.world import build_world
 from .plan import SHAPES
@@ -199,7 +201,6 @@ def bench_sharded(proc, shape: str = "tiny", steps: int = 10, batch: int | None 
     shards."""
     from ..io import dist
     from ..core.subspace import Subspace, target_names
-    from ..io.model import GPT, Config
     from .plan import plan, rank_k
     cuda = proc.device.type == "cuda"
     dtype, batch, seq = "bf16-mixed" if cuda else "fp32", batch or (8 if cuda else 2), seq or (2048 if cuda else 64)
@@ -319,7 +320,6 @@ def bench_model(shape: str = "tiny", device: str = "cpu", dtype: str | None = No
     plus the subspace extraction time (every down_proj, `calib_prompts` prompts, energy 0.99).
 
     Defaults: on CUDA bf16, B=8 x T=1024; on CPU float32, B=4 x T=256."""
-    from ..io.model import GPT, Config
     if shape not in BENCH_SHAPES:
         raise ValueError(f"shape={shape!r}, expected one of {sorted(BENCH_SHAPES)}")
     cuda = torch.device(device).type == "cuda"

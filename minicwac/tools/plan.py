@@ -73,7 +73,8 @@ import torch
 from ..core.lora import LINEARS
 from ..core.settings import METHODS, TARGETS, methods_for
 from ..core.subspace import target_names
-from ..io.model import GPT, Config
+from ..io.config import Config
+from ..io.model import GPT
 
 # Model shapes by name, published ones (random init: speed and memory do not depend on the weights); `tiny` is for
 # CPU runs. `bench` times the first three.

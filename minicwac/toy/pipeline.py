@@ -18,7 +18,8 @@ from ..core.data import Seq, encode_conversations, encode_docs, pack
 from ..core.files import default_cache_dir
 from ..core.settings import SEED_ALIGN, SEED_FINETUNE
 from ..io.hf import load_checkpoint, save_pretrained
-from ..io.model import GPT, Config
+from ..io.config import Config
+from ..io.model import GPT
 from ..io.tokenizer import ChatTokenizer, train_bpe
 from .world import DEV_SEEDS_FROM, WORLD_VERSION, Example, World, build_world
 
