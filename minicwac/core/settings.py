@@ -6,9 +6,9 @@
     TARGETS            a weight-target key -> the regexes on module names it stands for
 
 Each field says where its default comes from: [paper] (Peng et al., arXiv 2604.12384) or [ours] (a choice the
-paper leaves open; docs/method.md#9-choices-where-the-paper-is-silent explains each). The toy and real-checkpoint runs hold a `KitSettings` and a
-`BaselineSettings` as fields and never re-declare them; the command line reads its flags and their defaults
-from these fields (`minicwac.cli.add_setting_flags`).
+paper leaves open; docs/method.md#9-choices-where-the-paper-is-silent explains each). The toy and real-checkpoint
+runs hold a `KitSettings` and a `BaselineSettings` as fields and never re-declare them; the command line reads its
+flags and their defaults from these fields (`minicwac.cli.add_setting_flags`).
 """
 from __future__ import annotations
 
@@ -43,29 +43,33 @@ class KitSettings:
     targets: str = setting("down_proj", "weight constraint on every down_proj [paper], every linear of every block "
                            "('all') or the module kinds a short SFT probe lets the most drift through ('auto') [ours]",
                            choices=TARGET_CHOICES)
-    energy: float = setting(0.99, "subspace rank: the share of trace(C) the kept eigenvectors hold [ours]", kind='fraction')
+    energy: float = setting(0.99, "subspace rank: the share of trace(C) the kept eigenvectors hold [ours]",
+                            kind="fraction")
     sae_layer: int | None = setting(None, "the SAE reads the residual stream after this many blocks (None: the "
-                                    "middle one) [ours]", kind='positive_int')
-    d_sae: int | None = setting(None, "SAE width (None: 8 x hidden) [ours]", kind='positive_int')
-    sae_k: int = setting(32, "SAE L0: latents kept by TopK [ours]", kind='positive_int')
-    sae_steps: int = setting(2000, "SAE training steps [ours]", kind='positive_int')
-    sae_lr: float = setting(1e-3, "SAE learning rate [ours]", kind='positive_float')
-    harmful_frac: float = setting(0.7, "share of the SAE's training tokens from harmful prompts [paper: ~70%]", kind='fraction')
+                                    "middle one) [ours]", kind="positive_int")
+    d_sae: int | None = setting(None, "SAE width (None: 8 x hidden) [ours]", kind="positive_int")
+    sae_k: int = setting(32, "SAE L0: latents kept by TopK [ours]", kind="positive_int")
+    sae_steps: int = setting(2000, "SAE training steps [ours]", kind="positive_int")
+    sae_lr: float = setting(1e-3, "SAE learning rate [ours]", kind="positive_float")
+    harmful_frac: float = setting(0.7, "share of the SAE's training tokens from harmful prompts [paper: ~70%]",
+                                  kind="fraction")
     score: str | None = setting(None, "latent score: mean on harmful prompts ('harmful') or that minus the mean on "
                                 "harmless ones ('contrast'; None: contrast when harmless prompts are given) [ours]",
                                 choices=("harmful", "contrast"))
     m: int | str = setting(100, "safety latents: the top m by score [paper: 100], or 'firing': every latent that "
-                           "fires on the harmful prompts [ours]", kind='latents')
-    lam: float = setting(0.5, "weight of L_safety in the loss [paper]", kind='nonnegative')
-    safety_batch: int = setting(16, "harmful prompts per step for L_safety [ours]", kind='positive_int')
+                           "fires on the harmful prompts [ours]", kind="latents")
+    lam: float = setting(0.5, "weight of L_safety in the loss [paper]", kind="nonnegative")
+    safety_batch: int = setting(16, "harmful prompts per step for L_safety [ours]", kind="positive_int")
     skip_prefix: bool = setting(False, "calibrate and constrain without the prompt opening every calibration "
-                                "prompt shares (e.g. a chat template's system line) [ours]", kind='flag')
-    seed: int = setting(0, "seed of the SAE and of the SAE's data mix", kind='int')
-    probe_steps: int = setting(20, "--targets auto: SFT steps of the probe on the fine-tuning data [ours]", kind='positive_int')
-    probe_lr: float = setting(2e-5, "--targets auto: the probe's learning rate (finetune's default) [ours]", kind='positive_float')
-    probe_batch: int = setting(8, "--targets auto: the probe's batch size [ours]", kind='positive_int')
+                                "prompt shares (e.g. a chat template's system line) [ours]", kind="flag")
+    seed: int = setting(0, "seed of the SAE and of the SAE's data mix", kind="int")
+    probe_steps: int = setting(20, "--targets auto: SFT steps of the probe on the fine-tuning data [ours]",
+                               kind="positive_int")
+    probe_lr: float = setting(2e-5, "--targets auto: the probe's learning rate (finetune's default) [ours]",
+                              kind="positive_float")
+    probe_batch: int = setting(8, "--targets auto: the probe's batch size [ours]", kind="positive_int")
     auto_share: float = setting(AUTO_SHARE, "--targets auto: constrain the kinds whose summed dW h0 covers this "
-                                "share of the probe's total [ours]", kind='fraction')
+                                "share of the probe's total [ours]", kind="fraction")
 
     def check(self) -> "KitSettings":
         """The settings, or a ValueError naming the first one out of range."""
@@ -95,12 +99,13 @@ class KitSettings:
 class BaselineSettings:
     """The strengths of the baselines (`core.baselines`), as their papers set them where they say."""
 
-    safeinstr_frac: float = setting(0.1, "SafeInstr: share of the fine-tuning set replaced by refusals [ours]", kind='share')
-    asft_lam: float = setting(1.0, "AsFT: weight of its penalty [ours]", kind='nonnegative')
+    safeinstr_frac: float = setting(0.1, "SafeInstr: share of the fine-tuning set replaced by refusals [ours]",
+                                    kind="share")
+    asft_lam: float = setting(1.0, "AsFT: weight of its penalty [ours]", kind="nonnegative")
     safelora_threshold: float = setting(0.5, "SafeLoRA: project the layers whose cos(C dW, dW) is below this "
-                                        "[SafeLoRA's paper]", kind='float')
+                                        "[SafeLoRA's paper]", kind="float")
     safelora_share: float = setting(10 / 64, "safelora-qv: the share of its targets projected [SafeLoRA's paper: "
-                                    "10 of 64]", kind='fraction')
+                                    "10 of 64]", kind="fraction")
 
     def check(self) -> "BaselineSettings":
         if not 0 <= self.safeinstr_frac < 1:
