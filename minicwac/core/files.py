@@ -18,31 +18,35 @@ def atomic_folder(path: str | Path):
     in it is written again by this save (a folder holding anything else is refused, naming the file). Leftovers of
     an interrupted save beside `path` (`.NAME.tmp-*`, `.NAME.old`) are ours by name and are cleaned first."""
     path = Path(path)
+    # a file (or a socket, a device) is never replaced by a folder
     if path.is_file() or (path.exists() and not path.is_dir()):
         raise FileExistsError(f"{path} is a file; expected a folder (or no file of that name) to write into")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        recover(path)
+        path.parent.mkdir(parents=True, exist_ok=True)  # the parent must exist to hold the temporary folder
+        recover(path)  # first undo a replace_folder that died half-way
         for debris in path.parent.glob(f".{path.name}.tmp-*"):  # interrupted saves of this path: ours by name
             shutil.rmtree(debris, ignore_errors=True)
+        # beside `path`, on the same filesystem: a rename there is atomic (across filesystems it would be a copy)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as e:
         raise OSError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         yield tmp
+        # replacing a folder deletes its files: allowed only when this save writes every one of them again
         if path.is_dir():
-            new = _files(tmp)
+            new = _files(tmp)  # relative paths, e.g. "subspace/cfg.json"
             lost = sorted(f for f in _files(path) if f not in new)
             if lost:
                 raise FileExistsError(f"{path} holds {lost[0]} ({len(lost)} file(s) in all) that this save would "
                                       "not write again; refused so that nothing is lost (choose another folder)")
-        replace_folder(tmp, path)
-    except BaseException:
+        replace_folder(tmp, path)  # the one step that makes the save visible
+    except BaseException:  # also KeyboardInterrupt: no half-written folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def _files(folder: Path) -> set[str]:
+    # files only: an empty folder holds nothing to lose
     return {str(f.relative_to(folder)) for f in folder.rglob("*") if not f.is_dir()}
 
 
@@ -50,26 +54,28 @@ def recover(path: str | Path) -> None:
     """Undo what an interrupted `replace_folder` can leave: `path` missing beside its `.NAME.old` (put back), or
     both there (the old one removed). Loaders call it, so the last complete folder is always what is read."""
     path = Path(path)
-    old = path.with_name(f".{path.name}.old")
+    old = path.with_name(f".{path.name}.old")  # where replace_folder parks the previous folder
     if old.is_dir():
         if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)  # the new folder made it: the parked one is debris
         else:
-            old.rename(path)
+            old.rename(path)  # died between the two renames: the parked folder is the last complete one
 
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
     import ctypes
     import sys
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):  # renameat2 is Linux's own
         return False
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library already loaded into this process
+        renameat2 = libc.renameat2  # missing in old C libraries (glibc before 2.28)
     except (OSError, AttributeError):
         return False
+    # AT_FDCWD: paths relative to the working folder; RENAME_EXCHANGE: swap, both must exist
     at_fdcwd, rename_exchange = -100, 2
+    # 0 on success; -1 (e.g. a filesystem without the exchange) falls back to two renames below
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
@@ -80,18 +86,18 @@ def replace_folder(tmp: Path, path: Path) -> None:
     os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; a checkpoint is meant to be shared
     for f in tmp.iterdir():
         os.chmod(f, 0o755 if f.is_dir() else 0o644)
-    if path.exists() and _exchange(tmp, path):
+    if path.exists() and _exchange(tmp, path):  # one atomic swap where the system has it
         shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
         return
-    old = path.with_name(f".{path.name}.old")
+    old = path.with_name(f".{path.name}.old")  # the fallback: two renames, the old folder parked in between
     try:
         if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)  # a folder parked by an earlier crash would make the rename fail
             path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(path)  # a crash right before this line: `recover` puts `old` back
+        shutil.rmtree(old, ignore_errors=True)  # the new folder is in place: the parked one goes
     except BaseException:
-        if old.exists() and not path.exists():
+        if old.exists() and not path.exists():  # undo the first rename: `path` is never left missing
             old.rename(path)
         raise
 
@@ -101,8 +107,9 @@ def prepare_out(out: str | Path) -> Path:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        # the pid: processes writing into one folder do not share a probe name
         probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
+        probe.write_text("")  # mkdir succeeds on an existing read-only folder: only a write tells
         probe.unlink()
     except OSError as e:
         raise OSError(f"output folder {out} is not writable ({e.strerror or e}); choose another with --out") from None
@@ -114,16 +121,17 @@ def write_json_atomic(path: Path, obj) -> None:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; expected a JSON file name to write")
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")  # beside the target: replace() is then an atomic rename
+    # allow_nan=False: NaN and inf are not JSON, refused rather than written; what JSON cannot hold becomes null
     tmp.write_text(json.dumps(obj, indent=2, allow_nan=False, default=lambda x: None))
-    tmp.replace(path)
+    tmp.replace(path)  # readers see the old file or the new one, never a part
 
 
 def default_cache_dir() -> Path:
     """$MINICWAC_CACHE, else runs/cache in the source checkout (git-ignored), else ~/.cache/minicwac."""
     if os.environ.get("MINICWAC_CACHE"):
         return Path(os.environ["MINICWAC_CACHE"])
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "pyproject.toml").is_file():
+    repo = Path(__file__).resolve().parents[2]  # minicwac/core/files.py -> the checkout's root
+    if (repo / "pyproject.toml").is_file():  # a source checkout, not an installed package
         return repo / "runs" / "cache"
     return Path.home() / ".cache" / "minicwac"

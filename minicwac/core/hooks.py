@@ -39,43 +39,46 @@ def capture(model: torch.nn.Module, names: list[str], what: str = "output", deta
     """
     if what not in ("input", "output"):
         raise ValueError(f"what={what!r}, expected 'input' or 'output'")
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules())  # name -> module, e.g. "model.layers.1.mlp.down_proj"
+    # the module that ends the forward is hooked too, even when its tensor was not asked for
     hooked = list(dict.fromkeys(names + ([stop_after] if stop_after else [])))  # unique, in order
     unknown = [n for n in hooked if n not in modules]
     if unknown:
         raise ValueError(f"no module named {unknown[0]!r} in {type(model).__name__} "
                          f"(e.g. {next(n for n in modules if n)!r})")
-    acts: dict[str, torch.Tensor] = {}
-    handles = []
+    acts: dict[str, torch.Tensor] = {}  # name -> (B, T, width) tensor, filled as the forward reaches each module
+    handles = []  # removed in `finally`, also when the forward raises
 
+    # a factory: each hook keeps its own name (a closure made in the loop below would see the last one)
     def hook_for(name):
         def hook(module, inputs, output):
-            t = _tensor(inputs[0] if what == "input" else output)
-            acts[name] = t.detach() if detach else t
+            t = _tensor(inputs[0] if what == "input" else output)  # `inputs`: the positional arguments
+            acts[name] = t.detach() if detach else t  # detached: a read-only capture keeps no graph alive
             if name == stop_after:
-                raise StopForward
+                raise StopForward  # the rest of the forward never runs: cheaper, and nothing there is needed
         return hook
 
     try:
         for n in hooked:
             handles.append(modules[n].register_forward_hook(hook_for(n)))
+        # the forward runs inside the caller's `with` block: StopForward comes back to us at this yield
         try:
             yield acts
         except StopForward:
             pass
-    finally:
+    finally:  # the hooks never outlive the block, whatever happened in it
         for h in handles:
             h.remove()
 
 
 def block_list(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """The ModuleList that holds the decoder blocks, and its name ("model.layers" for Llama-style models)."""
-    for name in BLOCK_LISTS:
+    for name in BLOCK_LISTS:  # the first of the usual layouts that this model has
         try:
             blocks = model.get_submodule(name)
-        except AttributeError:
+        except AttributeError:  # get_submodule's answer to a path that does not exist
             continue
-        if isinstance(blocks, torch.nn.ModuleList):
+        if isinstance(blocks, torch.nn.ModuleList):  # a module of that name that is not the block list does not count
             return name, blocks
     raise ValueError(f"{type(model).__name__} has no decoder block list; expected one of {', '.join(BLOCK_LISTS)}")
 
@@ -87,14 +90,15 @@ def num_blocks(model: torch.nn.Module) -> int:
 def block_name(model: torch.nn.Module, layer: int) -> str:
     """The module whose output is the residual stream after `layer` blocks (1..n): e.g. "model.layers.{layer-1}"."""
     name, blocks = block_list(model)
+    # bool is a subclass of int: layer=True would pass as 1
     if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= len(blocks):
         raise ValueError(f"layer={layer!r}, expected 1..{len(blocks)} (the residual stream after that many blocks)")
-    return f"{name}.{layer - 1}"
+    return f"{name}.{layer - 1}"  # block layer - 1 (0-based) outputs the stream after `layer` blocks
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where the model's parameters live (a parameter-free stub: its `device` attribute, else the CPU)."""
-    p = next(model.parameters(), None)
+    p = next(model.parameters(), None)  # the first parameter stands for all of them
     if p is not None:
         return p.device
     return torch.device(getattr(model, "device", None) or "cpu")
@@ -105,10 +109,12 @@ def residual(model: torch.nn.Module, ids: torch.Tensor, layer: int, grad: bool =
 
     grad=True keeps the graph (L_safety backpropagates through it)."""
     name = block_name(model, layer)
+    # grad=True inside torch.no_grad() still builds no graph
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        # the hooked block is also where the forward stops: nothing above `layer` runs
         with capture(model, [name], detach=not grad, stop_after=name) as acts:
-            model(ids)
-    return acts[name]
+            model(ids)  # ends at the hook (StopForward, which capture swallows)
+    return acts[name]  # (B, T, hidden)
 
 
 def logits_of(out) -> torch.Tensor:

@@ -23,6 +23,7 @@ from .config import ACTIVATIONS, FAMILIES, Config
 
 
 # --- norms ---------------------------------------------------------------------------------------------------
+# x / rms(x) * w: no mean taken out and no bias (every family but GPT-2)
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None, one_plus: bool = False):
         super().__init__()
@@ -34,6 +35,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in float32 (as HF does) so bf16 checkpoints give the same numbers
         xf = x.float()
+        # (B, T, C): each token's vector scaled to rms 1
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.one_plus:  # Gemma: scale by (1 + w) still in float32, then cast
             return (xf * (1.0 + self.weight.float())).to(x.dtype)
@@ -50,6 +52,7 @@ def make_norm(cfg: Config, device=None, dtype=None) -> nn.Module:
 # --- rotary positions ----------------------------------------------------------------------------------------
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
     """The head_dim/2 rotation frequencies theta^(-2i/d), with Llama 3's rescaling when `scaling` says llama3."""
+    # (head_dim/2,): one frequency per pair of dimensions, from 1 down to nearly 1 / theta
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     if scaling is None:
         return inv_freq
@@ -68,7 +71,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, devi
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
                  scaling: dict | None = None):
     """cos, sin of shape (B, T, head_dim) in the Hugging Face layout: the frequencies repeated twice."""
-    inv_freq = rope_inv_freq(head_dim, theta, scaling, position_ids.device)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, position_ids.device)  # (head_dim/2,)
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -76,13 +79,13 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     # HF pairs dimension i with i + head_dim/2 (not adjacent dims as in the original RoPE paper)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # (..., hd/2) each
+    return torch.cat([-x2, x1], dim=-1)  # each (i, i + hd/2) pair turned by 90 degrees: (x1, x2) -> (-x2, x1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (B, nh, T, hd); cos/sin: (B, T, hd) broadcast over heads
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]  # (B, nh, T, hd): each pair turned by its position's angle
 
 
 # --- attention -----------------------------------------------------------------------------------------------
@@ -95,6 +98,7 @@ class Attention(nn.Module):
         o_bias = cfg.attention_bias if fam.o_bias is None else fam.o_bias
         kw = dict(device=device, dtype=dtype)
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=qkv_bias, **kw)
+        # k and v: (C -> nkv*hd), fewer heads than q's nh under grouped-query attention
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=qkv_bias, **kw)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=qkv_bias, **kw)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=o_bias, **kw)
@@ -104,37 +108,39 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_logit_softcapping
 
     def forward(self, x, cos, sin, mask, cache: "KVCache | None" = None, layer_idx: int = 0):
-        B, T, _ = x.shape
+        B, T, _ = x.shape  # x: (B, T, C), already normalised
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         if self.rope:  # GPT-2 added its positions to the embeddings instead
+            # positions enter q and k only: the scores depend on the offset between tokens
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # generation: attend to the keys/values of all earlier tokens too
             k, v = cache.update(layer_idx, k, v)  # (B, nkv, P+T, hd)
         if self.softcap is not None:
-            y = self._softcapped(q, k, v, mask)
+            y = self._softcapped(q, k, v, mask)  # (B, nh, T, hd)
         else:
             # grouped-query attention: each group of n_head / n_kv query heads shares one k/v head
             gqa = self.n_kv != self.n_head
+            # no mask: SDPA's own causal mask (its fast kernels); a mask: padding, a cache or a sliding window
             if mask is None:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=self.scale)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)  # (B, T, nh*hd)
-        return self.o_proj(y)
+        return self.o_proj(y)  # (B, T, C)
 
     def _softcapped(self, q, k, v, mask):
         """Gemma 2's attention, written out: SDPA cannot squash the scores with cap * tanh(scores / cap)."""
-        T, S = q.shape[2], k.shape[2]
+        T, S = q.shape[2], k.shape[2]  # S = P + T keys when the cache holds P earlier tokens
         if mask is None:  # plain causal, nothing cached
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
         k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # query head h reads k/v head h // group size
-        v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, nh, S, hd)
         scale = self.hd ** -0.5 if self.scale is None else self.scale
         scores = (q @ k.transpose(-1, -2)) * scale  # (B, nh, T, S)
-        scores = torch.tanh(scores / self.softcap) * self.softcap
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = torch.tanh(scores / self.softcap) * self.softcap  # still (B, nh, T, S), now within (-softcap, softcap)
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, T, S) or (T, S), broadcast over the heads
         return F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v  # (B, nh, T, hd)
 
 
@@ -144,6 +150,7 @@ class KVCache:
     Sliding-window layers keep every key too: the attention mask, not the cache, hides the old ones."""
 
     def __init__(self, num_layers: int):
+        # per layer: (B, nkv, P, hd), None before the first forward
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
 
@@ -152,6 +159,7 @@ class KVCache:
 
     def update(self, i: int, k: torch.Tensor, v: torch.Tensor):
         if self.k[i] is not None:
+            # appended along the time axis: (B, nkv, P + T, hd)
             k, v = torch.cat([self.k[i], k], dim=2), torch.cat([self.v[i], v], dim=2)
         self.k[i], self.v[i] = k, v
         return k, v
@@ -164,17 +172,19 @@ class MLP(nn.Module):
     def __init__(self, cfg: Config, device=None, dtype=None):
         super().__init__()
         fam = FAMILIES[cfg.model_type]
+        # a family's fixed bias setting wins over config.mlp_bias (None: the config decides)
         kw = dict(bias=cfg.mlp_bias if fam.mlp_bias is None else fam.mlp_bias, device=device, dtype=dtype)
         if fam.gated_mlp:
             self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        # (I -> C): CWAC's default weight target [paper]
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
         self.gated, self.act = fam.gated_mlp, ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
         if self.gated:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act(self.up_proj(x)))
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # (B, T, I) * (B, T, I) -> (B, T, C)
+        return self.down_proj(self.act(self.up_proj(x)))  # (B, T, I) -> (B, T, C)
 
 
 class DecoderLayer(nn.Module):
@@ -195,8 +205,9 @@ class DecoderLayer(nn.Module):
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache,
                                                                  layer_idx))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        # pre-norm: each sublayer reads a normalised copy of x and adds its output to the residual stream
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, C)
 
 
 class Backbone(nn.Module):
@@ -219,20 +230,23 @@ def attention_masks(cfg: Config, attention_mask: torch.Tensor | None, B: int, T:
     Query i (absolute slot P + i) sees the keys 0..P+i that are not padding; in a sliding-window layer only the
     last `sliding_window` of them (slots P+i-W+1 .. P+i, as Hugging Face counts them)."""
     W = cfg.sliding_window
+    # a window matters only when some layer slides and the keys outnumber the window
     windowed = W is not None and P + T > W and any(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers))
     full = None
-    if attention_mask is not None or P > 0 or windowed:
-        causal = torch.ones(T, P + T, dtype=torch.bool, device=device).tril(diagonal=P)
+    if attention_mask is not None or P > 0 or windowed:  # otherwise None: SDPA's causal fast path
+        # query i (slot P + i) sees keys 0..P+i: a lower triangle shifted right by P
+        causal = torch.ones(T, P + T, dtype=torch.bool, device=device).tril(diagonal=P)  # (T, P+T)
+        # (B, P+T): False on padding keys
         keep = attention_mask.bool() if attention_mask is not None else torch.ones(B, P + T, dtype=torch.bool,
                                                                                    device=device)
         full = causal & keep[:, None, None, :]  # (B, 1, T, P+T)
         # a padding query with no visible key would give NaN; let it see itself (its output is ignored)
         own = torch.arange(P + T, device=device)[None, :] == torch.arange(P, P + T, device=device)[:, None]
-        full = full | own
+        full = full | own  # (B, 1, T, P+T)
     if not windowed:
         return [full] * cfg.num_hidden_layers
     too_old = torch.ones(T, P + T, dtype=torch.bool, device=device).tril(diagonal=P - W)  # slot <= P + i - W
-    sliding = full & ~too_old
+    sliding = full & ~too_old  # (B, 1, T, P+T): causal, not padding, not too old
     return [sliding if cfg.is_sliding(i) else full for i in range(cfg.num_hidden_layers)]
 
 
@@ -262,7 +276,8 @@ class GPT(nn.Module):
         self.model = Backbone(cfg, device, dtype)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
         if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight = self.model.embed_tokens.weight  # one Parameter: the logits read the embedding matrix
+        # on the meta device there is no memory to draw into: the weights are loaded afterwards
         if device is None or torch.device(device).type != "meta":
             self.apply(self._init_weights)
         # recompute each block's activations in the backward pass instead of storing them (training only): about
@@ -271,6 +286,7 @@ class GPT(nn.Module):
 
     def _init_weights(self, m: nn.Module):
         std = self.config.initializer_range
+        # N(0, initializer_range) for matrices and embeddings, zero biases; a checkpoint overwrites them
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)
             if m.bias is not None:
@@ -296,7 +312,7 @@ class GPT(nn.Module):
         """
         cfg = self.config
         fam = FAMILIES[cfg.model_type]
-        B, T = input_ids.shape
+        B, T = input_ids.shape  # input_ids: (B, T)
         L = cfg.num_hidden_layers
         if stop_at_layer is not None and not 0 <= stop_at_layer <= L:
             raise ValueError(f"stop_at_layer={stop_at_layer}, expected 0..{L}")
@@ -304,28 +320,30 @@ class GPT(nn.Module):
         dev = input_ids.device
         if position_ids is None:
             if attention_mask is None:
-                position_ids = torch.arange(P, P + T, device=dev).expand(B, T)
+                position_ids = torch.arange(P, P + T, device=dev).expand(B, T)  # (B, T): slots P .. P+T-1
             else:  # count only real tokens, so a left-padded prompt starts at position 0
+                # (B, T): the new tokens' columns of the (B, P+T) mask
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        masks = attention_masks(cfg, attention_mask, B, T, P, dev)
+        masks = attention_masks(cfg, attention_mask, B, T, P, dev)  # per layer: (B, 1, T, P+T) bool, or None
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         if fam.scale_embeddings:  # Gemma: * sqrt(hidden_size), the factor rounded to the model's dtype as in HF
-            x = x * torch.tensor(cfg.hidden_size ** 0.5).to(x.dtype)
+            x = x * torch.tensor(cfg.hidden_size ** 0.5).to(x.dtype)  # (B, T, C)
         if fam.rope:
+            # (B, T, hd) each, computed once and shared by every layer
             cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
         else:  # GPT-2: learned absolute positions
             cos = sin = None
-            x = x + self.model.embed_positions(position_ids)
+            x = x + self.model.embed_positions(position_ids)  # (B, T, C) + (B, T, C)
         for i, layer in enumerate(self.model.layers):
             if stop_at_layer is not None and i == stop_at_layer:
-                return x
+                return x  # (B, T, C): the residual stream after stop_at_layer blocks
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, masks[i], cache, i, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, masks[i], cache, i)
+                x = layer(x, cos, sin, masks[i], cache, i)  # (B, T, C)
         if stop_at_layer == L:
-            return x
-        logits = self.lm_head(self.model.norm(x))
+            return x  # after every block, before the final norm
+        logits = self.lm_head(self.model.norm(x))  # (B, T, vocab)
         if cfg.final_logit_softcapping is not None:  # Gemma 2: squash into (-cap, cap)
             logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
         return logits
@@ -341,28 +359,32 @@ class GPT(nn.Module):
         emitted one are padded with the first afterwards.
         """
         check_generation(self.config, input_ids.shape[-1], max_new_tokens, temperature, top_k)
+        # (n_eos,): one or several end tokens
         eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=input_ids.device).reshape(-1)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        am, cache = attention_mask, KVCache(self.config.num_hidden_layers)
+        am, cache = attention_mask, KVCache(self.config.num_hidden_layers)  # am grows by one column per new token
+        # (B,): rows that have emitted an end token
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         logits = self(input_ids, attention_mask=am, cache=cache)[:, -1, :].float()  # the prompt, once
         new = []
         for _ in range(max_new_tokens):
             if temperature == 0.0:
-                nxt = logits.argmax(-1)
+                nxt = logits.argmax(-1)  # (B,)
             else:
                 logits = logits / temperature
                 if top_k is not None:
+                    # the k-th largest logit per row, (B, 1); everything below it is never sampled
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
             if eos is not None:
-                nxt = torch.where(done, eos[0], nxt)
+                nxt = torch.where(done, eos[0], nxt)  # finished rows: padded with the first end token
                 done = done | torch.isin(nxt, eos)
             new.append(nxt)
+            # every row ended, or the last token drawn: no forward for logits nobody would read
             if eos is not None and bool(done.all()) or len(new) == max_new_tokens:
                 break
-            am = torch.cat([am, torch.ones_like(nxt[:, None])], dim=1)
+            am = torch.cat([am, torch.ones_like(nxt[:, None])], dim=1)  # (B, P + 1): the new token is real
             logits = self(nxt[:, None], attention_mask=am, cache=cache)[:, -1, :].float()  # (B, vocab)
-        return torch.stack(new, dim=1)
+        return torch.stack(new, dim=1)  # (B, n_new)

@@ -29,15 +29,18 @@ from ..core.settings import TARGETS, KitSettings, method
 from ..core.subspace import Subspace, compute_subspace
 from ..tools.report import figure, plot_drift_map
 
-KIT_VERSION = 1
+KIT_VERSION = 1  # the folder layout's version, recorded in kit.json
 
 
 def fingerprint(model) -> dict:
     """What identifies the model a kit belongs to: its parameter names and shapes (hashed), and their count; LoRA
     adapters (`core.lora`) are not part of it. The weights themselves are checked by W S = W0 S when the kit is
     loaded."""
+    # without the adapters: a kit made on the base weights still fits once LoRA is added
     params = [(n, p) for n, p in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))]
-    shapes = [(n, list(p.shape)) for n, p in params]
+    shapes = [(n, list(p.shape)) for n, p in params]  # [(name, [dims])], in module order
+    # names and shapes only: any change of architecture shows here, a change of weights does not (W S = W0 S
+    # catches that, in `load`)
     return {"params": sum(p.numel() for _, p in params), "n_tensors": len(shapes),
             "shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]}
 
@@ -46,42 +49,48 @@ def fingerprint(model) -> dict:
 class Kit:
     """Everything the constraints need, made once from the aligned model."""
 
-    settings: KitSettings
-    subspace: Subspace
-    features: SafetyFeatures
-    fingerprint: dict
+    settings: KitSettings  # what `calibrate` was called with, checked
+    subspace: Subspace  # S and W0S of every target linear
+    features: SafetyFeatures  # the SAE, the selected latents, the calibration prompts and z0
+    fingerprint: dict  # the model's, see `fingerprint`
     report: dict = field(default_factory=dict)  # SAE metrics, subspace ranks, prompt counts
 
     def constraint(self, name: str, run: str = "kit") -> tuple[Subspace | None, SafetyFeatures | None]:
         """The subspace and the features the method `name` uses (its row of `core.settings.METHODS`)."""
+        # the method's row: its weight targets (a TARGETS key, "auto" or None) and whether L_safety is on
         targets, act = method(name, run).weight, method(name, run).activation
+        # a subspace holds only the layers it was calibrated on: `all` cannot be cut from a down_proj kit
         if targets == "all" and self.settings.targets != "all":
             raise ValueError(f"method {name} constrains every linear, but the kit was calibrated with --targets "
                              f"{self.settings.targets}; calibrate again with --targets all")
+        # `auto` needs the probe's choice, which only a calibration with --probe-data records
         if targets == "auto" and "auto" not in self.report:
             raise ValueError(f"method {name} constrains the module kinds a probe chose, but the kit was "
                              f"calibrated with --targets {self.settings.targets} and no probe; calibrate again with "
                              "--targets auto --probe-data FILE")
         sub = None
         if targets is not None:
+            # a kit of every linear serves the down_proj methods too: the matching layers are cut out
             sub = self.subspace.matching(self.report["auto"]["patterns"] if targets == "auto" else TARGETS[targets])
-        return sub, (self.features if act else None)
+        return sub, (self.features if act else None)  # the features only for a method with the activation side
 
     def save(self, path: str | Path) -> Path:
         """The kit folder (see the module docstring), written atomically."""
         f = self.features
         with atomic_folder(path) as tmp:
-            self.subspace.save(tmp / "subspace")
-            f.sae.save(tmp / "sae")
+            self.subspace.save(tmp / "subspace")  # S, W0S, the spectra and cfg.json
+            f.sae.save(tmp / "sae")  # its scale already folded in (`kit_sae`)
+            # the calibration prompts exactly as z0 was read on them: L_safety indexes both by the same rows
             save_file({"ids": f.ids.cpu().contiguous(), "keep": f.keep.to(torch.uint8).cpu().contiguous(),
                        "z0": f.z0.float().cpu().contiguous(), "idx": f.idx.cpu().contiguous()},
                       str(tmp / "features.safetensors"))
+            # layer and readout: what `load` needs to rebuild SafetyFeatures
             (tmp / "kit.json").write_text(json.dumps(
                 {"version": KIT_VERSION, "settings": asdict(self.settings), "fingerprint": self.fingerprint,
                  "layer": f.layer, "readout": f.readout, "report": self.report}, indent=2))
             (tmp / "report.md").write_text(kit_report(self))
             plot_spectrum(self.subspace, tmp / "spectrum.png")
-            if "auto" in self.report:
+            if "auto" in self.report:  # the probe's drift map, when a probe ran
                 plot_drift_map(self.report["auto"]["map"], tmp, "the probe's drift map (targets auto)",
                                by_layer=False)
         return Path(path)
@@ -90,21 +99,23 @@ class Kit:
     def load(cls, path: str | Path, model, device=None) -> "Kit":
         """Read a kit folder and check that it belongs to `model` (same shapes, W S = W0 S on its weights)."""
         path = Path(path)
-        recover(path)
+        recover(path)  # a save interrupted mid-rename: the last complete kit is read
+        # the layout first, for an error that names the missing piece
         for f in ("kit.json", "features.safetensors", "subspace", "sae"):
             if not (path / f).exists():
                 raise FileNotFoundError(f"{path / f} not found: a kit folder is written by `python -m minicwac "
                                         "calibrate` (kit.json, features.safetensors, subspace/, sae/)")
-        try:
+        try:  # a damaged or foreign folder: one line naming the error, not a traceback
             meta = json.loads((path / "kit.json").read_text())
-            settings = KitSettings(**meta["settings"])
+            settings = KitSettings(**meta["settings"])  # an unknown field raises TypeError, caught below
             t = load_file(str(path / "features.safetensors"))
+            # keep back to bool (it is stored as uint8)
             ids, keep, z0, idx = t["ids"], t["keep"].bool(), t["z0"], t["idx"]
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise ValueError(f"{path} is not a readable kit ({type(e).__name__}: {e})") from None
-        device = model_device(model) if device is None else device
+        device = model_device(model) if device is None else device  # beside the model unless told otherwise
         fp = fingerprint(model)
-        if meta["fingerprint"] != fp:
+        if meta["fingerprint"] != fp:  # the cheap check first: names and shapes, before any weight is read
             kf = meta["fingerprint"]
             raise ValueError(f"kit {path} was made for another model ({kf['params']} parameters in {kf['n_tensors']} "
                              f"tensors, shapes {kf['shapes_sha256']}); this one has {fp['params']} in "
@@ -114,11 +125,12 @@ class Kit:
         if dist.is_sharded(model):  # FSDP2 (`dist.load_pretrained`): every rank checks its rows
             err = dist.max_over_ranks(sub.shard(model).ws_error(model))
         else:
-            err = sub.ws_error(model)
-        if err > 1e-4:
+            err = sub.ws_error(model)  # ||W S - W0S|| / ||W0S||: about 0 on the weights the kit was made from
+        if err > 1e-4:  # the bound a kit is refused above (docs/method.md#3-weight-side-the-safety-subspace)
             raise ValueError(f"kit {path} was made for other weights of this architecture: |W S - W0S| / |W0S| = "
                              f"{err:.2g} (expected <= 1e-4 on the model it was calibrated on)")
-        sae = SAE.load(path / "sae", device).requires_grad_(False)
+        sae = SAE.load(path / "sae", device).requires_grad_(False)  # frozen: L_safety trains the model, never the SAE
+        # z0 is not recomputed: the kit's values are the aligned model's, whatever model loads them
         feats = SafetyFeatures(meta["layer"], meta["readout"], ids.to(device), keep.to(device), z0.to(device), sae,
                                idx.to(device))
         return cls(settings, sub, feats, fp, meta.get("report", {}))
@@ -128,7 +140,7 @@ def generic_corpus(n: int = 2000) -> list[str]:
     """A small generic English text the package builds offline (the toy world's documents, seed 0): the ~30% of
     SAE training tokens that are not harmful prompts, when no --corpus is given."""
     from ..toy.world import build_world  # the toy world is a text source here, nothing more
-    return build_world(0).pretrain_docs[:n]
+    return build_world(0).pretrain_docs[:n]  # seed 0: the same text for every kit
 
 
 def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None, corpus: list[str] | None = None,
@@ -145,43 +157,50 @@ def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None,
     it for probe_steps steps and its drift map on the harmful prompts picks the target kinds (`probe_targets`);
     with targets "down_proj" or "all" the choice is only recorded (then "cwac-auto" works if "all").
     sae_folder: a cache for the SAE: read from it when it holds one, else trained and written there."""
-    s = (settings or KitSettings()).check()
+    s = (settings or KitSettings()).check()  # the defaults, or a ValueError before any work
     if not harmful:
         raise ValueError("no harmful prompts to calibrate on")
     if s.targets == "auto" and not probe_seqs:
         raise ValueError("targets auto needs the fine-tuning data for its probe (probe_seqs; on the command line "
                          "--probe-data FILE)")
-    score = s.score or ("contrast" if harmless else "harmful")
+    score = s.score or ("contrast" if harmless else "harmful")  # contrast when harmless prompts are given
     if score == "contrast" and not harmless:
         raise ValueError("score 'contrast' needs harmless prompts (harmful minus harmless latent means)")
-    model.eval()
-    pad, skip = tok.pad_token_id, [tok.bos_token_id]
+    model.eval()  # calibration reads the model, it never trains it (the probe trains a copy)
+    pad, skip = tok.pad_token_id, [tok.bos_token_id]  # BOS left out: its activations are outliers on real models
+    # chat-formatted, ending in the generation prompt, as at evaluation
     calib = [prompt_ids(tok, p)[:max_len] for p in harmful]
     calib_harmless = [prompt_ids(tok, p)[:max_len] for p in harmless] if harmless else None
-    pre = shared_prefix(calib) if s.skip_prefix else 0
+    pre = shared_prefix(calib) if s.skip_prefix else 0  # the shared opening's length (e.g. a system line), or 0
     auto = None
     if probe_seqs:  # the map is read on the calibration prompts (a dev split), never on evaluation prompts
         auto = probe_targets(model, probe_seqs, calib, pad, calib_harmless, skip, steps=s.probe_steps,
                              lr=s.probe_lr, batch_size=s.probe_batch, seed=s.seed, share=s.auto_share,
                              progress=progress)
-        model.eval()
+        model.eval()  # every read below in eval mode
+    # the probe's choice for targets auto, else the key's regexes
     patterns = auto["patterns"] if s.targets == "auto" else TARGETS[s.targets]
+    # weight side: S and W0S of every target, from the inputs those layers see on the harmful prompts
     sub = compute_subspace(model, calib, pad, patterns=patterns, energy=s.energy, skip_ids=skip,
                            skip_prefix=pre, progress=progress)
-    layer = check_sae_layer(s.sae_layer, num_blocks(model))
+    layer = check_sae_layer(s.sae_layer, num_blocks(model))  # None: the middle block
     n_docs = None
     if sae_seqs is None:  # the harmful prompts (~harmful_frac of the tokens) and generic documents (the rest)
         docs = [ids for ids, _ in encode_docs(tok, corpus if corpus is not None else generic_corpus(), max_len)]
         sae_seqs = mix_by_tokens(calib, docs, s.harmful_frac, s.seed)
-        n_docs = len(sae_seqs) - len(calib)
+        n_docs = len(sae_seqs) - len(calib)  # the generic documents picked, for the report
+    # activation side, step 1: the SAE (or its cached copy)
     sae, sae_report = kit_sae(model, sae_seqs, layer, s, pad, skip, sae_folder, progress)
+    # step 2: a score for every latent on the calibration prompts
     scores = score_latents(model, sae, calib, calib_harmless, pad, skip, how=score, skip_prefix=pre)
-    idx = select_latents(scores, s.m)
-    if len(idx) == 0:
+    idx = select_latents(scores, s.m)  # step 3: the top m (or every firing one)
+    if len(idx) == 0:  # m = "firing" and no latent fires
         raise ValueError("no SAE latent scores above 0 on the harmful prompts: nothing to protect (try another "
                          "--sae-layer or a number for --m)")
+    # step 4: z0, the aligned model's pre-TopK readout of those latents, stored with the prompts
     feats = safety_features(model, calib, pad, readout="pre", sae=sae, idx=idx, layer=layer, skip_ids=skip,
                             skip_prefix=pre)
+    # what report.md and kit.json record
     report = {"hook_name": block_name(model, layer), "n_harmful": len(harmful), "n_harmless": len(harmless or []),
               "n_corpus_docs": n_docs, "skip_prefix_tokens": pre, "score": score, "n_latents": int(len(idx)),
               "sae": {k: v for k, v in sae_report.items() if k != "history"}, "ranks": sub.cfg["ranks"]}
@@ -195,24 +214,28 @@ def kit_sae(model, seqs: list[list[int]], layer: int, s: KitSettings, pad: int, 
     """The kit's SAE, trained on the residual stream after `layer` blocks over `seqs` (the first tenth held out
     for its metrics), scale folded in; and its report (metrics + training history). With `folder`: read from
     there when it holds an SAE, else written there once trained."""
+    # a cached SAE is taken as is: the folder's name must say what it was trained with (the toy's carries
+    # a hash of the SAE settings, `SafetyRecipe.key`)
     if folder is not None and (Path(folder) / "cfg.json").is_file():
         return SAE.load(folder, model_device(model)), json.loads((Path(folder) / "cfg.json").read_text())["report"]
-    n_test = max(1, len(seqs) // 10)
+    n_test = max(1, len(seqs) // 10)  # a tenth held out, at least one sequence
     x_train = harvest(model, seqs[n_test:], layer, pad, skip)  # (tokens, hidden)
-    x_test = harvest(model, seqs[:n_test], layer, pad, skip)
+    x_test = harvest(model, seqs[:n_test], layer, pad, skip)  # (tokens, hidden)
     d_sae = s.d_sae or 8 * x_train.shape[1]  # 8 x hidden
+    # k at most d_sae; batches of at most 1024 tokens
     sae, hist = train_sae(x_train, d_sae, min(s.sae_k, d_sae), layer, steps=s.sae_steps, lr=s.sae_lr, seed=s.seed,
                           batch_size=min(1024, len(x_train)), device=model_device(model), progress=progress)
-    met = sae_metrics(sae, x_test)
+    met = sae_metrics(sae, x_test)  # FVU, L0 and dead latents on the held-out tokens
+    # the LM loss with the SAE's reconstruction in place of the residual stream
     ce = ce_recovered(model, sae, seqs[:n_test], pad)
-    sae.fold_scale_()
+    sae.fold_scale_()  # s folded into the weights: the saved SAE takes raw activations
     report = {"explained_variance": 1 - met["fvu"], "fvu": met["fvu"], "l0": met["l0"],
               "dead_fraction": met["dead_fraction"],  # never fired on the held-out tokens
               # the field's definition: not fired in the last dead_tokens training tokens
               "dead_fraction_train": hist["dead_fraction"][-1] if hist["dead_fraction"] else None,
               "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"], "ce_recovered": ce["recovered"],
               "train_tokens": len(x_train), "held_out_tokens": len(x_test), "history": hist}
-    if folder is not None:
+    if folder is not None:  # the cache for the next calibration with these settings
         sae.save(folder, extra={"report": report})
     return sae, report
 
@@ -222,11 +245,12 @@ def kit_report(kit: Kit) -> str:
     r, s = kit.report, kit.settings
     sae = r.get("sae", {})
     dead_train = sae.get("dead_fraction_train")
-    dead_train = "-" if dead_train is None else f"{100 * dead_train:.1f}"
+    dead_train = "-" if dead_train is None else f"{100 * dead_train:.1f}"  # None: no training history
+    # markdown lines, joined at the end
     L = ["# Safety kit", "", f"Calibrated on {r.get('n_harmful')} harmful prompts ({r.get('n_harmless')} harmless "
          f"for the latent scores, {r.get('n_corpus_docs')} generic documents for the SAE).", "",
          "| setting | value |", "|---|---|"]
-    L += [f"| {k} | {v} |" for k, v in asdict(s).items()]
+    L += [f"| {k} | {v} |" for k, v in asdict(s).items()]  # one row per setting
     L += ["", "## SAE (residual stream after block " f"{kit.features.layer}, held-out tokens)", "",
           "| explained variance | L0 | dead % (held-out / training window) | CE recovered |", "|---|---|---|---|",
           f"| {sae.get('explained_variance', float('nan')):.3f} | {sae.get('l0', float('nan')):.1f} | "
@@ -236,11 +260,12 @@ def kit_report(kit: Kit) -> str:
           f"Safety latents: {r.get('n_latents')} (score: {r.get('score')}).", "",
           "## Subspace rank k / in per target (energy " f"{s.energy})", "", "| layer | k | in | k / in |",
           "|---|---|---|---|"]
-    for n, (k, d) in kit.subspace.ranks().items():
+    for n, (k, d) in kit.subspace.ranks().items():  # (k, in) per target
         L.append(f"| {n} | {k} | {d} | {k / d:.2f} |")
     L += ["", "![spectrum](spectrum.png)", ""]
     auto = r.get("auto")
     if auto:
+        # total: the sum over the kinds, the shares' denominator
         pr, total = auto["probe"], sum(auto["by_kind"].values())
         L += ["## Targets chosen by the probe", "",
               f"A copy of the model trained {pr['steps']} SFT steps (lr {pr['lr']:g}, batch {pr['batch_size']}) on "
@@ -257,18 +282,19 @@ def plot_spectrum(sub: Subspace, path: Path) -> None:
 
     fig, ax = figure(figsize=(6, 4))
     for n, ev in sub.spectra.items():
-        ev = ev.double().clamp(min=0)
-        if float(ev.sum()) <= 0:
+        ev = ev.double().clamp(min=0)  # float64 for the cumulative sums
+        if float(ev.sum()) <= 0:  # inputs that were all zero: no shares to plot
             continue
-        cum = (ev.cumsum(0) / ev.sum()).numpy()
-        x = [(i + 1) / len(ev) for i in range(len(ev))]
+        cum = (ev.cumsum(0) / ev.sum()).numpy()  # cum[i]: the share of trace(C) in the top i + 1 eigenvalues
+        x = [(i + 1) / len(ev) for i in range(len(ev))]  # k / in: layers of every width on one axis
         ax.plot(x, cum, lw=0.8, alpha=0.7, label=n if len(sub.spectra) <= 8 else None)
     energy = sub.cfg.get("energy")
+    # the energy cut-off: a line's k is where it crosses
     if energy:
         ax.axhline(energy, color="k", ls="--", lw=0.8)
     ax.set(xlabel="k / in (top eigenvectors of C)", ylabel="share of trace(C)", ylim=(0, 1.02),
            title="Safety subspace: energy captured by rank")
-    if len(sub.spectra) <= 8:
+    if len(sub.spectra) <= 8:  # more lines than that: a legend would hide the plot
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -288,7 +314,7 @@ def add_arguments(p) -> None:
     p.add_argument("--probe-data", default=None,
                    help="--targets auto: your fine-tuning JSONL (as finetune --data); with --targets all the "
                         "choice is recorded too, for --method cwac-auto")
-    add_setting_flags(p, KitSettings)
+    add_setting_flags(p, KitSettings)  # every KitSettings field as a flag, with its help and default
     p.add_argument("--max-len", type=positive_int, default=256, help="tokens per prompt or document (256)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -299,7 +325,8 @@ def run(args) -> None:
     from ..io.hf import load_checkpoint
     from ..io.prompts import load_prompts
     from .data import encode_data, load_conversations
-    s = settings_from(args, KitSettings()).check()
+    s = settings_from(args, KitSettings()).check()  # the flags over KitSettings' defaults
+    # flags that do not go together: refused before the model is loaded
     if s.targets == "auto" and not args.probe_data:
         raise ValueError("--targets auto needs --probe-data (your fine-tuning JSONL: the probe trains on it)")
     if args.probe_data and s.targets == "down_proj":
@@ -308,17 +335,20 @@ def run(args) -> None:
     harmful = load_prompts(args.harmful)
     harmless = load_prompts(args.harmless) if args.harmless else None
     corpus = None
+    # one document per non-empty line
     if args.corpus:
         corpus = [ln.strip() for ln in Path(args.corpus).read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not corpus:
             raise ValueError(f"{args.corpus} holds no text")
+    # checked before the long calibration, not after it: a kit is never written over other files
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise FileExistsError(f"{args.out} exists and is not empty; choose another --out for the kit")
     model, tok = load_checkpoint(args.model, args.device)
+    # [0]: the sequences ([1]: how many were cut)
     probe = encode_data(tok, conversations, args.max_len)[0] if conversations else None
     kit = calibrate(model, tok, harmful, harmless, corpus, s, max_len=args.max_len, probe_seqs=probe,
                     progress=not args.quiet)
-    kit.report["model"] = str(args.model)
+    kit.report["model"] = str(args.model)  # the folder it was calibrated on, for whoever reads the report
     kit.save(args.out)
     print((Path(args.out) / "report.md").read_text())
     print(f"wrote the kit {args.out} (kit.json, subspace/, sae/, features.safetensors, report.md, spectrum.png)")

@@ -27,13 +27,18 @@ DTYPES = {"fp32": None, "bf16-mixed": torch.bfloat16}  # the autocast dtype over
 
 def _save_state(path: Path, model, opt, step: int, hist: dict, run: dict) -> None:
     """A resumable checkpoint folder: parameters, AdamW state, step and history, written atomically."""
-    sd = opt.state_dict()
+    sd = opt.state_dict()  # {"state": {param index: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}
+    # flattened to "state.<param index>.<name>" keys: safetensors holds one flat dict of tensors (a step that
+    # is a plain number becomes a tensor)
     tensors = {f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
                for i, st in sd["state"].items() for k, v in st.items()}
     with atomic_folder(path) as tmp:
+        # every parameter by name, frozen ones too: the checkpoint alone restores the model
         save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()},
                   str(tmp / "params.safetensors"))
+        # a placeholder when AdamW holds no state (`_load_state` skips it)
         save_file(tensors or {"empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
+        # the param groups (lr, betas, weight decay, their parameters' indices) are small: JSON beside the tensors
         (tmp / "state.json").write_text(json.dumps({"step": step, "history": hist, "run": run,
                                                     "param_groups": sd["param_groups"]}))
 
@@ -41,7 +46,8 @@ def _save_state(path: Path, model, opt, step: int, hist: dict, run: dict) -> Non
 def _check_run(path: Path, run: dict) -> dict:
     """The checkpoint's state.json, refused if it was written by a run with other settings."""
     meta = json.loads((path / "state.json").read_text())
-    if meta["run"] != run:
+    if meta["run"] != run:  # resuming under other flags would mix two runs in one history
+        # name the first setting that differs
         diff = next(k for k in set(run) | set(meta["run"]) if run.get(k) != meta["run"].get(k))
         raise ValueError(f"{path} is a checkpoint of another run ({diff}: {meta['run'].get(diff)!r} there, "
                          f"{run.get(diff)!r} now); use the same flags to resume, or another --out")
@@ -50,27 +56,30 @@ def _check_run(path: Path, run: dict) -> dict:
 
 def _load_state(path: Path, model, run: dict) -> dict:
     meta = _check_run(path, run)
-    params = load_file(str(path / "params.safetensors"))
+    params = load_file(str(path / "params.safetensors"))  # name -> tensor, on the CPU
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p.copy_(params[n].to(p.device, p.dtype))
+            p.copy_(params[n].to(p.device, p.dtype))  # in place, on the model's device and dtype
     t = load_file(str(path / "optimizer.safetensors"))
     state: dict = {}
+    # back from "state.<i>.<name>" keys to AdamW's nested dict
     for k, v in t.items():
         if k == "empty":
             continue
-        _, i, name = k.split(".", 2)
+        _, i, name = k.split(".", 2)  # "state", the parameter's index, the state's name
+        # the moments beside the parameters; `step` stays on the CPU, where AdamW keeps it
         state.setdefault(int(i), {})[name] = v.to(model_device(model)) if name != "step" else v
-    return {"step": meta["step"], "history": meta["history"],
+    return {"step": meta["step"], "history": meta["history"],  # the `resume` dict of `finetune_cwac`
             "optimizer": {"state": state, "param_groups": meta["param_groups"]}}
 
 
 def _move_into(src: Path, out: Path) -> None:
     """Move the files of folder `src` into `out`, each by one rename (a file of the same name is replaced). The
     weights go last: a folder that has them has everything else of the same save too."""
+    # False sorts first: the .safetensors files come last
     for f in sorted(src.iterdir(), key=lambda f: f.suffix == ".safetensors"):
-        os.replace(f, out / f.name)
-    src.rmdir()
+        os.replace(f, out / f.name)  # one rename per file: each is the old one or the new one, never a part
+    src.rmdir()  # empty now
 
 
 @dataclass
@@ -114,41 +123,50 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     continues from it; with ranks (a torchrun process) the model is sharded with FSDP2 (`dist.shard_model`), each
     rank trains on its part of every global batch, the checkpoint is sharded and rank 0 writes the folder."""
     run = (run or RunOptions()).check(lora)
+    # everything checked before OUT is touched
     steps = check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, lora, run)
+    # the method's constraints from the kit (sft: none)
     sub, feats = kit.constraint(method) if kit is not None else (None, None)
+    # the kit's lam unless one is given
     lam = (kit.settings.lam if kit is not None else 0.0) if lam is None else lam
     out, proc = Path(out), run.proc
+    # main: the process that writes files (rank 0, or the only one)
     ckpt, main = out / "checkpoint", proc is None or proc.main
     prepare_run_folder(out, ckpt, run.resume, proc)
+    # what makes a run itself: a checkpoint resumes only under the same record (`_check_run`)
     record = {"method": method, "steps": steps, "lr": lr, "batch_size": batch_size, "lam": lam, "dtype": dtype,
               "seed": seed, "data_sha256": hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16],
               "kit": None if kit is None else kit.fingerprint, "lora": None if lora is None else asdict(lora)}
     if lora is not None and not lora_modules(model):  # (`dist.load_pretrained` adds them before it shards)
         add_lora(model, lora, seed)
-    model.gradient_checkpointing = run.checkpointing
+    model.gradient_checkpointing = run.checkpointing  # read by the model's forward
     if proc is None:
+        # weights, AdamW state, step and history of OUT/checkpoint
         state = _load_state(ckpt, model, record) if run.resume else None
         save_state = lambda step, m, opt, hist: _save_state(ckpt, m, opt, step, hist, record)  # noqa: E731
     else:  # FSDP2: shard the model and the constraint; every rank writes its shards of the checkpoint
         from ..io import dist
+        # `dist.load_pretrained` shards as it reads; a model passed whole is sharded here
         if not dist.is_sharded(model):
             dist.shard_model(model, proc, dtype, run.offload)
-        sub = sub.shard(model) if sub is not None else None
-        feats = feats.to(proc.device) if feats is not None else None
+        sub = sub.shard(model) if sub is not None else None  # W0S split by the weights' rows, S whole on every rank
+        feats = feats.to(proc.device) if feats is not None else None  # the fixed prompts and z0 on this rank's device
         state = None
         if run.resume:
             meta = _check_run(ckpt, record)
+            # the weights and AdamW state are loaded shard by shard, once the optimizer exists
             state = {"step": meta["step"], "history": meta["history"],
                      "optimizer": lambda opt: dist.load_sharded(ckpt, model, opt)}
         save_state = lambda step, m, opt, hist: dist.save_sharded(  # noqa: E731
             ckpt, m, opt, proc, {"step": step, "history": hist, "run": record})
 
+    # checkpoints along the way; none after the last step, where the run's output follows
     def on_step(step, m, opt, hist):
         if run.save_every and step % run.save_every == 0 and step < steps:
             save_state(step, m, opt, hist)
 
     curve = None
-    if run.eval_harmful and run.eval_every:
+    if run.eval_harmful and run.eval_every:  # HS against step, measured in eval mode
         curve = (run.eval_every, lambda m: harmful_score(m, tok, run.eval_harmful, run.eval_tokens))
     hist = finetune_cwac(model, seqs, Schedule(steps, batch_size, lr, seed=seed),
                          None if kit is None else Constraints(sub, feats, lam, kit.settings.safety_batch),
@@ -169,6 +187,7 @@ def check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, l
         raise ValueError("no training sequences")
     if method != "sft" and kit is None:
         raise ValueError(f"method {method} needs a kit (python -m minicwac calibrate ...)")
+    # the projection writes values W0S pins exactly: bf16 weights would round them off at every step
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError(f"the model's weights are {next(model.parameters()).dtype}; load them in float32 (bf16 "
                          "weights cannot hold the projected values: use dtype='bf16-mixed' for bf16 compute)")
@@ -176,7 +195,7 @@ def check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, l
         lora.check()
         if run.adapter and model.config.model_type == "gpt2":
             raise ValueError("a GPT-2 adapter cannot be written in PEFT's layout (GPT-2 fuses q, k, v): save merged")
-    if steps is None:
+    if steps is None:  # epochs: an epoch is len // batch_size steps (`batches` drops the short last batch)
         if not epochs > 0:
             raise ValueError(f"epochs={epochs}, expected > 0")
         steps = max(1, math.ceil(epochs * max(1, len(seqs) // batch_size)))
@@ -185,7 +204,7 @@ def check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, l
 
 def prepare_run_folder(out: Path, ckpt: Path, resume: bool, proc) -> None:
     """OUT must be new or empty, or (resume) hold our checkpoint: never write over files we did not make."""
-    if not resume and out.exists() and any(out.iterdir()):
+    if not resume and out.exists() and any(out.iterdir()):  # OUT holding files and no resume: refused
         what = "a fine-tuning run; pass --resume to continue it" if ckpt.exists() else "files"
         raise FileExistsError(f"{out} already holds {what}; choose another --out (or --resume a run that has "
                               "a checkpoint)")
@@ -195,7 +214,7 @@ def prepare_run_folder(out: Path, ckpt: Path, resume: bool, proc) -> None:
         from ..io import dist
         dist.barrier()  # every rank has checked OUT before rank 0 writes into it
     if proc is None or proc.main:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)  # only one process creates it
 
 
 def write_finetuned(model, tok, out: Path, ckpt: Path, sub, hist: dict, record: dict, method: str,
@@ -208,17 +227,21 @@ def write_finetuned(model, tok, out: Path, ckpt: Path, sub, hist: dict, record: 
     if proc is not None:  # the largest over every rank's shards; then the whole model, gathered to rank 0
         from ..io import dist
         error = None if sub is None else dist.max_over_ranks(error)
-        full = dist.full_state(model)
+        full = dist.full_state(model)  # every rank takes part; rank 0 gets the whole state
+        # a plain copy for saving; the other ranks hold none
         model = dist.unsharded(model, full, lora) if main else None
-    result = {"run": record, "history": hist, "ws_error": error}
+    result = {"run": record, "history": hist, "ws_error": error}  # also returned to the caller
     if main:
         from ..io.hf import save_pretrained  # minicwac's own model class writes Hugging Face folders
+        # written into a hidden folder, then moved into OUT: OUT may already hold the checkpoint, and a folder
+        # written whole (`atomic_folder`) would have to replace all of OUT
         if run.adapter:
-            save_adapter(model, out / ".model.tmp", lora, base_model=run.base_model)
+            save_adapter(model, out / ".model.tmp", lora, base_model=run.base_model)  # A and B only, in PEFT's layout
             tok.save(out / ".model.tmp")
         else:
+            # LoRA: the adapters folded into W0 first (`model` is left merged)
             save_pretrained(merge_lora(model) if lora is not None else model, tok, out / ".model.tmp")
-        _move_into(out / ".model.tmp", out)
+        _move_into(out / ".model.tmp", out)  # the weights last: their presence means the folder is complete
         write_json_atomic(out / "history.json", {**result, "ranks": 1 if proc is None else proc.world_size})
         if hist.get("curve"):
             plot_drift(hist["curve"], out / "drift.png", method)
@@ -226,13 +249,13 @@ def write_finetuned(model, tok, out: Path, ckpt: Path, sub, hist: dict, record: 
             shutil.rmtree(ckpt)  # the run is complete: its resumable checkpoint (written by us) is no longer needed
     if proc is not None:
         from ..io import dist
-        dist.barrier()
+        dist.barrier()  # no rank goes on before rank 0 has written everything
     return result
 
 
 def plot_drift(curve: list[dict], path: Path, label: str) -> None:
 
-    fig, ax = figure(figsize=(5, 3.5))
+    fig, ax = figure(figsize=(5, 3.5))  # HS % against step: one line, the method's
     ax.plot([c["step"] for c in curve], [c["hs"] for c in curve], "o-", label=label)
     ax.set(xlabel="fine-tuning step", ylabel="HS % (lower is better)", ylim=(-2, 102), title="Safety drift")
     ax.legend()
@@ -250,13 +273,14 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="the aligned model (a Hugging Face folder)")
     p.add_argument("--data", required=True, help='JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...}')
     p.add_argument("--kit", default=None, help="the kit folder from calibrate (not needed for sft)")
+    # the methods a kit offers (`core.settings.METHODS`)
     p.add_argument("--method", default="cwac", choices=methods_for("kit"))
     p.add_argument("--out", required=True, help="output: a Hugging Face folder, history.json, drift.png")
     p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (or --epochs)")
     p.add_argument("--epochs", type=positive_float, default=None, help="passes over the data (default 1)")
     p.add_argument("--lr", type=positive_float, default=2e-5, help="peak learning rate (default 2e-5)")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--max-len", type=positive_int, default=512)
+    p.add_argument("--max-len", type=positive_int, default=512)  # tokens per conversation
     p.add_argument("--too-long", default="truncate", choices=["truncate", "refuse"],
                    help="a conversation over --max-len tokens is cut (default, counted) or refused")
     p.add_argument("--lam", type=nonnegative, default=None, help="weight of L_safety (default: the kit's)")
@@ -278,7 +302,7 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-every", type=positive_int, default=None, help="steps between drift points")
     p.add_argument("--save-every", type=positive_int, default=None, help="a resumable checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)  # the batches' order, the safety picks and LoRA's A
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -288,6 +312,7 @@ def run(args) -> None:
     from ..io.hf import load_checkpoint, load_tokenizer
     from ..io.prompts import load_prompts
     from .data import encode_data, load_conversations
+    # flag combinations refused before the model is loaded
     if args.steps is not None and args.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
     if args.method != "sft" and args.kit is None:
@@ -299,6 +324,7 @@ def run(args) -> None:
     lora = None if args.lora_r is None else LoRASettings(args.lora_r, args.lora_alpha,
                                                          tuple(args.lora_targets or LINEARS)).check()
     proc = dist.init(args.device) if dist.launched() else None  # torchrun: FSDP2 over its processes
+    # only rank 0 prints
     say = print if proc is None or proc.main else (lambda *a, **k: None)
     convs = load_conversations(args.data)
     eval_harmful = load_prompts(args.eval_harmful) if args.eval_harmful else None
@@ -307,10 +333,11 @@ def run(args) -> None:
     else:  # sharded as it is read: each rank reads its own rows (+ LoRA adapters, drawn the same on every rank)
         model = dist.load_pretrained(args.model, proc, args.dtype, args.offload, lora, args.seed)
         tok = load_tokenizer(args.model)
-    kit = Kit.load(args.kit, model) if args.kit else None
-    seqs, cut = encode_data(tok, convs, args.max_len, args.too_long)
+    kit = Kit.load(args.kit, model) if args.kit else None  # refused if it was made for another model (`Kit.load`)
+    seqs, cut = encode_data(tok, convs, args.max_len, args.too_long)  # cut: how many conversations were truncated
     if cut:
         say(f"{cut} of {len(seqs)} conversations were longer than --max-len {args.max_len} and were cut")
+    # neither --steps nor --epochs: one pass over the data
     epochs = 1.0 if args.steps is None and args.epochs is None else args.epochs
     try:
         run = RunOptions(eval_harmful=eval_harmful, eval_every=args.eval_every or 0, save_every=args.save_every or 0,
@@ -319,7 +346,7 @@ def run(args) -> None:
         res = finetune(model, tok, seqs, kit, args.out, method=args.method, steps=args.steps, epochs=epochs,
                        lr=args.lr, batch_size=args.batch_size, seed=args.seed, lam=args.lam, dtype=args.dtype,
                        lora=lora, run=run, progress=not args.quiet)
-    finally:
+    finally:  # leave the process group, also after an error
         if proc is not None:
             dist.close()
     h = res["history"]
