@@ -371,3 +371,12 @@ def test_toy_auto_probe_reads_calibration_prompts_only(experiment, tmp_path, mon
         err = sub.subset([n]).ws_error(model)
         assert (err < 1e-5) == (n.split(".", 3)[3] in auto["kinds"]), (n, err)
     assert "## Targets the probe chose" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_the_sae_cache_key_follows_what_the_sae_is_trained_on():
+    """The SAE cached beside the toy models is reused only for the same SAE settings and training mix; lambda, the
+    latents and the weight targets do not change it."""
+    base = SafetyRecipe()
+    assert with_settings(base, harmful_frac=0.5).key() != base.key()
+    assert with_settings(base, sae_k=8).key() != base.key()
+    assert with_settings(base, lam=8.0, m="firing", targets="all").key() == base.key()
