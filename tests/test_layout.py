@@ -183,3 +183,10 @@ def test_no_function_over_80_lines_and_a_thin_main():
                 long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not long, long
     assert len((PKG / "__main__.py").read_text().splitlines()) < 80
+
+
+def test_every_package_folder_is_a_package():
+    """A folder of modules without __init__.py would be left out of a (non-editable) install."""
+    from setuptools import find_packages
+    folders = {str(f.parent.relative_to(PKG.parent)).replace("/", ".") for f in PKG.rglob("*.py")}
+    assert folders <= set(find_packages(where=str(PKG.parent), include=["minicwac*"]))
