@@ -107,8 +107,9 @@ class Constraints:
     def check(self, world_size: int, batch_size: int) -> "Constraints":
         if self.lam < 0:
             raise ValueError(f"lam={self.lam}, expected >= 0")
-        # every rank trains on an equal share of both global batches
-        if world_size > 1 and (batch_size % world_size or self.safety_batch % world_size or self.penalty is not None):
+        # every rank trains on an equal share of both global batches (the safety batch only where L_safety runs)
+        safety_split = self.features is not None and self.lam > 0 and self.safety_batch % world_size
+        if world_size > 1 and (batch_size % world_size or safety_split or self.penalty is not None):
             raise ValueError(f"on {world_size} ranks --batch-size ({batch_size}) and the safety batch "
                              f"({self.safety_batch}) must be multiples of {world_size}, and no extra penalty term is "
                              "supported")
