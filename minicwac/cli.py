@@ -3,7 +3,7 @@ made from a settings dataclass (`core.settings`), so that a setting and its defa
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, fields, replace
+from dataclasses import fields, replace
 
 
 class Parser(argparse.ArgumentParser):
@@ -69,6 +69,8 @@ def fraction(s: str) -> float:
     return v
 
 
+# the constraint settings the run commands (`experiment`, `real`) take as flags; the others: the Python API
+RUN_FLAGS = ("lam", "m", "sae_layer", "skip_prefix")
 KINDS = {"fraction": fraction, "share": share, "positive_int": positive_int, "positive_float": positive_float,
          "nonnegative": nonnegative, "latents": latents, "int": int, "float": _number}
 
@@ -84,8 +86,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, cls, names=None, preset: 
         shown = preset or ("none" if f.default is None else f"{f.default:g}" if isinstance(f.default, float)
                            else f.default)
         kw = {"default": default, "help": f"{meta['help']} (default: {shown})".replace("%", "%%")}
-        if meta["kind"] == "flag":
-            kw["action"] = "store_true"
+        if meta["kind"] == "flag":  # absent: None, so that it keeps the value of the settings it is applied to
+            kw.update(action="store_true", default=None)
         elif meta["kind"] == "choice":
             kw["choices"] = meta["choices"]
         else:
@@ -95,13 +97,6 @@ def add_setting_flags(parser: argparse.ArgumentParser, cls, names=None, preset: 
 
 def settings_from(args: argparse.Namespace, base):
     """`base` (a settings dataclass) with every field a flag of `args` set (a None or absent flag keeps it)."""
-    given = {f.name: getattr(args, f.name) for f in fields(base) if getattr(args, f.name, None) is not None}
-    if given.get("skip_prefix") is False:  # an absent store_true flag keeps the base's value
-        del given["skip_prefix"]
-    return replace(base, **given)
+    return replace(base, **{f.name: getattr(args, f.name) for f in fields(base)
+                            if getattr(args, f.name, None) is not None})
 
-
-def field_default(cls, name: str):
-    """The default of one settings field (for a flag that is not made by `add_setting_flags`)."""
-    f = next(f for f in fields(cls) if f.name == name)
-    return f.default if f.default is not MISSING else f.default_factory()

@@ -58,7 +58,8 @@ class Kit:
     def constraint(self, name: str, run: str = "kit") -> tuple[Subspace | None, SafetyFeatures | None]:
         """The subspace and the features the method `name` uses (its row of `core.settings.METHODS`)."""
         # the method's row: its weight targets (a TARGETS key, "auto" or None) and whether L_safety is on
-        targets, act = method(name, run).weight, method(name, run).activation
+        row = method(name, run)
+        targets, act = row.weight, row.activation
         # a subspace holds only the layers it was calibrated on: `all` cannot be cut from a down_proj kit
         if targets == "all" and self.settings.targets != "all":
             raise ValueError(f"method {name} constrains every linear, but the kit was calibrated with --targets "

@@ -120,7 +120,7 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     lora: train LoRA adapters only (`core.lora`), the weight constraint made exact on them (A S = 0); OUT is the
     merged model (`model` itself is left merged), or with run.adapter a PEFT adapter folder and the tokenizer.
     run (`RunOptions`): save_every N writes a resumable checkpoint (OUT/checkpoint) every N steps and resume=True
-    continues from it; with ranks (a torchrun process) the model is sharded with FSDP2 (`dist.shard_model`), each
+    continues from it; with proc (a torchrun process, `dist.init()`) the model is sharded with FSDP2 (`dist.shard_model`), each
     rank trains on its part of every global batch, the checkpoint is sharded and rank 0 writes the folder."""
     run = (run or RunOptions()).check(lora)
     # everything checked before OUT is touched

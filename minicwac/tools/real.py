@@ -386,8 +386,7 @@ def real_report(data: dict) -> str:
 
 
 def add_arguments(p) -> None:
-    from ..cli import add_setting_flags, harmful_ratio, positive_int
-    from ..toy.experiments import RUN_FLAGS
+    from ..cli import RUN_FLAGS, add_setting_flags, harmful_ratio, positive_int
     p.add_argument("--model", required=True, help="a Hugging Face folder (e.g. from `fetch smollm2-135m-instruct`)")
     p.add_argument("--preset", default="cpu-smoke", choices=list(PRESETS),
                    help="cpu-smoke: a few steps (CI); cpu: about an hour per seed on 2 cores; full: a GPU run")

@@ -140,7 +140,7 @@ def toy_safety(toy: Toy, r: Recipe, safety_recipe: SafetyRecipe, seed: int, prog
     kit = calibrate(model, tok, [e.prompt for e in w.calibration], [e.prompt for e in w.calibration_harmless],
                     settings=s, max_len=r.max_len, sae_seqs=sae_corpus(toy, r, s.harmful_frac, seed),
                     sae_folder=toy.folder / f"sae-{safety_recipe.key()}", progress=progress)
-    calib, _ = calib_seqs(toy)
+    calib, calib_harmless = calib_seqs(toy)
     # BOS left out as in the kit; the prefix length it measured
     skip, pre = [tok.bos_token_id], kit.report["skip_prefix_tokens"]
     groups = {}  # the "directions" readout: one difference-of-means direction per harm category
@@ -149,7 +149,7 @@ def toy_safety(toy: Toy, r: Recipe, safety_recipe: SafetyRecipe, seed: int, prog
     # every readout reads the kit's layer; pre and post use its latents
     layer, sae, idx = kit.features.layer, kit.features.sae, kit.features.idx
     # (hidden, n_categories): unit directions, each category's mean minus the harmless mean, at the SAE's layer
-    dirs = mean_diff_directions(model, layer, list(groups.values()), calib_seqs(toy)[1], tok.pad_token_id, skip, pre)
+    dirs = mean_diff_directions(model, layer, list(groups.values()), calib_harmless, tok.pad_token_id, skip, pre)
     # one SafetyFeatures per readout, z0 read on the same prompts; "pre" is the kit's own
     feats = {ro: kit.features if ro == "pre" else
              safety_features(model, calib, tok.pad_token_id, readout=ro, sae=sae, idx=idx, directions=dirs,
@@ -293,7 +293,7 @@ def run_experiment(out: str | Path = "runs/experiment", preset: str = "quick", s
 
 
 def add_arguments(p) -> None:
-    from ..cli import add_setting_flags, harmful_ratio, positive_int
+    from ..cli import RUN_FLAGS, add_setting_flags, harmful_ratio, positive_int
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                    help="quick: 1 seed, sentiment, p=0.1, every main method; full: 3 seeds, 3 tasks, 5 p")
     p.add_argument("--out", default=None, help="output folder (default runs/experiment-<preset>); a rerun resumes")
@@ -309,10 +309,6 @@ def add_arguments(p) -> None:
     p.add_argument("--cache", default=None, help="cache of base/aligned models and SAEs")
     p.add_argument("--no-models", action="store_true", help="do not save the fine-tuned models")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-# the constraint settings `experiment` and `real` take as flags (the others: the Python API)
-RUN_FLAGS = ("lam", "m", "sae_layer", "skip_prefix")
 
 
 def run(args) -> None:
