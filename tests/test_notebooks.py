@@ -138,7 +138,7 @@ def test_changed_figures_are_caught(tmp_path):
 
 def test_figure_comparison():
     assert rn.compare_key_figures({"a": "33.7", "b": "x"}, {"a": "33.7", "b": "x"}) == []
-    assert rn.compare_key_figures({"a": "1000"}, {"a": "1001"}) == ["a: committed 1000, now 1001"]
+    assert rn.compare_key_figures({"a": "1000"}, {"a": "1002"}) == ["a: committed 1000, now 1002"]
     assert rn.compare_key_figures({"a": "0.1234"}, {"a": "0.1235"}) == []  # one unit in the 4th digit
     assert rn.compare_key_figures({"a": "1"}, {"b": "1"}) == ["a: committed 1, not printed now",
                                                               "b: printed now (1), not in the committed outputs"]
