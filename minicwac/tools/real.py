@@ -294,7 +294,7 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
                 "recipe": {"finetune_steps": preset.finetune_steps, "finetune_lr": preset.finetune_lr,
                            "finetune_batch": preset.finetune_batch}, "kit": asdict(kit_settings(preset, 0))}
     data = {"settings": json.loads(json.dumps(recorded, default=list)), "rows": [], "curves": {}, "safety": {},
-            "data": {}, "samples": {}, "leak": {}, "auto": {}, "wall_s": 0.0}
+            "data": {}, "samples": {}, "leak": {}, "auto": {}, "losses": {}, "wall_s": 0.0}
 
     def write():  # after every fine-tune: an interrupted run keeps what it measured
         data["wall_s"] = round(time.time() - t0, 1)
@@ -345,6 +345,8 @@ def run_seed(data: dict, base, tok, harmful: list[str], preset: RealPreset, seed
         ev = evaluate_real(model, tok, rd, task, preset)
         add_row("finetuned", name, task, p, seed, ev)
         data["curves"][run], data["samples"][run] = hist["curve"], ev["samples"]
+        # the losses of every step: whether L_safety was held while HS drifted
+        data["losses"][run] = {k: hist[k] for k in ("step", "task", "safety")}
         if sub is not None:  # the invariant on real weights: (W - W0) S = 0
             data["leak"][run] = max(sub.leak(model, aligned).values())
         if "auto" in hist:  # the probe's choice and its drift map
