@@ -29,13 +29,14 @@ def key_figures(figures: dict[str, float | int | str]) -> None:
         print(f"  {name} = {text}")
 
 
-def check(check_fn, fn) -> None:
-    """Run an exercise's check on your function: a hint while it is still the stub, "correct" when it passes; a
-    wrong answer raises AssertionError saying what differs."""
+def check(check_fn, fn) -> bool:
+    """Run an exercise's check on your function: False (and a hint) while it is still the stub, True when it
+    passes; a wrong answer raises AssertionError with what differs."""
     try:
         check_fn(fn)
     except NotImplementedError:
         print(f"not done yet: fill in `{getattr(fn, '__name__', 'your function')}` above, then re-run this cell "
               "(the answer is in the <details> block below)")
-        return
+        return False
     print("correct: your function agrees with the package")
+    return True
