@@ -28,7 +28,8 @@ test: $(VENV)/.installed-test
 test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
-# re-run the notebooks in place (commits their outputs): the same code the tests execute
+# re-run the notebooks in place: their outputs and a digest of each code cell (make test checks the digests,
+# make test-all re-runs each notebook and compares its key figures)
 notebooks: $(VENV)/.installed-test
 	$(PY) tests/run_notebooks.py notebooks/*.ipynb
 
