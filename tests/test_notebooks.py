@@ -12,7 +12,6 @@ import contextlib
 import copy
 import io
 import re
-import sys
 from pathlib import Path
 
 import pytest
