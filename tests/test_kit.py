@@ -3,6 +3,7 @@ file written here; the result loads in transformers; the kit's invariant on the 
 bf16-mixed keeps the constraint exact; bad inputs get one-line errors."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -219,6 +220,12 @@ def test_kit_for_another_model_is_refused(files, tok):
                                  max_position_embeddings=128))
     with pytest.raises(ValueError, match="other weights"):
         Kit.load(d / "kit", same_shape)
+    # a near miss: the kit's own model with one target 1% off (a tolerance loosened to 1e-1 would let it through)
+    near = copy.deepcopy(aligned)
+    with torch.no_grad():
+        near.get_submodule(next(iter(kit.subspace.S))).weight.mul_(1.01)
+    with pytest.raises(ValueError, match="other weights"):
+        Kit.load(d / "kit", near)
     with pytest.raises(ValueError, match="--targets all"):
         kit.constraint("cwac-all")
 
