@@ -284,3 +284,34 @@ def test_finetune_never_writes_over_a_folder_it_did_not_make(files, tok):
     with pytest.raises(FileExistsError, match="already holds files"):
         finetune(model, tok, seqs, None, d / "mine", method="sft", steps=1, progress=False)
     assert (d / "mine" / "config.json").read_text() == "my own file"
+
+
+# what each method must get from a kit, written out here rather than read from the method table: weight targets
+# (None, "down_proj" or "all") and whether L_safety runs
+WIRING = {"sft": (None, False), "weight": ("down_proj", False), "activation": (None, True),
+          "cwac": ("down_proj", True), "weight-all": ("all", False), "cwac-all": ("all", True),
+          "weight-auto": ("auto", False), "cwac-auto": ("auto", True)}
+
+
+def test_each_method_gets_exactly_its_constraints(files, tok):
+    """Kit.constraint: the subspace of the method's targets (no layer more, none less) and the features only where
+    the method has the activation side (`weight` with L_safety would spoil the ablation)."""
+    aligned, tok = load_checkpoint(files / "aligned")
+    kit = calibrate(aligned, tok, HARMFUL, settings=KitSettings(targets="all", sae_layer=1, d_sae=64, sae_k=4,
+                                                                sae_steps=10, m=4), progress=False)
+    linears = [n for n, m in aligned.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    down = [n for n in linears if n.endswith("mlp.down_proj")]
+    probe = [n for n in linears if n.endswith("self_attn.v_proj")]  # a probe's choice, as `--targets auto` records
+    kit.report["auto"] = {"patterns": [r"model\.layers\.\d+\.self_attn\.v_proj"]}
+    want = {None: None, "down_proj": down, "all": linears, "auto": probe}
+    assert set(WIRING) == {"sft", "weight", "activation", "cwac", "weight-all", "cwac-all", "weight-auto",
+                           "cwac-auto"}
+    for name, (targets, act) in WIRING.items():
+        sub, feats = kit.constraint(name)
+        if want[targets] is None:
+            assert sub is None, f"{name} should have no weight constraint, got {sorted(sub.S)}"
+        else:
+            assert sub is not None and sorted(sub.S) == sorted(want[targets]), \
+                f"{name}: constrained {sorted(sub.S) if sub else None}, expected {sorted(want[targets])}"
+        assert (feats is kit.features) if act else (feats is None), \
+            f"{name}: features {'missing' if act else 'given, but the method has no activation side'}"
