@@ -315,3 +315,29 @@ def test_each_method_gets_exactly_its_constraints(files, tok):
                 f"{name}: constrained {sorted(sub.S) if sub else None}, expected {sorted(want[targets])}"
         assert (feats is kit.features) if act else (feats is None), \
             f"{name}: features {'missing' if act else 'given, but the method has no activation side'}"
+
+
+def test_finetune_uses_and_records_the_lam_it_is_given(files, tok, monkeypatch):
+    """finetune(lam=...) reaches the training loop and the record (a lambda sweep must not be silently flat);
+    without it the kit's lambda is used."""
+    import minicwac.kit.finetuning as ft
+
+    aligned, tok = load_checkpoint(files / "aligned")
+    kit = calibrate(aligned, tok, HARMFUL, settings=KitSettings(sae_layer=1, d_sae=64, sae_k=4, sae_steps=10, m=4,
+                                                                lam=0.25), progress=False)
+    seqs, _ = encode_data(tok, load_conversations(files / "data.jsonl"), max_len=64)
+    seen = []
+    real = ft.finetune_cwac
+
+    def spy(model, seqs_, schedule, constraints, **kw):
+        seen.append(constraints.lam)
+        return real(model, seqs_, schedule, constraints, **kw)
+
+    monkeypatch.setattr(ft, "finetune_cwac", spy)
+    for lam, out in ((7.0, "given"), (None, "kit's")):
+        res = finetune(copy.deepcopy(aligned), tok, seqs, kit, files / out, method="cwac", steps=1, batch_size=4,
+                       lr=1e-4, lam=lam, progress=False)
+        want = 0.25 if lam is None else lam
+        assert seen[-1] == want and res["run"]["lam"] == want, \
+            f"lam={lam}: the loop got {seen[-1]}, the record says {res['run']['lam']}; expected {want}"
+        assert json.loads((files / out / "history.json").read_text())["run"]["lam"] == want
