@@ -341,3 +341,30 @@ def test_finetune_uses_and_records_the_lam_it_is_given(files, tok, monkeypatch):
         assert seen[-1] == want and res["run"]["lam"] == want, \
             f"lam={lam}: the loop got {seen[-1]}, the record says {res['run']['lam']}; expected {want}"
         assert json.loads((files / out / "history.json").read_text())["run"]["lam"] == want
+
+
+def test_calibrate_scores_by_contrast_with_harmless_prompts_and_reads_z0_on_the_harmful_ones(files, tok):
+    """With harmless prompts the latents are the top m of harmful-minus-harmless means; z0 is the aligned model's
+    readout of those latents on the harmful calibration prompts (not on the SAE's training mix)."""
+    from minicwac.core.evals import prompt_ids
+    from minicwac.core.features import score_latents, select_latents
+    from minicwac.core.hooks import residual
+
+    aligned, tok = load_checkpoint(files / "aligned")
+    s = KitSettings(sae_layer=1, d_sae=64, sae_k=4, sae_steps=30, m=8)
+    kit = calibrate(aligned, tok, HARMFUL, HARMLESS, settings=s, progress=False)
+    f = kit.features
+    assert kit.report["score"] == "contrast"
+    calib = [prompt_ids(tok, p) for p in HARMFUL]
+    ok = [prompt_ids(tok, p) for p in HARMLESS]
+    skip = [tok.bos_token_id]
+    contrast = select_latents(score_latents(aligned, f.sae, calib, ok, tok.pad_token_id, skip, how="contrast"), 8)
+    harmful_only = select_latents(score_latents(aligned, f.sae, calib, None, tok.pad_token_id, skip, how="harmful"), 8)
+    assert not torch.equal(contrast.sort().values, harmful_only.sort().values), "the two scores should differ here"
+    assert torch.equal(f.idx.sort().values, contrast.sort().values), "the kit's latents are not the contrast top m"
+    # z0: the harmful prompts, as the kit stores them, read by the aligned model
+    assert [row[k].tolist() for row, k in zip(f.ids, f.keep)] == [c[1:] for c in calib], \
+        "the kit's prompts should be the harmful calibration prompts (BOS left out of the kept tokens)"
+    with torch.no_grad():
+        z = f.sae.pre_acts(residual(aligned, f.ids, f.layer), f.idx)
+    torch.testing.assert_close(f.z0[f.keep], z[f.keep], msg="z0 is not the aligned model's readout on those prompts")
