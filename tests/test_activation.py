@@ -73,7 +73,8 @@ def test_one_sgd_step_from_a_drifted_model_is_minus_lr_times_task_plus_lam_safet
     assert abs(out["safety"] - float(safety)) <= 1e-5 * float(safety), \
         f"reported L_safety {out['safety']} is not L_safety on the pick ({float(safety)}; on every prompt: {on_all})"
     assert abs(out["task"] - float(task)) <= 1e-6 * float(task)
-    assert abs(out["loss"] - float(task + lam * safety)) <= 1e-5 * float(task + lam * safety), "loss = task + lam * safety"
+    total = float(task + lam * safety)
+    assert abs(out["loss"] - total) <= 1e-5 * total, "the reported loss should be task + lam * safety"
     lam_share = max(float((lr * lam * gs).abs().max()) for gs in g_safe)
     assert lam_share > 1e-3, "lambda's part of the step should be visible in the weights"
     for (name, p), e in zip(pkg.named_parameters(), expected):
@@ -135,7 +136,8 @@ def test_l_safety_is_zero_at_the_aligned_weights_under_bf16_mixed():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = float(feats.loss(model, pick).detach())
     scale = float((feats.z0[feats.keep] ** 2).sum(-1).mean())
-    assert inside <= 1e-12 * scale, f"L_safety at the aligned weights under bf16 autocast: {inside:.2e} (|z0|^2 {scale:.2e})"
+    assert inside <= 1e-12 * scale, \
+        f"L_safety at the aligned weights under bf16 autocast: {inside:.2e} (|z0|^2 {scale:.2e})"
     hist = finetune_cwac(copy_of(aligned), task_seqs(), Schedule(1, 4, 1e-3, seed=0), Constraints(None, feats, 0.5, 4),
                          pad_id=0, autocast_dtype=torch.bfloat16, progress=False)
     assert hist["safety"][0] <= 1e-12 * scale, "a bf16-mixed run should start with L_safety = 0"
