@@ -118,6 +118,14 @@ def _map(values: dict) -> dict:
                         for (i, k), v in values.items()}, "blocks": [], "n_tokens": 1}
 
 
+def test_choose_targets_ranks_by_the_own_change_not_the_exact_one():
+    """q_proj's output moves most (what arrives from upstream, W0 dh), v_proj's own weight change (dW h0) is the
+    largest: the rule constrains v_proj, where a weight constraint acts."""
+    dmap = _map({(0, "self_attn.v_proj"): 0.6, (0, "self_attn.q_proj"): 0.1, (0, "mlp.down_proj"): 0.3})
+    dmap["linears"]["model.layers.0.self_attn.q_proj"].update(W0_dh=2.0, exact=2.1)
+    assert choose_targets(dmap, 0.5)["kinds"] == ["self_attn.v_proj"]
+
+
 def test_choose_targets_takes_the_smallest_set_covering_the_share():
     """Kinds summed over layers: v_proj 0.5 + 0.1 = 0.6, down_proj 0.2 + 0.1 = 0.3, q_proj 0.1 (total 1.0). Half
     of it is v_proj alone; 0.85 needs down_proj too; 1.0 needs all three. The patterns select exactly the kinds."""
