@@ -6,6 +6,7 @@ drifted model and use plain SGD (its update is -lr g, so lambda's share of g sho
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from test_cwac import copy_of, make, task_seqs, harmful
 
@@ -14,6 +15,7 @@ from minicwac.core.data import batches, collate, lm_loss
 from minicwac.core.features import safety_features
 from minicwac.core.sae import SAE, SAEConfig
 from minicwac.core.settings import SEED_SAFETY
+from minicwac.core.subspace import compute_subspace
 
 
 def features(model, layer=1):
@@ -71,7 +73,8 @@ def test_one_sgd_step_from_a_drifted_model_is_minus_lr_times_task_plus_lam_safet
     assert abs(out["safety"] - float(safety)) <= 1e-5 * float(safety), \
         f"reported L_safety {out['safety']} is not L_safety on the pick ({float(safety)}; on every prompt: {on_all})"
     assert abs(out["task"] - float(task)) <= 1e-6 * float(task)
-    assert abs(out["loss"] - float(task + lam * safety)) <= 1e-5 * float(task + lam * safety), "loss = task + lam * safety"
+    total = float(task + lam * safety)
+    assert abs(out["loss"] - total) <= 1e-5 * total, "the reported loss should be task + lam * safety"
     lam_share = max(float((lr * lam * gs).abs().max()) for gs in g_safe)
     assert lam_share > 1e-3, "lambda's part of the step should be visible in the weights"
     for (name, p), e in zip(pkg.named_parameters(), expected):
@@ -121,3 +124,46 @@ def test_lam_zero_runs_no_safety_forward_and_lam_scales_the_step():
     torch.testing.assert_close(moved[2.0] - moved[0.0], 2 * (moved[1.0] - moved[0.0]), atol=1e-6, rtol=1e-4,
                                msg="the safety term's part of the update should scale with lambda")
     assert float((moved[1.0] - moved[0.0]).abs().max()) > 1e-4
+
+
+def test_l_safety_is_zero_at_the_aligned_weights_under_bf16_mixed():
+    """z0 is read in float32; the training step under bf16 autocast must read z the same way, or L_safety starts
+    at a rounding floor whose gradient is noise."""
+    aligned = make()
+    feats = features(aligned)
+    pick = torch.arange(len(feats.ids))
+    model = copy_of(aligned).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = float(feats.loss(model, pick).detach())
+    scale = float((feats.z0[feats.keep] ** 2).sum(-1).mean())
+    assert inside <= 1e-12 * scale, \
+        f"L_safety at the aligned weights under bf16 autocast: {inside:.2e} (|z0|^2 {scale:.2e})"
+    hist = finetune_cwac(copy_of(aligned), task_seqs(), Schedule(1, 4, 1e-3, seed=0), Constraints(None, feats, 0.5, 4),
+                         pad_id=0, autocast_dtype=torch.bfloat16, progress=False)
+    assert hist["safety"][0] <= 1e-12 * scale, "a bf16-mixed run should start with L_safety = 0"
+
+
+def test_l_safety_reads_the_model_without_dropout():
+    """z0 is read in eval mode; a model training in train mode with dropout must not see dropout in L_safety."""
+    transformers = pytest.importorskip("transformers", reason="a transformers model with dropout")
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   attention_dropout=0.5)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.config._attn_implementation = "eager"  # eager attention applies attention_dropout in train mode
+    feats = features(model)
+    model.train()
+    torch.manual_seed(1)
+    assert float(feats.loss(model).detach()) <= 1e-10, "dropout reached L_safety: read z in eval mode, as z0 was"
+    assert model.training and all(m.training for m in model.modules()), "the model's train mode should be restored"
+
+
+def test_the_core_warns_about_low_precision_constrained_weights():
+    aligned = make()
+    sub = compute_subspace(aligned, harmful(), pad_id=0, energy=0.9)
+    model = copy_of(aligned).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="bf16-mixed"):
+        finetune_cwac(model, task_seqs(), Schedule(1, 4, 1e-3, seed=0), Constraints(sub, None, 0.0, 1), pad_id=0,
+                      progress=False)

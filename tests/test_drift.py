@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from minicwac.core.drift import choose_targets, drift_map, probe_targets
+from minicwac.core.hooks import capture
 
 
 def _prompts(n=6, vocab=97, seed=1):
@@ -118,6 +119,14 @@ def _map(values: dict) -> dict:
                         for (i, k), v in values.items()}, "blocks": [], "n_tokens": 1}
 
 
+def test_choose_targets_ranks_by_the_own_change_not_the_exact_one():
+    """q_proj's output moves most (what arrives from upstream, W0 dh), v_proj's own weight change (dW h0) is the
+    largest: the rule constrains v_proj, where a weight constraint acts."""
+    dmap = _map({(0, "self_attn.v_proj"): 0.6, (0, "self_attn.q_proj"): 0.1, (0, "mlp.down_proj"): 0.3})
+    dmap["linears"]["model.layers.0.self_attn.q_proj"].update(W0_dh=2.0, exact=2.1)
+    assert choose_targets(dmap, 0.5)["kinds"] == ["self_attn.v_proj"]
+
+
 def test_choose_targets_takes_the_smallest_set_covering_the_share():
     """Kinds summed over layers: v_proj 0.5 + 0.1 = 0.6, down_proj 0.2 + 0.1 = 0.3, q_proj 0.1 (total 1.0). Half
     of it is v_proj alone; 0.85 needs down_proj too; 1.0 needs all three. The patterns select exactly the kinds."""
@@ -185,3 +194,30 @@ print("ok")
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
     for f in ("drift_map.png", "drift_by_layer.png", "spectrum.png"):
         assert (tmp_path / f).is_file(), f
+
+
+def test_a_bias_shift_shows_in_the_map():
+    """y = W h + b: a fine-tune that moves only a bias changes the output by db on every token; the map has a db
+    term, the exact change includes it, and the auto rule counts it as the module's own change."""
+    transformers = pytest.importorskip("transformers", reason="a Qwen2 model (q/k/v with biases)")
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    base = transformers.Qwen2ForCausalLM(cfg).eval()
+    tuned = copy.deepcopy(base)
+    name = "model.layers.0.self_attn.q_proj"
+    with torch.no_grad():
+        tuned.get_submodule(name).bias.add_(0.5)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12, 13]]
+    t = drift_map(base, tuned, prompts, 0)["linears"][name]
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad(), capture(base, [name], what="input") as h0s:
+        base(ids)
+    y0 = h0s[name][0] @ base.get_submodule(name).weight.T  # (tokens, out): ||W0 h0|| per token
+    want = 0.5 * (cfg.hidden_size ** 0.5) * len(prompts[0]) / float(y0.norm(dim=-1).sum())  # ||db|| = 0.5 sqrt(out)
+    assert t["dW_h0"] == 0 and t["W0_dh"] == 0 and t["second_order"] == 0
+    assert t["db"] > 0.1 and t["exact"] == pytest.approx(t["db"], rel=1e-5)
+    one = drift_map(base, tuned, prompts[:1], 0)["linears"][name]
+    assert one["db"] == pytest.approx(want, rel=1e-4), "db: ||db|| per token, summed, over sum ||W0 h0||"
+    assert choose_targets(drift_map(base, tuned, prompts, 0), 0.5)["kinds"] == ["self_attn.q_proj"]

@@ -3,6 +3,7 @@ file written here; the result loads in transformers; the kit's invariant on the 
 bf16-mixed keeps the constraint exact; bad inputs get one-line errors."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -219,6 +220,12 @@ def test_kit_for_another_model_is_refused(files, tok):
                                  max_position_embeddings=128))
     with pytest.raises(ValueError, match="other weights"):
         Kit.load(d / "kit", same_shape)
+    # a near miss: the kit's own model with one target 1% off (a tolerance loosened to 1e-1 would let it through)
+    near = copy.deepcopy(aligned)
+    with torch.no_grad():
+        near.get_submodule(next(iter(kit.subspace.S))).weight.mul_(1.01)
+    with pytest.raises(ValueError, match="other weights"):
+        Kit.load(d / "kit", near)
     with pytest.raises(ValueError, match="--targets all"):
         kit.constraint("cwac-all")
 
@@ -277,3 +284,87 @@ def test_finetune_never_writes_over_a_folder_it_did_not_make(files, tok):
     with pytest.raises(FileExistsError, match="already holds files"):
         finetune(model, tok, seqs, None, d / "mine", method="sft", steps=1, progress=False)
     assert (d / "mine" / "config.json").read_text() == "my own file"
+
+
+# what each method must get from a kit, written out here rather than read from the method table: weight targets
+# (None, "down_proj" or "all") and whether L_safety runs
+WIRING = {"sft": (None, False), "weight": ("down_proj", False), "activation": (None, True),
+          "cwac": ("down_proj", True), "weight-all": ("all", False), "cwac-all": ("all", True),
+          "weight-auto": ("auto", False), "cwac-auto": ("auto", True)}
+
+
+def test_each_method_gets_exactly_its_constraints(files, tok):
+    """Kit.constraint: the subspace of the method's targets (no layer more, none less) and the features only where
+    the method has the activation side (`weight` with L_safety would spoil the ablation)."""
+    aligned, tok = load_checkpoint(files / "aligned")
+    kit = calibrate(aligned, tok, HARMFUL, settings=KitSettings(targets="all", sae_layer=1, d_sae=64, sae_k=4,
+                                                                sae_steps=10, m=4), progress=False)
+    linears = [n for n, m in aligned.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    down = [n for n in linears if n.endswith("mlp.down_proj")]
+    probe = [n for n in linears if n.endswith("self_attn.v_proj")]  # a probe's choice, as `--targets auto` records
+    kit.report["auto"] = {"patterns": [r"model\.layers\.\d+\.self_attn\.v_proj"]}
+    want = {None: None, "down_proj": down, "all": linears, "auto": probe}
+    assert set(WIRING) == {"sft", "weight", "activation", "cwac", "weight-all", "cwac-all", "weight-auto",
+                           "cwac-auto"}
+    for name, (targets, act) in WIRING.items():
+        sub, feats = kit.constraint(name)
+        if want[targets] is None:
+            assert sub is None, f"{name} should have no weight constraint, got {sorted(sub.S)}"
+        else:
+            assert sub is not None and sorted(sub.S) == sorted(want[targets]), \
+                f"{name}: constrained {sorted(sub.S) if sub else None}, expected {sorted(want[targets])}"
+        assert (feats is kit.features) if act else (feats is None), \
+            f"{name}: features {'missing' if act else 'given, but the method has no activation side'}"
+
+
+def test_finetune_uses_and_records_the_lam_it_is_given(files, tok, monkeypatch):
+    """finetune(lam=...) reaches the training loop and the record (a lambda sweep must not be silently flat);
+    without it the kit's lambda is used."""
+    import minicwac.kit.finetuning as ft
+
+    aligned, tok = load_checkpoint(files / "aligned")
+    kit = calibrate(aligned, tok, HARMFUL, settings=KitSettings(sae_layer=1, d_sae=64, sae_k=4, sae_steps=10, m=4,
+                                                                lam=0.25), progress=False)
+    seqs, _ = encode_data(tok, load_conversations(files / "data.jsonl"), max_len=64)
+    seen = []
+    real = ft.finetune_cwac
+
+    def spy(model, seqs_, schedule, constraints, **kw):
+        seen.append(constraints.lam)
+        return real(model, seqs_, schedule, constraints, **kw)
+
+    monkeypatch.setattr(ft, "finetune_cwac", spy)
+    for lam, out in ((7.0, "given"), (None, "kit's")):
+        res = finetune(copy.deepcopy(aligned), tok, seqs, kit, files / out, method="cwac", steps=1, batch_size=4,
+                       lr=1e-4, lam=lam, progress=False)
+        want = 0.25 if lam is None else lam
+        assert seen[-1] == want and res["run"]["lam"] == want, \
+            f"lam={lam}: the loop got {seen[-1]}, the record says {res['run']['lam']}; expected {want}"
+        assert json.loads((files / out / "history.json").read_text())["run"]["lam"] == want
+
+
+def test_calibrate_scores_by_contrast_with_harmless_prompts_and_reads_z0_on_the_harmful_ones(files, tok):
+    """With harmless prompts the latents are the top m of harmful-minus-harmless means; z0 is the aligned model's
+    readout of those latents on the harmful calibration prompts (not on the SAE's training mix)."""
+    from minicwac.core.evals import prompt_ids
+    from minicwac.core.features import score_latents, select_latents
+    from minicwac.core.hooks import residual
+
+    aligned, tok = load_checkpoint(files / "aligned")
+    s = KitSettings(sae_layer=1, d_sae=64, sae_k=4, sae_steps=30, m=8)
+    kit = calibrate(aligned, tok, HARMFUL, HARMLESS, settings=s, progress=False)
+    f = kit.features
+    assert kit.report["score"] == "contrast"
+    calib = [prompt_ids(tok, p) for p in HARMFUL]
+    ok = [prompt_ids(tok, p) for p in HARMLESS]
+    skip = [tok.bos_token_id]
+    contrast = select_latents(score_latents(aligned, f.sae, calib, ok, tok.pad_token_id, skip, how="contrast"), 8)
+    harmful_only = select_latents(score_latents(aligned, f.sae, calib, None, tok.pad_token_id, skip, how="harmful"), 8)
+    assert not torch.equal(contrast.sort().values, harmful_only.sort().values), "the two scores should differ here"
+    assert torch.equal(f.idx.sort().values, contrast.sort().values), "the kit's latents are not the contrast top m"
+    # z0: the harmful prompts, as the kit stores them, read by the aligned model
+    assert [row[k].tolist() for row, k in zip(f.ids, f.keep)] == [c[1:] for c in calib], \
+        "the kit's prompts should be the harmful calibration prompts (BOS left out of the kept tokens)"
+    with torch.no_grad():
+        z = f.sae.pre_acts(residual(aligned, f.ids, f.layer), f.idx)
+    torch.testing.assert_close(f.z0[f.keep], z[f.keep], msg="z0 is not the aligned model's readout on those prompts")

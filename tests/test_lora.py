@@ -193,3 +193,45 @@ def test_lora_cwac_on_two_ranks_matches_one(folder):  # noqa: F811
     h = json.loads((d / "lora-two" / "history.json").read_text())
     assert h["ranks"] == 2 and h["ws_error"] <= 1e-6
     assert Subspace.load(d / "kit" / "subspace").ws_error(load_checkpoint(d / "lora-two")[0]) <= 1e-6
+
+
+def test_ws_error_of_a_lora_model_by_hand(make_model):
+    """||(W + scale B A) S - W0S|| / ||W0S||, the worst target, with random A and B and scale = alpha / r = 3
+    (a check that dropped the scale, or used B A without it, would be off by that factor)."""
+    model = make_model(seed=0)
+    harmful = [[5, 6, 7, 8, 9], [10, 11, 12, 13], [20, 21, 22, 23, 24, 25]]
+    sub = compute_subspace(model, harmful, pad_id=0, energy=0.9)
+    add_lora(model, LoRASettings(r=2, alpha=6))
+    g = torch.Generator().manual_seed(3)
+    want = 0.0
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g))
+            m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
+            if name in sub.S:
+                S, W0S = sub.S[name].double(), sub.W0S[name].double()
+                W = m.weight.double() + 3.0 * m.lora_B.double() @ m.lora_A.double()  # the effective weight
+                want = max(want, float((W @ S - W0S).norm() / W0S.norm()))
+    assert m.scale == 3.0
+    assert sub.ws_error(model) == pytest.approx(want, rel=1e-5)
+
+
+def test_the_drift_map_of_an_unmerged_lora_model_is_that_of_its_merged_weights(make_model):
+    import copy
+
+    from minicwac.core.drift import drift_map
+
+    base = make_model(seed=0)
+    model = copy.deepcopy(base)
+    add_lora(model, LoRASettings(r=2, alpha=6), seed=1)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(0.05 * torch.randn(m.lora_B.shape, generator=g))  # B != 0: the adapters change W
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12, 13], [20, 21, 22, 23, 24, 25]]
+    unmerged = drift_map(base, model, prompts, 0)
+    merged = drift_map(base, merge_lora(copy.deepcopy(model)), prompts, 0)
+    assert max(t["dW_h0"] for t in unmerged["linears"].values()) > 1e-3, "the adapters should move the outputs"
+    for name, t in merged["linears"].items():
+        for k, v in t.items():
+            assert unmerged["linears"][name][k] == pytest.approx(v, rel=1e-5, abs=1e-8), (name, k)

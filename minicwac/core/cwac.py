@@ -12,6 +12,7 @@ The step takes any model with Hugging Face module names: minicwac's GPT or a tra
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,6 +34,17 @@ def autocast(model, dtype: torch.dtype | None):
         return nullcontext()
     # autocast casts inside the ops only: the parameters, their gradients and AdamW's state keep the weights' dtype
     return torch.autocast(model_device(model).type, dtype=dtype)
+
+
+def warn_low_precision(model, sub: Subspace | None) -> None:
+    """Warn when a constrained weight is not float32: W0S is exact in float32, and a bf16 W rounds the projected
+    values off again at every step, so (W - W0) S = 0 holds only to bf16 precision."""
+    low = {str(m.weight.dtype) for n, m in model.named_modules()
+           if sub is not None and n in sub.S and m.weight.dtype != torch.float32}
+    if low:
+        warnings.warn(f"the constrained weights are {', '.join(sorted(low))}: (W - W0) S = 0 then holds only to that "
+                      "precision; keep the weights float32 and compute in bf16 with autocast_dtype=torch.bfloat16 "
+                      "(bf16-mixed) for an exact constraint", stacklevel=3)
 
 
 def cwac_step(model, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], *,
@@ -140,6 +152,7 @@ def finetune_cwac(model, seqs: list[Seq], schedule: Schedule, constraints: Const
     device = model_device(model) if proc is None else proc.device
     # S and W0S beside the weights: the projection after every step then moves no data
     sub = c.subspace.to(model_device(model)) if c.subspace is not None else None
+    warn_low_precision(model, sub)
     feats = c.features if c.features is not None and c.lam > 0 else None  # lam = 0: no safety forward at all
     warmup = max(1, sch.steps // 20) if sch.warmup is None else sch.warmup  # default: 5% of the steps
     # a target's bias would shift its output on the protected inputs: not trained (restored however we leave)

@@ -1,13 +1,13 @@
 """Where drift enters: the paper's first-order decomposition, measured for every linear of every block.
 
-For a linear y = W h, fine-tuning changes both the weight (W = W0 + dW) and its input (h = h0 + dh), so on the
-same prompt
+For a linear y = W h + b, fine-tuning changes the weight (W = W0 + dW), the bias (b = b0 + db, where there is
+one: Qwen2's q/k/v, GPT-2's linears) and the input (h = h0 + dh), so on the same prompt
 
-    y - y0 = W0 dh  +  dW h0  +  dW dh
-             ^^^^^     ^^^^^     ^^^^^
-             drift     drift     second order
-             arriving  the layer
-             from      adds
+    y - y0 = W0 dh  +  dW h0  +  dW dh  +  db
+             ^^^^^     ^^^^^     ^^^^^     ^^
+             drift     drift     second    the layer's
+             arriving  the layer order     bias shift
+             from      adds                (0 without a bias)
              upstream  itself
 
 The weight constraint (W - W0) S = 0 removes `dW h0` for inputs h0 in the safety subspace; the activation
@@ -31,7 +31,7 @@ from .features import mean_diff_directions
 from .hooks import block_list, capture, model_device
 from .settings import AUTO_SHARE
 
-TERMS = ("dW_h0", "W0_dh", "exact", "second_order")
+TERMS = ("dW_h0", "W0_dh", "exact", "second_order", "db")
 
 
 def _linears(model) -> list[str]:
@@ -44,6 +44,11 @@ def _weight(model, name: str) -> torch.Tensor:
     m = model.get_submodule(name)
     merged = getattr(m, "merged", None)  # a LoRA layer: its effective weight W0 + scale B A
     return (merged() if callable(merged) else m.weight).detach().float()
+
+
+def _bias(model, name: str, out: int) -> torch.Tensor:
+    b = model.get_submodule(name).bias
+    return torch.zeros(out) if b is None else b.detach().float().cpu()  # no bias: a zero shift
 
 
 @torch.no_grad()
@@ -62,6 +67,8 @@ def drift_map(base, tuned, prompts: list[list[int]], pad_id: int, harmless: list
     outs = [f"{blocks_name}.{i}" for i in range(len(blocks))]  # block outputs: the residual stream after each
     W0 = {n: _weight(base, n) for n in names}  # (out, in) each, float32
     dW = {n: _weight(tuned, n) - W0[n] for n in names}  # taken once: every batch reuses it
+    # (out,) each: the bias shift, the same on every token (a target's bias is frozen by the weight constraint)
+    db = {n: _bias(tuned, n, len(W0[n])) - _bias(base, n, len(W0[n])) for n in names}
     # running sums over the kept tokens of each term's norm; "ref" is ||W0 h0||, what every term is divided by
     sums = {n: dict.fromkeys(("ref",) + TERMS, 0.0) for n in names}
     # per block: sums of ||dx||, of ||x0|| and of dx's component along the refusal direction
@@ -82,9 +89,10 @@ def drift_map(base, tuned, prompts: list[list[int]], pad_id: int, harmless: list
             h0, h = h0s[n][keep].float(), hs[n][keep].float().to(h0s[n].device)  # (tokens, in)
             dh = h - h0  # the drift this linear receives from upstream
             y0 = h0 @ W0[n].T  # (tokens, out): the aligned model's output
-            # y - y0 = W0 dh + dW h0 + dW dh; "exact" is the left side itself, computed directly
-            terms = {"dW_h0": h0 @ dW[n].T, "W0_dh": dh @ W0[n].T, "exact": h @ (W0[n] + dW[n]).T - y0,
-                     "second_order": dh @ dW[n].T}  # (tokens, out) each
+            shift = db[n].to(h0.device).expand_as(y0)  # (tokens, out)
+            # y - y0 = W0 dh + dW h0 + dW dh + db; "exact" is the left side itself, computed directly
+            terms = {"dW_h0": h0 @ dW[n].T, "W0_dh": dh @ W0[n].T, "exact": h @ (W0[n] + dW[n]).T + shift - y0,
+                     "second_order": dh @ dW[n].T, "db": shift}  # (tokens, out) each
             sums[n]["ref"] += float(y0.norm(dim=-1).sum())
             for k, v in terms.items():
                 sums[n][k] += float(v.norm(dim=-1).sum())  # per-token norms, summed
@@ -116,18 +124,18 @@ def module_kind(name: str) -> tuple[str, str]:
 
 
 def choose_targets(dmap: dict, share: float = AUTO_SHARE) -> dict:
-    """The rule of `calibrate --targets auto`: sum each module kind's dW_h0 (the drift its own weight change adds,
-    relative to its output) over the layers, rank the kinds by it, and keep the smallest set of top kinds whose
+    """The rule of `calibrate --targets auto`: sum each module kind's dW_h0 + db (the drift its own weight and bias
+    change add, relative to its output) over the layers, rank the kinds by it, and keep the smallest set of top kinds whose
     sum reaches `share` of the total. Returns {"rule", "share", "by_kind" (kind -> sum, ranked), "kinds",
     "patterns" (regexes on module names, as `compute_subspace` takes)}."""
     if not 0 < share <= 1:
         raise ValueError(f"share={share}, expected a fraction in (0, 1]")
     by_kind, prefix = {}, {}
-    # dW_h0, not the exact change: the weight constraint acts on the drift a module's own update adds, while
-    # W0_dh arrives from upstream and is fixed where it starts
+    # the module's own change, dW_h0 (+ db, its bias shift, which the constraint freezes), not the exact change:
+    # the weight constraint acts on the drift a module's own update adds, while W0_dh arrives from upstream
     for name, terms in dmap["linears"].items():
         pre, kind = module_kind(name)
-        by_kind[kind] = by_kind.get(kind, 0.0) + terms["dW_h0"]
+        by_kind[kind] = by_kind.get(kind, 0.0) + terms["dW_h0"] + terms.get("db", 0.0)
         prefix.setdefault(kind, pre)
     if not by_kind:
         raise ValueError("the drift map has no linears to choose from")
@@ -140,8 +148,8 @@ def choose_targets(dmap: dict, share: float = AUTO_SHARE) -> dict:
             break
     # every layer of each chosen kind: "model\.layers\.\d+\.mlp\.down_proj"
     patterns = [re.escape(prefix[k]) + r"\d+\." + re.escape(k) for k in kinds]
-    return {"rule": f"smallest set of module kinds, ranked by their summed dW_h0 / ||W0 h0|| over layers, that "
-                    f"covers {share:g} of the total", "share": share, "by_kind": ranked, "kinds": kinds,
+    return {"rule": f"smallest set of module kinds, ranked by their summed (dW_h0 + db) / ||W0 h0|| over layers, "
+                    f"that covers {share:g} of the total", "share": share, "by_kind": ranked, "kinds": kinds,
             "patterns": patterns}
 
 

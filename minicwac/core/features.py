@@ -111,6 +111,13 @@ def mean_diff_directions(model, layer: int | list[int], groups: list[list[list[i
     return D[0] if isinstance(layer, int) else D
 
 
+def dropout_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose train mode means dropout: `nn.Dropout`, and attention modules with a dropout rate (Hugging
+    Face's attention reads `self.training` to decide whether to apply its `attention_dropout`)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Dropout) or any(
+        isinstance(getattr(m, a, None), float) and getattr(m, a) > 0 for a in ("attention_dropout", "dropout"))]
+
+
 @dataclass
 class SafetyFeatures:
     """Selected features, their baseline values z0 on a fixed harmful set, and the L_safety regulariser."""
@@ -145,10 +152,19 @@ class SafetyFeatures:
         T = int(keep.any(0).nonzero().max()) + 1  # drop the padding columns this batch does not need
         ids, keep, z0 = ids[:, :T], keep[:, :T], z0[:, :T]
         # The gradient reaches the model through x only (the SAE is frozen): the embeddings and the first
-        # `layer` blocks get one, the blocks above them none.
-        x = residual(model, ids, self.layer, grad=True)  # (B, T, hidden): nothing above the SAE layer runs
-        with torch.autocast(x.device.type, enabled=False):  # z and z0 in float32, also under bf16-mixed
-            z = self.readout_of(x.float())  # (B, T, m)
+        # `layer` blocks get one, the blocks above them none. z is read the way z0 was: without dropout and in
+        # float32 even inside a bf16-mixed step, so that L_safety is exactly zero at the aligned weights and its
+        # early gradient is not rounding noise (the cost: this partial forward is not in bf16).
+        off = [m for m in dropout_modules(model) if m.training]
+        for m in off:  # only the modules whose train mode means dropout: gradient checkpointing stays as it was
+            m.training = False
+        try:
+            with torch.autocast(ids.device.type, enabled=False):
+                x = residual(model, ids, self.layer, grad=True)  # (B, T, hidden): nothing above the SAE layer runs
+                z = self.readout_of(x.float())  # (B, T, m)
+        finally:
+            for m in off:
+                m.training = True
         # squared distance to the aligned model's values: summed over the m features (the constraint's strength
         # does not shrink as m grows), averaged over the kept tokens (padding and skipped tokens drop out)
         per_token = ((z - z0) ** 2).sum(-1)[keep]  # (kept tokens,)
