@@ -125,8 +125,8 @@ def module_kind(name: str) -> tuple[str, str]:
 
 def choose_targets(dmap: dict, share: float = AUTO_SHARE) -> dict:
     """The rule of `calibrate --targets auto`: sum each module kind's dW_h0 + db (the drift its own weight and bias
-    change add, relative to its output) over the layers, rank the kinds by it, and keep the smallest set of top kinds whose
-    sum reaches `share` of the total. Returns {"rule", "share", "by_kind" (kind -> sum, ranked), "kinds",
+    change add, relative to its output) over the layers, rank the kinds by it, and keep the smallest set of top
+    kinds whose sum reaches `share` of the total. Returns {"rule", "share", "by_kind" (kind -> sum, ranked), "kinds",
     "patterns" (regexes on module names, as `compute_subspace` takes)}."""
     if not 0 < share <= 1:
         raise ValueError(f"share={share}, expected a fraction in (0, 1]")
