@@ -39,8 +39,9 @@ def autocast(model, dtype: torch.dtype | None):
 def warn_low_precision(model, sub: Subspace | None) -> None:
     """Warn when a constrained weight is not float32: W0S is exact in float32, and a bf16 W rounds the projected
     values off again at every step, so (W - W0) S = 0 holds only to bf16 precision."""
-    low = {str(m.weight.dtype) for n, m in model.named_modules()
-           if sub is not None and n in sub.S and m.weight.dtype != torch.float32}
+    if sub is None:
+        return
+    low = {str(m.weight.dtype) for n, m in model.named_modules() if n in sub.S and m.weight.dtype != torch.float32}
     if low:
         warnings.warn(f"the constrained weights are {', '.join(sorted(low))}: (W - W0) S = 0 then holds only to that "
                       "precision; keep the weights float32 and compute in bf16 with autocast_dtype=torch.bfloat16 "

@@ -46,9 +46,10 @@ def _weight(model, name: str) -> torch.Tensor:
     return (merged() if callable(merged) else m.weight).detach().float()
 
 
-def _bias(model, name: str, out: int) -> torch.Tensor:
+def _bias(model, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """The linear's bias (out,) as float32 beside `weight`; zeros for a linear without one."""
     b = model.get_submodule(name).bias
-    return torch.zeros(out) if b is None else b.detach().float().cpu()  # no bias: a zero shift
+    return weight.new_zeros(len(weight)) if b is None else b.detach().float().to(weight.device)
 
 
 @torch.no_grad()
@@ -68,7 +69,7 @@ def drift_map(base, tuned, prompts: list[list[int]], pad_id: int, harmless: list
     W0 = {n: _weight(base, n) for n in names}  # (out, in) each, float32
     dW = {n: _weight(tuned, n) - W0[n] for n in names}  # taken once: every batch reuses it
     # (out,) each: the bias shift, the same on every token (a target's bias is frozen by the weight constraint)
-    db = {n: _bias(tuned, n, len(W0[n])) - _bias(base, n, len(W0[n])) for n in names}
+    db = {n: _bias(tuned, n, W0[n]) - _bias(base, n, W0[n]) for n in names}
     # running sums over the kept tokens of each term's norm; "ref" is ||W0 h0||, what every term is divided by
     sums = {n: dict.fromkeys(("ref",) + TERMS, 0.0) for n in names}
     # per block: sums of ||dx||, of ||x0|| and of dx's component along the refusal direction
@@ -89,7 +90,7 @@ def drift_map(base, tuned, prompts: list[list[int]], pad_id: int, harmless: list
             h0, h = h0s[n][keep].float(), hs[n][keep].float().to(h0s[n].device)  # (tokens, in)
             dh = h - h0  # the drift this linear receives from upstream
             y0 = h0 @ W0[n].T  # (tokens, out): the aligned model's output
-            shift = db[n].to(h0.device).expand_as(y0)  # (tokens, out)
+            shift = db[n].expand_as(y0)  # (tokens, out): the same shift on every token
             # y - y0 = W0 dh + dW h0 + dW dh + db; "exact" is the left side itself, computed directly
             terms = {"dW_h0": h0 @ dW[n].T, "W0_dh": dh @ W0[n].T, "exact": h @ (W0[n] + dW[n]).T + shift - y0,
                      "second_order": dh @ dW[n].T, "db": shift}  # (tokens, out) each

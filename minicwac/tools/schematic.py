@@ -31,13 +31,9 @@ def _box(ax, x, y, w, h, colours, title, lines=(), size=9.5):
     ax.text(x + 0.12, y + h - 0.42, text, ha="left", va="top", fontsize=size - 1, linespacing=1.35)
 
 
-def _arrow(ax, start, end, colour="#444444", text=None, rad=0.0):
-    ax.annotate("", xy=end, xytext=start,
-                arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.3, shrinkA=2, shrinkB=2,
-                                connectionstyle=f"arc3,rad={rad}"))
-    if text:
-        ax.text((start[0] + end[0]) / 2, (start[1] + end[1]) / 2 + 0.08, text, ha="center", va="bottom",
-                fontsize=8, color=colour, style="italic")
+def _arrow(ax, start, end, colour="#444444"):
+    """A straight arrow from `start` to `end`."""
+    ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.3, shrinkA=2, shrinkB=2))
 
 
 def draw_method():

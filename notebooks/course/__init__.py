@@ -18,14 +18,8 @@ def key_figures(figures: dict[str, float | int | str]) -> None:
     for name, value in figures.items():
         if "=" in name or "\n" in name:
             raise ValueError(f"key figure name {name!r}: expected no '=' and no newline")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            text = str(value)
-        elif isinstance(value, int):
-            text = str(value)
-        elif math.isnan(value) or math.isinf(value):
-            text = str(value)
-        else:
-            text = f"{value:.4g}"
+        # a finite float with 4 significant digits; ints, text, NaN as they are
+        text = f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
         print(f"  {name} = {text}")
 
 
