@@ -20,6 +20,8 @@ from minicwac.core.subspace import Subspace
 from minicwac.io.hf import load_checkpoint, load_pretrained, save_pretrained
 from minicwac.kit import Kit, KitSettings, RunOptions, calibrate, encode_data, finetune, load_conversations
 from minicwac.io.model import GPT
+from minicwac.core.cwac import cwac_step, rank_part
+from minicwac.core.data import collate
 
 ARGS = ["--steps", "5", "--batch-size", "4", "--lr", "1e-3", "--quiet"]
 
@@ -106,6 +108,9 @@ def test_two_ranks_match_one_and_keep_the_constraint_on_every_shard(folder):
     dist.run_local(_finetune, 2, d, "two-bf16", False, None, "bf16-mixed")  # bf16 compute, float32 master shards
     h = json.loads((d / "two-bf16" / "history.json").read_text())
     assert h["ws_error"] <= 1e-6 and h["history"]["task"] != h2["history"]["task"]
+    # FSDP2 computes z with bf16 weights: against a z0 read the same way L_safety starts at exactly 0 (against the
+    # kit's float32 z0 it started at a floor of rounding noise, about 1e-5 of ||z0||^2 on this model)
+    assert h["history"]["safety"][0] == 0.0 and h2["history"]["safety"][0] == 0.0
     assert sub.ws_error(load_checkpoint(d / "two-bf16")[0]) <= 1e-6
 
     transformers = pytest.importorskip("transformers", reason="the load check uses transformers (test-only)")
@@ -192,3 +197,113 @@ def test_sharded_reading_gives_the_folder_in_float32(tmp_path, family):
         if n == "lm_head.weight" and ref.config.tie_word_embeddings:
             continue
         torch.testing.assert_close(full[n], p, atol=0, rtol=0, msg=n)
+
+
+# --- the gradients themselves ----------------------------------------------------------------------------------
+# AdamW is nearly blind to a gradient's scale, so two runs can match to 1e-5 while their ranks average instead of
+# summing, or reduce in bf16: the step then differs only where clipping binds or epsilon matters. These tests
+# compare the gradients right after backward, on a model away from the aligned weights (there L_safety has a
+# gradient), on 2 and on 3 ranks: with 3, every row count of the tiny model (hidden 32, MLP 70, a 512-token
+# vocabulary) splits unevenly, the constrained down_proj's 32 rows as 11 + 11 + 10.
+LAM = 5.0
+PICK = [0, 3, 3, 5, 1, 2]  # the global safety pick (a repeated prompt counts twice, as a random draw may)
+
+
+class Recorder(torch.optim.Optimizer):
+    """An optimizer whose step only records the whole gradient of every parameter (gathered from the shards)."""
+
+    def __init__(self, model):
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        super().__init__([p for _, p in self.named], {})
+        self.grads = {}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for n, p in self.named:  # every rank calls full_tensor in the same order (it is a collective)
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            self.grads[n] = g.detach().float().clone()
+
+
+def _drifted(d, dtype=torch.float32):
+    """The aligned model moved by seeded noise (after `Kit.load`, which checks it is the kit's model), its kit,
+    the global batch of 6 sequences and the safety pick."""
+    model, tok = load_checkpoint(d / "aligned", dtype=torch.float32)
+    kit = Kit.load(d / "kit", model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    seqs, _ = encode_data(tok, load_conversations(d / "data.jsonl"), 64)
+    return model.to(dtype), kit, seqs[:6], torch.tensor(PICK), tok.pad_token_id
+
+
+def _step_gradients(model, batch, pick, counts, sub, feats, pad, autocast_dtype=None, device="cpu"):
+    """The gradients `cwac_step` takes its step with (no clipping): raw (`sub` None) or projected on S; and the
+    loss terms this rank computed."""
+    rec = Recorder(model)
+    model.train()
+    out = cwac_step(model, rec, collate(batch, pad, device), subspace=sub, features=feats, lam=LAM,
+                    safety_batch=pick, grad_clip=float("inf"), project_update=False, project_grad=sub is not None,
+                    autocast_dtype=autocast_dtype, **counts)
+    return rec.grads, out
+
+
+def _sharded_gradients(proc, d, out):
+    """Every rank: one CWAC step's gradients on its part of the global batch, fp32 and bf16-mixed, raw and
+    projected; rank 0 writes them whole, with the global loss terms."""
+    for dtype in ("fp32", "bf16-mixed"):
+        model, kit, seqs, pick, pad = _drifted(d)
+        dist.shard_model(model, proc, dtype)
+        sub, feats = kit.constraint("cwac")
+        sub = sub.shard(model)
+        part, part_pick, counts = rank_part(seqs, pick, feats, proc.rank, proc.world_size)
+        raw, terms = _step_gradients(model, part, part_pick, counts, None, feats, pad)
+        projected, _ = _step_gradients(model, part, part_pick, counts, sub, feats, pad)
+        total = torch.tensor([terms["task"], terms["safety"]], dtype=torch.float64)
+        torch.distributed.all_reduce(total)
+        if proc.main:
+            save_file({**{f"raw.{n}": g for n, g in raw.items()}, **{f"projected.{n}": g for n, g in projected.items()},
+                       "terms": total}, d / f"{out}-{dtype}.safetensors")
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_the_ranks_gradients_are_one_process_gradients(folder, ranks):
+    """fp32: k ranks give the gradients of one process on the whole batch, raw and projected, and the same loss
+    terms. bf16-mixed: FSDP2 computes with bf16 copies of the weights and reduces in float32, so k ranks give the
+    float32 sum of the bf16 gradients one process gets on the same k parts of the batch; and, to bf16 precision,
+    one process's bf16-autocast gradients on the whole batch."""
+    d = folder
+    dist.run_local(_sharded_gradients, ranks, d, f"grads-{ranks}")
+    model, kit, seqs, pick, pad = _drifted(d)
+    sub, feats = kit.constraint("cwac")
+    assert feats is not None and sub is not None
+    raw, terms = _step_gradients(model, seqs, pick, {}, None, feats, pad)
+    projected, _ = _step_gradients(model, seqs, pick, {}, sub, feats, pad)
+    sharded = load_file(d / f"grads-{ranks}-fp32.safetensors")
+    assert sharded["terms"].tolist() == pytest.approx([terms["task"], terms["safety"]], rel=1e-5)
+    assert terms["safety"] > 1e-3 * terms["task"]  # away from the aligned weights: L_safety is not zero
+    assert float(raw["model.embed_tokens.weight"].norm()) > 0
+    for n in raw:
+        assert _rel(sharded[f"raw.{n}"], raw[n]) < 1e-5, f"{n}: the {ranks} ranks' gradient differs from 1 process"
+        assert _rel(sharded[f"projected.{n}"], projected[n]) < 1e-5, n
+    for n in sub.S:  # the projection acted on the uneven shards: the gradient has no component on S left
+        assert float((sharded[f"projected.{n}.weight"] @ sub.S[n]).norm()) < 1e-5 * float(raw[f"{n}.weight"].norm())
+        assert _rel(sharded[f"projected.{n}.weight"], sharded[f"raw.{n}.weight"]) > 1e-3  # it did remove something
+
+    # bf16-mixed: the same parts on one process, each with bf16 weights (what FSDP2 computes with), summed in float32
+    low = {}
+    for r in range(ranks):
+        part, part_pick, counts = rank_part(seqs, pick, feats, r, ranks)
+        bf16 = _drifted(d, torch.bfloat16)[0]
+        grads, _ = _step_gradients(bf16, part, part_pick, counts, None, feats, pad)
+        low = {n: low.get(n, 0) + g for n, g in grads.items()}
+    autocast, _ = _step_gradients(model, seqs, pick, {}, None, feats, pad, torch.bfloat16)
+    sharded = load_file(d / f"grads-{ranks}-bf16-mixed.safetensors")
+    for n in raw:
+        assert _rel(sharded[f"raw.{n}"], low[n]) < 1e-6, f"{n}: not the float32 sum of the parts' bf16 gradients"
+        assert _rel(sharded[f"raw.{n}"], autocast[n]) < 0.1, f"{n}: not one process's bf16-mixed gradient"
+        assert _rel(sharded[f"raw.{n}"], raw[n]) < 0.1, n

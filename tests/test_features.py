@@ -140,6 +140,24 @@ def test_readouts(model, sae):
         safety_features(model, data, 0, readout="pre")
 
 
+def test_z0_read_again_through_another_forward(model, sae):
+    """`rebased`: z0 re-read through the forward training will run (here: a bf16 copy, as FSDP2's bf16-mixed units
+    compute), so that L_safety starts at exactly 0 there; a model that is not the aligned one is refused."""
+    data, idx = seqs(), torch.tensor([5, 9, 40])
+    sf = safety_features(model, data, 0, readout="pre", sae=sae, idx=idx)
+    torch.testing.assert_close(sf.rebased(model).z0, sf.z0, atol=1e-6, rtol=0)
+    low = GPT(model.config, dtype=torch.bfloat16)
+    low.load_state_dict(model.state_dict())
+    assert sf.loss(low).item() > 0  # the float32 z0 against a bf16 forward: a floor of rounding noise
+    assert sf.rebased(low).loss(low).item() == 0.0 and sf.rebased(low).loss(low, torch.tensor([1, 4])).item() == 0.0
+    drifted = GPT(model.config)
+    drifted.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        drifted.model.embed_tokens.weight.mul_(1.5)
+    with pytest.raises(ValueError, match="not the aligned model"):
+        sf.rebased(drifted)
+
+
 def test_mean_diff_directions_by_hand(model):
     a, b, harmless = seqs(3), seqs(4)[1:], seqs(5)[2:]
 

@@ -15,7 +15,7 @@ Readouts (what z is), all of shape (..., m):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -169,6 +169,21 @@ class SafetyFeatures:
         # does not shrink as m grows), averaged over the kept tokens (padding and skipped tokens drop out)
         per_token = ((z - z0) ** 2).sum(-1)[keep]  # (kept tokens,)
         return per_token.mean() if n_tokens is None else per_token.sum() / n_tokens
+
+    @torch.no_grad()
+    def rebased(self, model, batch_size: int = 16, rtol: float = 0.05) -> "SafetyFeatures":
+        """The same features with z0 read again from `model` through the forward training runs: where that is not
+        the float32 forward z0 was cached with (a sharded bf16-mixed run, whose FSDP2 units compute with bf16
+        copies of the weights whatever `loss` asks for), L_safety then still starts at 0 instead of at a floor of
+        rounding noise. `model` must be the aligned model: a z0 further than `rtol` from the cached one (relative
+        norm) is refused. Every rank of a sharded run calls this (its forward is a collective)."""
+        z0 = torch.cat([self.readout_of(residual(model, self.ids[i:i + batch_size], self.layer).float())
+                        for i in range(0, len(self.ids), batch_size)])  # (N, T, m)
+        off = float((z0 - self.z0)[self.keep].norm() / self.z0[self.keep].norm().clamp_min(1e-30))
+        if not off <= rtol:
+            raise ValueError(f"the model's z0 is {off:.3g} (relative) from the kit's: it is not the aligned model the "
+                             f"kit was calibrated on (expected at most {rtol}, rounding)")
+        return replace(self, z0=z0)
 
     def to(self, device) -> "SafetyFeatures":
         # a new object: the fixed prompts, z0 and the SAE move together with the model

@@ -114,7 +114,17 @@ def residual(model: torch.nn.Module, ids: torch.Tensor, layer: int, grad: bool =
         # the hooked block is also where the forward stops: nothing above `layer` runs
         with capture(model, [name], detach=not grad, stop_after=name) as acts:
             model(ids)  # ends at the hook (StopForward, which capture swallows)
+    if not (grad and torch.is_grad_enabled()):  # no backward follows
+        reshard(model)
     return acts[name]  # (B, T, hidden)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """After a forward that stopped inside a sharded model (FSDP2) with no backward to follow: the units it passed
+    through still hold their gathered weights, which an optimizer or a checkpoint would then see instead of the
+    shards. FSDP2's recovery from an aborted forward puts them back. No-op on an unsharded model."""
+    if hasattr(model, "reset_iter_state"):  # the root of a `fully_shard`ed model
+        model.reset_iter_state()
 
 
 def logits_of(out) -> torch.Tensor:

@@ -151,6 +151,8 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
             dist.shard_model(model, proc, dtype, run.offload)
         sub = sub.shard(model) if sub is not None else None  # W0S split by the weights' rows, S whole on every rank
         feats = feats.to(proc.device) if feats is not None else None  # the fixed prompts and z0 on this rank's device
+        if feats is not None and lam > 0 and dtype == "bf16-mixed":  # FSDP2 reads z in bf16: z0 read the same way,
+            feats = feats.rebased(model)  # so that L_safety starts at 0, not at a floor of rounding noise
         state = None
         if run.resume:
             meta = _check_run(ckpt, record)
