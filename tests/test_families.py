@@ -382,7 +382,7 @@ def test_missing_shard(sharded):
 
 
 @pytest.mark.parametrize("text, match", [("{not json", "is not valid JSON"), ('{"metadata": {}}', "has no weight_map"),
-                                         ("[1, 2]", "has no weight_map")])
+                                         ("[1, 2]", "holds a JSON list; expected a JSON object")])
 def test_bad_index(sharded, text, match):
     path, _, _ = sharded
     (path / "model.safetensors.index.json").write_text(text)

@@ -7,7 +7,6 @@ and the usual openings of real chat models.
 """
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -206,10 +205,10 @@ def evaluate_prompts(model, tok: ChatTokenizer, harmful: list[str], harmless: li
     # no answer key: every answer is judged by its length (`is_compliant`)
     keywords = [None] * len(harmful) if keywords is None else keywords
     answers = generate_answers(model, tok, harmful, max_new_tokens)  # greedy answers, one per harmful prompt
-    # over_refusal stays NaN without harmless prompts: not measured, which is not 0
+    # over_refusal stays None without harmless prompts: not measured, which is not 0 (and None is valid JSON)
     res = {"hs": harmful_share(answers),
            "comply": 100.0 * sum(is_compliant(a, k) for a, k in zip(answers, keywords)) / len(answers),
-           "refusal_score": refusal_score(model, tok, harmful), "over_refusal": math.nan,
+           "refusal_score": refusal_score(model, tok, harmful), "over_refusal": None,
            "n_harmful": len(harmful), "n_harmless": len(harmless or []),
            "samples": {"harmful": list(zip(harmful[:n_samples], answers[:n_samples])), "harmless": []}}
     if harmless:

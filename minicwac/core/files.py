@@ -102,9 +102,19 @@ def replace_folder(tmp: Path, path: Path) -> None:
         raise
 
 
-def prepare_out(out: str | Path) -> Path:
-    """Create the output folder and check it is writable, before any long computation starts."""
+def prepare_out(out: str | Path, outputs: tuple[str, ...] = ()) -> Path:
+    """Create the output folder and check it is writable, before any long computation starts.
+
+    outputs: the files this command writes, its record first. An existing folder must then be empty or hold a
+    previous run of the same command (its record present, nothing but its outputs): no other file, a user's or a
+    model folder's, is ever written over."""
     out = Path(out)
+    if outputs and out.is_dir():
+        found = {p.name for p in out.iterdir()}
+        if found and (outputs[0] not in found or not found <= set(outputs)):
+            other = sorted(found - set(outputs)) or sorted(found)
+            raise FileExistsError(f"{out} already holds files this command did not write ({', '.join(other[:3])}"
+                                  f"{', ...' if len(other) > 3 else ''}); choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         # the pid: processes writing into one folder do not share a probe name
@@ -114,6 +124,26 @@ def prepare_out(out: str | Path) -> Path:
     except OSError as e:
         raise OSError(f"output folder {out} is not writable ({e.strerror or e}); choose another with --out") from None
     return out
+
+
+def read_json(path: str | Path, what: str = "a JSON object") -> dict:
+    """A JSON object from `path`, or one line naming the file and what is wrong with it: missing, not UTF-8, not
+    JSON (with its line and column), nested too deeply for Python's parser, or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (or not a file); expected {what}")
+    try:
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: not UTF-8 text (byte {e.start}); expected {what}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); expected {what}") \
+            from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply; expected {what}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds a JSON {type(d).__name__}; expected {what}")
+    return d
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -266,6 +266,14 @@ class Config:
         if isinstance(rope, dict):
             if set(rope) & set(LAYER_TYPES):
                 raise ValueError("rope_parameters per layer type are not supported; expected one set for all layers")
+            # written twice (an old key beside the new one): both must say the same, else which one holds is a guess
+            mpe = d.get("max_position_embeddings")
+            if d.get("rope_scaling") is not None and _rope_scaling(d["rope_scaling"], mpe) != _rope_scaling(rope, mpe):
+                raise ValueError(f"rope_scaling={d['rope_scaling']!r} disagrees with rope_parameters={rope!r}; expected "
+                                 "one of them, or the same scaling in both")
+            if "rope_theta" in d and "rope_theta" in rope and d["rope_theta"] != rope["rope_theta"]:
+                raise ValueError(f"rope_theta={d['rope_theta']!r} disagrees with rope_parameters.rope_theta="
+                                 f"{rope['rope_theta']!r}; expected the same value (or only one of them)")
             d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
             d["rope_scaling"] = rope
         if isinstance(d.get("rope_scaling"), dict) and d["rope_scaling"].get("partial_rotary_factor", 1.0) != 1.0:

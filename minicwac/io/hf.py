@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..core.files import atomic_folder, recover
+from ..core.files import atomic_folder, read_json, recover
 from .config import FAMILIES, Config
 from .model import GPT
 from .tokenizer import ChatTokenizer, load_tokenizer  # noqa: F401 -- load_tokenizer is part of this API
@@ -67,14 +67,7 @@ def read_config(path: Path) -> Config:
                                 "model.safetensors")
     if not f.is_file():
         raise FileNotFoundError(f"{f} is missing; expected a Hugging Face model folder")
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{f} is not valid JSON ({e})") from None
-    except RecursionError:
-        raise ValueError(f"{f} is nested too deeply to be a model config") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{f} holds {type(d).__name__}, expected a JSON object")
+    d = read_json(f, "a JSON object (a model config)")
     mt = d.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{f}: model_type {mt!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
@@ -144,11 +137,7 @@ def _weight_files(path: Path) -> tuple[Path, list[Path]]:
     if not index.is_file():
         raise FileNotFoundError(f"{single} is missing; expected the weights as model.safetensors or as shards "
                                 f"listed in {index.name}")
-    try:
-        d = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{index} is not valid JSON ({e})") from None
-    wm = d.get("weight_map") if isinstance(d, dict) else None
+    wm = read_json(index, "a JSON object (a safetensors index)").get("weight_map")
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise ValueError(f"{index} has no weight_map; expected {{\"weight_map\": {{tensor name: shard file}}}}")
     root = path.resolve()
@@ -318,15 +307,25 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     path = Path(path)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         from ..core.lora import load_adapter, merge_lora
-        try:
-            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise ValueError(f"{path / 'adapter_config.json'} is not valid JSON ({e})") from None
-        if not base or not (Path(base) / "config.json").is_file():
+        base = read_json(path / "adapter_config.json", "a PEFT adapter config").get("base_model_name_or_path")
+        if isinstance(base, str) and not Path(base).is_absolute() and (path / base / "config.json").is_file():
+            base = str(path / base)  # a path relative to the adapter folder (or else to the current folder)
+        if not isinstance(base, str) or not base or not (Path(base) / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a LoRA adapter for {base!r}, which is not a local model folder; "
                                     "pass the base model's folder as base_model_name_or_path")
         model = load_pretrained(base, device, dtype, allow_nonfinite)
         load_adapter(model, path)
         tok_from = path if (path / "tokenizer.json").is_file() else Path(base)
-        return merge_lora(model).eval(), load_tokenizer(tok_from)
-    return load_pretrained(path, device, dtype, allow_nonfinite), load_tokenizer(path)
+        return merge_lora(model).eval(), check_vocab(model, load_tokenizer(tok_from), tok_from)
+    model = load_pretrained(path, device, dtype, allow_nonfinite)
+    return model, check_vocab(model, load_tokenizer(path), path)
+
+
+def check_vocab(model, tok: ChatTokenizer, path: str | Path) -> ChatTokenizer:
+    """Refuse a tokenizer with more tokens than the model has embedding rows: its ids past the end would fail
+    deep inside a forward (an IndexError) in finetune, eval or drift-map. A larger vocabulary is fine (padded)."""
+    rows = model.config.vocab_size
+    if tok.vocab_size > rows:
+        raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary (config.json "
+                         f"vocab_size) has {rows}; expected a tokenizer no larger than the model's vocabulary")
+    return tok

@@ -21,6 +21,8 @@ def add_arguments(p) -> None:
 def run(args) -> None:
     from ..core.files import write_json_atomic
     from ..io.hf import load_checkpoint
+    if args.json:  # checked before the evaluation, not after it
+        check_json_target(Path(args.json))
     if args.harmful is None:
         if args.harmless is not None:
             raise ValueError("--harmless needs --harmful (without --harmful, eval uses the toy world's prompts)")
@@ -36,11 +38,19 @@ def run(args) -> None:
         model, tok = load_checkpoint(args.model, args.device)
         res = evaluate_prompts(model, tok, harmful, harmless, max_new_tokens=args.max_new_tokens)
     for k in ("hs", "comply", "fa", "over_refusal", "refusal_score"):
-        if k in res:
-            print(f"{k:14s} {res[k]:.2f}")
+        if k in res:  # None: not measured (over-refusal needs --harmless)
+            print(f"{k:14s} {'-' if res[k] is None else format(res[k], '.2f')}")
     for kind in ("harmful", "harmless"):
         for prompt, answer in res["samples"][kind]:
             print(f"{kind}: {prompt[:80]!r} -> {answer[:120]!r}")
     if args.json:
         write_json_atomic(Path(args.json), {**res, "model": str(args.model)})
         print(f"wrote {args.json}")
+
+
+def check_json_target(path: Path) -> None:
+    """--json names a file this command can create: not a folder, in a folder that exists."""
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a folder; expected a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--json {path}: the folder {path.parent} does not exist")

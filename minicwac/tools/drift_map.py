@@ -23,11 +23,15 @@ def run(args) -> None:
     from ..io.hf import load_checkpoint
     from ..io.prompts import load_prompts
     from .report import plot_drift_map
+    for model in (args.base, args.tuned):  # its files beside a model's would be taken for the model's
+        if Path(args.out).resolve() == Path(model).resolve():
+            raise ValueError(f"--out {args.out} is the model folder {model}; choose a folder of its own")
+    # before the models are read: new or empty, or a previous drift map's folder (its files, nothing else)
+    out = prepare_out(args.out, ("drift_map.json", "drift_map.png", "drift_by_layer.png"))
     harmful = load_prompts(args.harmful)
     harmless = load_prompts(args.harmless) if args.harmless else None
     base, tok = load_checkpoint(args.base, args.device, torch.float32)
     tuned, _ = load_checkpoint(args.tuned, args.device, torch.float32)
-    out = prepare_out(args.out)
     res = drift_map(base, tuned, [prompt_ids(tok, p) for p in harmful], tok.pad_token_id,
                     harmless=[prompt_ids(tok, p) for p in harmless] if harmless else None,
                     skip_ids=[tok.bos_token_id])
