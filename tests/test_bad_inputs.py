@@ -394,3 +394,23 @@ def test_drift_map_never_writes_over_a_file_it_did_not_write(folder, tmp_path, t
     assert main([*args, "--out", str(tmp_path / "map")]) == 0  # its own previous output: written again
     assert sorted(p.name for p in (tmp_path / "map").iterdir()) == ["drift_by_layer.png", "drift_map.json",
                                                                    "drift_map.png"]
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), "safetensors"], ids=["os", "safetensors"])
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_old_folder(folder, tok, monkeypatch, error):
+    from safetensors import SafetensorError
+
+    import minicwac.io.hf as hf
+    path, model = folder
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    def full(*a, **k):
+        raise error if isinstance(error, OSError) else SafetensorError(
+            "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+    monkeypatch.setattr(hf, "save_file", full)
+    with pytest.raises(OSError) as e:
+        save_pretrained(model, tok, path)
+    assert f"cannot write {path}: " in _one_line(e.value) and "No space left on device" in str(e.value)
+    assert ".tmp-" not in str(e.value)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert not list(path.parent.glob(f".{path.name}.tmp-*"))

@@ -40,8 +40,13 @@ def atomic_folder(path: str | Path):
                 raise FileExistsError(f"{path} holds {lost[0]} ({len(lost)} file(s) in all) that this save would "
                                       "not write again; refused so that nothing is lost (choose another folder)")
         replace_folder(tmp, path)  # the one step that makes the save visible
-    except BaseException:  # also KeyboardInterrupt: no half-written folder stays behind
+    except BaseException as e:  # also KeyboardInterrupt: no half-written folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
+        # a full disk or a lost mount while writing: one line naming the folder meant, not the temporary file (the
+        # safetensors writer reports the same failures as its own error type)
+        if isinstance(e, OSError) and not isinstance(e, FileExistsError) or type(e).__name__ == "SafetensorError":
+            raise OSError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}; nothing was changed there") \
+                from None
         raise
 
 
