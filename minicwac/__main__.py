@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .cli import Parser
+from .cli import Parser, error_exit
 from .io.prompts import MissingDependencyError
 
 COMMANDS = {  # name -> (the module that owns it, what it does)
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module.run(args)
     except (ValueError, OSError, MissingDependencyError) as ex:  # FileNotFoundError is an OSError
-        raise SystemExit(f"minicwac: error: {ex}") from None
+        raise error_exit(str(ex)) from None
     return 0
 
 

@@ -6,9 +6,16 @@ import argparse
 from dataclasses import fields, replace
 
 
+def error_exit(message: str) -> SystemExit:
+    """A one-line error as this process's exit. Under torchrun every rank exits non-zero but only rank 0 prints
+    it: N ranks would otherwise print N copies of the same line."""
+    import os
+    return SystemExit(f"minicwac: error: {message}" if os.environ.get("RANK", "0") == "0" else 1)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message
-        raise SystemExit(f"minicwac: error: {message} (see: python -m {self.prog} --help)")
+        raise error_exit(f"{message} (see: python -m {self.prog} --help)")
 
 
 def _number(s: str, kind=float):

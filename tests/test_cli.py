@@ -145,3 +145,17 @@ def test_eval_corrupt_folder_in_process(ckpt, corruption, match):
     else:
         (ckpt / "config.json").write_text((ckpt / "config.json").read_text().replace('"llama"', '"mixtral"'))
     assert match in main_error(["eval", "--model", str(ckpt)])
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_under_torchrun_only_rank_0_prints_the_error(tmp_path, monkeypatch, rank, printed):
+    """Every rank exits non-zero; only rank 0 says why (N ranks would print N copies of the same line)."""
+    from minicwac.__main__ import main
+    monkeypatch.setenv("RANK", rank)
+    for argv in (["eval", "--model", str(tmp_path / "nope")], ["eval", "--max-new-tokens", "0", "--model", "m"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        if printed:
+            assert str(e.value.code).startswith("minicwac: error:") and "\n" not in str(e.value.code)
+        else:
+            assert e.value.code == 1

@@ -307,3 +307,15 @@ def test_the_ranks_gradients_are_one_process_gradients(folder, ranks):
         assert _rel(sharded[f"raw.{n}"], low[n]) < 1e-6, f"{n}: not the float32 sum of the parts' bf16 gradients"
         assert _rel(sharded[f"raw.{n}"], autocast[n]) < 0.1, f"{n}: not one process's bf16-mixed gradient"
         assert _rel(sharded[f"raw.{n}"], raw[n]) < 0.1, n
+
+
+@pytest.mark.slow
+def test_torchrun_prints_an_error_once(tmp_path):
+    """A bad argument under torchrun on 2 processes: a non-zero exit and one `minicwac: error:` line, not one per
+    rank (the launcher's own failure report follows it; torch prints that)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(dist.free_port()), "-m", "minicwac", "finetune", "--model", str(tmp_path / "nope"),
+           "--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "out"), "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert (r.stdout + r.stderr).count("minicwac: error:") == 1, r.stderr[-3000:]
