@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 from .cli import Parser, error_exit
 from .io.prompts import MissingDependencyError
@@ -33,6 +34,8 @@ COMMANDS = {  # name -> (the module that owns it, what it does)
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # a warning is one line, like an error (not the file, line and source line Python prints by default)
+    warnings.formatwarning = lambda message, *_, **__: f"minicwac: warning: {message}\n"
     ap = Parser(prog="minicwac", description="minicwac: CWAC on a toy safety world and real checkpoints")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     parsers = {name: sub.add_parser(name, help=what) for name, (_, what) in COMMANDS.items()}

@@ -414,3 +414,28 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_old_folder(folder, 
     assert ".tmp-" not in str(e.value)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert not list(path.parent.glob(f".{path.name}.tmp-*"))
+
+
+def test_a_capped_size_is_said():
+    """A size larger than what it applies to is capped with a one-line warning, not silently."""
+    from minicwac.core.features import select_latents
+    from minicwac.core.lora import LoRASettings, add_lora
+    with pytest.warns(UserWarning, match="m=100000 latents asked for, but the SAE has 8: all 8 are used"):
+        assert len(select_latents(torch.arange(8.0), 100000)) == 8
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"lora r=1000 is more than the rank a target's update can have \(16 = min"):
+        add_lora(GPT(tiny_config()), LoRASettings(r=1000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the sizes: no word
+        select_latents(torch.arange(8.0), 8)
+        add_lora(GPT(tiny_config()), LoRASettings(r=4))
+
+
+def test_the_command_line_prints_a_warning_in_one_line(folder):
+    path, _ = folder
+    r = subprocess.run([sys.executable, "-c", "import warnings, sys; from minicwac.__main__ import main; "
+                        "sys.argv = ['minicwac', 'eval', '--model', sys.argv[1]]; "
+                        "import minicwac.kit.evaluate as e; e.run = lambda a: warnings.warn('a capped size'); "
+                        "sys.exit(main())", str(path)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stderr == "minicwac: warning: a capped size\n", r.stderr

@@ -15,6 +15,7 @@ Readouts (what z is), all of shape (..., m):
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -75,6 +76,8 @@ def select_latents(scores: torch.Tensor, m: int | str = 100) -> torch.Tensor:
     if check_latents(m) == "firing":
         idx = (scores > 0).nonzero().flatten()
         return idx[scores[idx].argsort(descending=True)]  # best first, as topk returns them
+    if m > len(scores):
+        warnings.warn(f"m={m} latents asked for, but the SAE has {len(scores)}: all {len(scores)} are used", stacklevel=2)
     return scores.topk(min(m, len(scores))).indices
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,6 +106,11 @@ def add_lora(model: nn.Module, settings: LoRASettings, seed: int = 0) -> list[st
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and rx.fullmatch(n)]
     if not names:
         raise ValueError(f"no linear layer named {', '.join(settings.target_modules)} in the decoder blocks")
+    # an update B A has rank at most min(in, out): a larger r only adds parameters (said, not silently kept)
+    full = min(min(model.get_submodule(n).weight.shape) for n in names)
+    if settings.r > full:
+        warnings.warn(f"lora r={settings.r} is more than the rank a target's update can have ({full} = min(in, out) "
+                      "of its smallest target): the adapters hold more parameters but fit no more", stacklevel=2)
     # everything frozen first: the adapters made below hold the only trainable parameters
     for p in model.parameters():
         p.requires_grad_(False)
