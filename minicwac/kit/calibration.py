@@ -2,7 +2,8 @@
 
 A kit folder:
     kit.json               settings, the model's fingerprint, the SAE report, the subspace ranks (and, with
-                           --targets auto, the rule, the probe and its drift map)
+                           --targets auto, the rule, the probe and its drift map), the calibration's warnings, the
+                           sha256 of every other file and of its own content (checked by `Kit.load`)
     subspace/              S and W0S per target linear (+ the eigenvalues, for the spectrum plot)
     sae/                   the SAE (scale folded in)
     features.safetensors   the calibration prompts (ids, kept tokens), the selected latents idx and z0
