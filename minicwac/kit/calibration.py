@@ -108,7 +108,7 @@ class Kit:
         meta = read_kit_json(path)  # and every file checked against its digest
         try:  # a damaged or foreign folder: one line naming the error, not a traceback
             settings = KitSettings(**meta["settings"])  # an unknown field raises TypeError, caught below
-            layer, readout, fp_kit = int(meta["layer"]), meta["readout"], meta["fingerprint"]
+            layer, readout, fp_kit = int(meta["layer"]), meta["readout"], dict(meta["fingerprint"])
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path / 'kit.json'} is not a readable kit ({type(e).__name__}: {e})") from None
         try:  # safetensors raises its own error type for a truncated or corrupt file
