@@ -48,10 +48,21 @@ def score_latents(model, sae: SAE, harmful: list[list[int]], harmless: list[list
         raise ValueError(f"how={how!r}, expected 'harmful' or 'contrast'")
     s = latent_means(model, sae, harmful, pad_id, skip_ids, values, skip_prefix=skip_prefix)  # (d_sae,)
     # "contrast": a latent that fires as much on harmless prompts (the chat format, common words) scores near 0
+    # scores that are all 0 would make the selection arbitrary (topk of ties): refused, not passed on
+    if not s.abs().max() > 0:
+        raise ValueError("no SAE latent fires on the harmful prompts (every mean activation is 0): no latent to "
+                         "select; check the SAE and its layer")
     if how == "contrast":
         if not harmless:
             raise ValueError("how='contrast' needs harmless prompts")
-        s = s - latent_means(model, sae, harmless, pad_id, skip_ids, values, skip_prefix=skip_prefix)
+        d = s - latent_means(model, sae, harmless, pad_id, skip_ids, values, skip_prefix=skip_prefix)
+        # harmless prompts that read like the harmful ones (the same prompts, in any order) leave only rounding;
+        # 1e-5 of the largest mean is far above float32 rounding of a sum, far below any real contrast
+        if not d.abs().max() > 1e-5 * s.abs().max():
+            raise ValueError(f"every latent's contrast score (harmful minus harmless mean) is 0 (at most "
+                             f"{float(d.abs().max()):.2g}): the harmless prompts read like the harmful ones, so no "
+                             "latent is specific to harm; give harmless prompts that differ, or none")
+        s = d
     return s
 
 
@@ -187,6 +198,29 @@ class SafetyFeatures:
             raise ValueError(f"the model's z0 is {off:.3g} (relative) from the kit's: it is not the aligned model the "
                              f"kit was calibrated on (expected at most {rtol}, rounding)")
         return replace(self, z0=z0)
+
+    def check(self, where: str) -> None:
+        """The shapes the loss relies on and latent indices inside the SAE, else a ValueError naming `where` (the
+        file they were read from): a bad index would otherwise be an IndexError deep inside the first step."""
+        ids, keep, z0 = self.ids, self.keep, self.z0
+        if ids.ndim != 2 or keep.shape != ids.shape or z0.ndim != 3 or z0.shape[:2] != ids.shape:
+            raise ValueError(f"{where}: ids {tuple(ids.shape)}, keep {tuple(keep.shape)}, z0 {tuple(z0.shape)}; "
+                             "expected (N, T), (N, T) and (N, T, m)")
+        if not torch.isfinite(z0).all():  # the loss would be NaN from the first step
+            raise ValueError(f"{where}: z0 holds NaN or Inf")
+        if self.readout in ("pre", "post"):
+            idx, d_sae = self.idx, self.sae.cfg.d_sae
+            integer = idx is not None and not idx.is_floating_point() and idx.dtype != torch.bool
+            if not integer or idx.ndim != 1 or len(idx) != z0.shape[-1]:
+                got = "none" if idx is None else f"{tuple(idx.shape)} {idx.dtype}"
+                raise ValueError(f"{where}: latent indices idx are {got}; expected {z0.shape[-1]} integers (z0's m)")
+            bad = idx[(idx < 0) | (idx >= d_sae)]
+            if len(bad):
+                raise ValueError(f"{where}: latent index {int(bad[0])} is outside the SAE's {d_sae} latents "
+                                 f"(expected 0..{d_sae - 1})")
+            if self.sae.cfg.layer != self.layer:
+                raise ValueError(f"{where}: the features read layer {self.layer}, their SAE layer "
+                                 f"{self.sae.cfg.layer}; expected the same")
 
     def to(self, device) -> "SafetyFeatures":
         # a new object: the fixed prompts, z0 and the SAE move together with the model

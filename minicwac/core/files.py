@@ -1,6 +1,7 @@
 """Files that are never half-written: folders and JSON files land in one rename, or not at all."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -105,6 +106,15 @@ def replace_folder(tmp: Path, path: Path) -> None:
         if old.exists() and not path.exists():  # undo the first rename: `path` is never left missing
             old.rename(path)
         raise
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB pieces (a model folder is hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def prepare_out(out: str | Path, outputs: tuple[str, ...] = ()) -> Path:

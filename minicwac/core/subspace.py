@@ -278,9 +278,37 @@ class Subspace:
         if set(S) != set(W0S) or not S:
             raise ValueError(f"{path}/subspace.safetensors: expected a .weight.S and a .weight.W0S per layer, "
                              f"got {sorted(tensors)[:4]}")
+        for n in S:  # a tampered or foreign file would otherwise switch the constraint off without a word
+            check_basis(S[n], W0S[n], f"{path}/subspace.safetensors: {n}")
         # optional: the layers saved with a spectrum
         evals = {k[:-len(".weight.evals")]: v for k, v in tensors.items() if k.endswith(".weight.evals")}
         return cls(S, W0S, cfg, evals)
+
+
+# How far S^T S may be from I. The projection W <- W - (W S - W0S) S^T leaves W S - W0S = (W S - W0S)(I - S^T S):
+# it restores W S = W0S only for orthonormal columns (a zero S restores nothing, an S scaled by 2 overshoots by 3x
+# every step). Eigenvectors saved in float32 are off by about 1e-8 (1e-7 with the product in float32) at widths up
+# to 8192; 1e-4 leaves a margin of 1000 and is the bound the weights are held to at load (`Kit.load`).
+ORTHONORMAL_TOL = 1e-4
+
+
+def orthonormal_error(S: torch.Tensor) -> float:
+    """max |S^T S - I| over the entries, in float64 (S: in x k); 0 for k = 0."""
+    if S.shape[1] == 0:  # rank 0: a layer whose inputs were all zero, nothing to check
+        return 0.0
+    S = S.double()
+    return float((S.T @ S - torch.eye(S.shape[1], dtype=S.dtype, device=S.device)).abs().max())
+
+
+def check_basis(S: torch.Tensor, W0S: torch.Tensor, where: str) -> None:
+    """S (in x k) with orthonormal columns and W0S (out x k) beside it, else a ValueError naming `where`."""
+    if S.ndim != 2 or W0S.ndim != 2 or S.shape[1] != W0S.shape[1] or not S.is_floating_point():
+        raise ValueError(f"{where}: S is {tuple(S.shape)} {S.dtype}, W0S {tuple(W0S.shape)}; expected float "
+                         "matrices (in, k) and (out, k) with the same k")
+    err = orthonormal_error(S)
+    if not err <= ORTHONORMAL_TOL:  # NaN too
+        raise ValueError(f"{where}: S is not orthonormal (max |S^T S - I| = {err:.3g}, expected <= "
+                         f"{ORTHONORMAL_TOL:g}); the file was changed or not written by minicwac: calibrate again")
 
 
 def project_out_(x: torch.Tensor, S: torch.Tensor, dtype: torch.dtype | None = None) -> None:

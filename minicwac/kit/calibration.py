@@ -2,7 +2,8 @@
 
 A kit folder:
     kit.json               settings, the model's fingerprint, the SAE report, the subspace ranks (and, with
-                           --targets auto, the rule, the probe and its drift map)
+                           --targets auto, the rule, the probe and its drift map), the calibration's warnings, the
+                           sha256 of every other file and of its own content (checked by `Kit.load`)
     subspace/              S and W0S per target linear (+ the eigenvalues, for the spectrum plot)
     sae/                   the SAE (scale folded in)
     features.safetensors   the calibration prompts (ids, kept tokens), the selected latents idx and z0
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,14 +24,14 @@ from ..core.data import Seq, encode_docs, mix_by_tokens, shared_prefix
 from ..core.drift import probe_targets
 from ..core.evals import prompt_ids
 from ..core.features import SafetyFeatures, check_sae_layer, safety_features, score_latents, select_latents
-from ..core.files import atomic_folder, recover
+from ..core.files import atomic_folder, file_sha256, recover
 from ..core.hooks import block_name, model_device, num_blocks
 from ..core.sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
 from ..core.settings import TARGETS, KitSettings, method
 from ..core.subspace import Subspace, compute_subspace
 from ..tools.report import figure, plot_drift_map
 
-KIT_VERSION = 1  # the folder layout's version, recorded in kit.json
+KIT_VERSION = 2  # the folder layout's version, recorded in kit.json (2: kit.json records the files' sha256)
 
 
 def fingerprint(model) -> dict:
@@ -76,7 +78,8 @@ class Kit:
         return sub, (self.features if act else None)  # the features only for a method with the activation side
 
     def save(self, path: str | Path) -> Path:
-        """The kit folder (see the module docstring), written atomically."""
+        """The kit folder (see the module docstring), written atomically; kit.json, written last, records the
+        sha256 of every other file and of its own content (`kit_digests`, `meta_digest`)."""
         f = self.features
         with atomic_folder(path) as tmp:
             self.subspace.save(tmp / "subspace")  # S, W0S, the spectra and cfg.json
@@ -85,56 +88,108 @@ class Kit:
             save_file({"ids": f.ids.cpu().contiguous(), "keep": f.keep.to(torch.uint8).cpu().contiguous(),
                        "z0": f.z0.float().cpu().contiguous(), "idx": f.idx.cpu().contiguous()},
                       str(tmp / "features.safetensors"))
-            # layer and readout: what `load` needs to rebuild SafetyFeatures
-            (tmp / "kit.json").write_text(json.dumps(
-                {"version": KIT_VERSION, "settings": asdict(self.settings), "fingerprint": self.fingerprint,
-                 "layer": f.layer, "readout": f.readout, "report": self.report}, indent=2))
             (tmp / "report.md").write_text(kit_report(self))
             plot_spectrum(self.subspace, tmp / "spectrum.png")
             if "auto" in self.report:  # the probe's drift map, when a probe ran
                 plot_drift_map(self.report["auto"]["map"], tmp, "the probe's drift map (targets auto)",
                                by_layer=False)
+            # layer and readout: what `load` needs to rebuild SafetyFeatures; the digests of the files above
+            meta = {"version": KIT_VERSION, "settings": asdict(self.settings), "fingerprint": self.fingerprint,
+                    "layer": f.layer, "readout": f.readout, "report": self.report, "files": kit_digests(tmp)}
+            (tmp / "kit.json").write_text(json.dumps({**meta, "sha256": meta_digest(meta)}, indent=2))
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path, model, device=None) -> "Kit":
-        """Read a kit folder and check that it belongs to `model` (same shapes, W S = W0 S on its weights)."""
+        """Read a kit folder and check it: every file against its sha256 in kit.json, S orthonormal, shapes and
+        latent indices, and that it belongs to `model` (same shapes, W S = W0 S on its weights)."""
         path = Path(path)
         recover(path)  # a save interrupted mid-rename: the last complete kit is read
-        # the layout first, for an error that names the missing piece
-        for f in ("kit.json", "features.safetensors", "subspace", "sae"):
-            if not (path / f).exists():
-                raise FileNotFoundError(f"{path / f} not found: a kit folder is written by `python -m minicwac "
-                                        "calibrate` (kit.json, features.safetensors, subspace/, sae/)")
+        meta = read_kit_json(path)  # and every file checked against its digest
         try:  # a damaged or foreign folder: one line naming the error, not a traceback
-            meta = json.loads((path / "kit.json").read_text())
             settings = KitSettings(**meta["settings"])  # an unknown field raises TypeError, caught below
+            layer, readout, fp_kit = int(meta["layer"]), meta["readout"], dict(meta["fingerprint"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path / 'kit.json'} is not a readable kit ({type(e).__name__}: {e})") from None
+        try:  # safetensors raises its own error type for a truncated or corrupt file
             t = load_file(str(path / "features.safetensors"))
             # keep back to bool (it is stored as uint8)
             ids, keep, z0, idx = t["ids"], t["keep"].bool(), t["z0"], t["idx"]
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            raise ValueError(f"{path} is not a readable kit ({type(e).__name__}: {e})") from None
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path / 'features.safetensors'} is not readable ({type(e).__name__}: {e})") from None
         device = model_device(model) if device is None else device  # beside the model unless told otherwise
         fp = fingerprint(model)
-        if meta["fingerprint"] != fp:  # the cheap check first: names and shapes, before any weight is read
-            kf = meta["fingerprint"]
-            raise ValueError(f"kit {path} was made for another model ({kf['params']} parameters in {kf['n_tensors']} "
-                             f"tensors, shapes {kf['shapes_sha256']}); this one has {fp['params']} in "
-                             f"{fp['n_tensors']}, shapes {fp['shapes_sha256']}")
-        sub = Subspace.load(path / "subspace", device)
+        if fp_kit != fp:  # the cheap check first: names and shapes, before any weight is read
+            raise ValueError(f"kit {path} was made for another model ({fp_kit.get('params')} parameters in "
+                             f"{fp_kit.get('n_tensors')} tensors, shapes {fp_kit.get('shapes_sha256')}); this one has "
+                             f"{fp['params']} in {fp['n_tensors']}, shapes {fp['shapes_sha256']}")
+        sub = Subspace.load(path / "subspace", device)  # S orthonormal, W0S beside it (`check_basis`)
         from ..io import dist
         if dist.is_sharded(model):  # FSDP2 (`dist.load_pretrained`): every rank checks its rows
             err = dist.max_over_ranks(sub.shard(model).ws_error(model))
         else:
             err = sub.ws_error(model)  # ||W S - W0S|| / ||W0S||: about 0 on the weights the kit was made from
-        if err > 1e-4:  # the bound a kit is refused above (docs/method.md#3-weight-side-the-safety-subspace)
+        if not err <= 1e-4:  # the bound a kit is refused above (docs/method.md#3-weight-side-the-safety-subspace)
             raise ValueError(f"kit {path} was made for other weights of this architecture: |W S - W0S| / |W0S| = "
                              f"{err:.2g} (expected <= 1e-4 on the model it was calibrated on)")
         sae = SAE.load(path / "sae", device).requires_grad_(False)  # frozen: L_safety trains the model, never the SAE
         # z0 is not recomputed: the kit's values are the aligned model's, whatever model loads them
-        feats = SafetyFeatures(meta["layer"], meta["readout"], ids.to(device), keep.to(device), z0.to(device), sae,
-                               idx.to(device))
+        feats = SafetyFeatures(layer, readout, ids.to(device), keep.to(device), z0.to(device), sae, idx.to(device))
+        feats.check(str(path / "features.safetensors"))  # shapes, and latent indices inside the SAE
+        if not 1 <= layer <= num_blocks(model):
+            raise ValueError(f"{path / 'kit.json'}: layer {layer}, expected 1..{num_blocks(model)} (the model's "
+                             "blocks)")
         return cls(settings, sub, feats, fp, meta.get("report", {}))
+
+
+def kit_digests(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file in a kit folder but kit.json (which holds them)."""
+    files = sorted(f for f in Path(folder).rglob("*") if f.is_file() and f.relative_to(folder).as_posix() != "kit.json")
+    return {f.relative_to(folder).as_posix(): file_sha256(f) for f in files}
+
+
+def meta_digest(meta: dict) -> str:
+    """The sha256 of kit.json's content without its own "sha256" field: keys sorted, as JSON reads it back (a file
+    cannot hold its own digest, so its parsed content is hashed)."""
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))  # tuples read back as lists
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def read_kit_json(path: Path) -> dict:
+    """kit.json, after the layout and every digest it records are checked: a flipped byte or a truncated file
+    anywhere in the kit is refused in one line naming the file. A kit saved before the digests (version 1) is
+    read with the structural checks of `Kit.load` only, with a warning."""
+    for f in ("kit.json", "features.safetensors", "subspace", "sae"):  # the layout first: names the missing piece
+        if not (path / f).exists():
+            raise FileNotFoundError(f"{path / f} not found: a kit folder is written by `python -m minicwac "
+                                    "calibrate` (kit.json, features.safetensors, subspace/, sae/)")
+    try:
+        meta = json.loads((path / "kit.json").read_text(encoding="utf-8"))
+        version = meta.get("version", 1) if isinstance(meta, dict) else None
+    except (ValueError, OSError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{path / 'kit.json'} is not readable ({type(e).__name__}: {e})") from None
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= KIT_VERSION:
+        raise ValueError(f"{path / 'kit.json'}: version {version!r}, expected 1..{KIT_VERSION} (a newer minicwac "
+                         "made it, or it is not a kit)")
+    if version == 1:  # before the digests: nothing to check them against
+        warnings.warn(f"{path} was saved by an older minicwac and records no sha256 of its files: it is checked for "
+                      "shapes, S orthonormal and W S = W0 S only; calibrate again for a kit whose files are checked",
+                      stacklevel=3)
+        return meta
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files or meta.get("sha256") != meta_digest(meta):
+        raise ValueError(f"{path / 'kit.json'} does not match the sha256 it recorded at save (it was changed "
+                         "since); calibrate again")
+    for name, digest in files.items():
+        f = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:  # only files inside the kit are read
+            raise ValueError(f"{path / 'kit.json'} lists {name!r}, a file outside the kit folder")
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: kit.json lists it; the kit is incomplete, calibrate again")
+        if file_sha256(f) != digest:
+            raise ValueError(f"{f} does not match the sha256 kit.json recorded at save (it was changed or "
+                             "truncated since); calibrate again, or restore the file")
+    return meta
 
 
 def generic_corpus(n: int = 2000) -> list[str]:
@@ -172,6 +227,7 @@ def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None,
     # chat-formatted, ending in the generation prompt, as at evaluation
     calib = [prompt_ids(tok, p)[:max_len] for p in harmful]
     calib_harmless = [prompt_ids(tok, p)[:max_len] for p in harmless] if harmless else None
+    counts, notes = prompt_notes(calib, calib_harmless, max_len)  # too few distinct prompts: refused here
     pre = shared_prefix(calib) if s.skip_prefix else 0  # the shared opening's length (e.g. a system line), or 0
     auto = None
     if probe_seqs:  # the map is read on the calibration prompts (a dev split), never on evaluation prompts
@@ -192,6 +248,11 @@ def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None,
         n_docs = len(sae_seqs) - len(calib)  # the generic documents picked, for the report
     # activation side, step 1: the SAE (or its cached copy)
     sae, sae_report = kit_sae(model, sae_seqs, layer, s, pad, skip, sae_folder, progress)
+    ev = sae_report.get("explained_variance")
+    if ev is not None and not ev >= MIN_EXPLAINED_VARIANCE:  # NaN too
+        notes.append(note(f"the SAE explains {ev:.2f} of the residual stream's variance on held-out tokens (below "
+                          f"{MIN_EXPLAINED_VARIANCE}): its latents describe little of what the model computes there; "
+                          "train it longer (--sae-steps) or on more text (--corpus)"))
     # step 2: a score for every latent on the calibration prompts
     scores = score_latents(model, sae, calib, calib_harmless, pad, skip, how=score, skip_prefix=pre)
     idx = select_latents(scores, s.m)  # step 3: the top m (or every firing one)
@@ -203,11 +264,53 @@ def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None,
                             skip_prefix=pre)
     # what report.md and kit.json record
     report = {"hook_name": block_name(model, layer), "n_harmful": len(harmful), "n_harmless": len(harmless or []),
+              **counts, "warnings": notes,
               "n_corpus_docs": n_docs, "skip_prefix_tokens": pre, "score": score, "n_latents": int(len(idx)),
               "sae": {k: v for k, v in sae_report.items() if k != "history"}, "ranks": sub.cfg["ranks"]}
     if auto is not None:
         report["auto"] = auto
     return Kit(s, sub, feats, fingerprint(model), report)
+
+
+# Fewer distinct harmful prompts than this are refused. The subspace is the span of the tokens those prompts put
+# through each target, the latents are ranked by a mean over them and z0 is read on them: with a handful, S is
+# those few sentences' own directions and the "safety latents" are whatever those sentences share (wording,
+# length), not harm. 8 is the smallest set the package itself calibrates on (the `real` preset cpu-smoke) and half
+# the default L_safety batch; a floor against meaningless kits, not a recommendation (the measured runs use 32-270).
+MIN_DISTINCT_HARMFUL = 8
+# Below this explained variance (1 - FVU on held-out tokens) the kit is written with a warning: an SAE that
+# reconstructs less than half the residual stream's variance reads latents that miss most of it (the kits of
+# docs/results.md explain 0.97 and more).
+MIN_EXPLAINED_VARIANCE = 0.5
+
+
+def note(text: str) -> str:
+    """A warning about the calibration, shown now on stderr and kept for report.md and kit.json."""
+    warnings.warn(text, stacklevel=3)
+    return text
+
+
+def prompt_notes(calib: list[list[int]], calib_harmless: list[list[int]] | None,
+                 max_len: int) -> tuple[dict, list[str]]:
+    """Distinct harmful prompts as the model reads them (chat-formatted, cut to max_len tokens): fewer than
+    MIN_DISTINCT_HARMFUL are refused; repeats and prompts in both sets are warned about. Returns the counts for
+    the report and the warnings."""
+    distinct = {tuple(c) for c in calib}
+    if len(distinct) < MIN_DISTINCT_HARMFUL:
+        raise ValueError(f"{len(calib)} harmful prompts ({len(distinct)} distinct once chat-formatted and cut to "
+                         f"{max_len} tokens): calibration needs at least {MIN_DISTINCT_HARMFUL} distinct ones (a "
+                         "subspace and latents read on fewer describe those sentences, not harm)")
+    notes, overlap = [], 0
+    if len(distinct) < len(calib):  # kept: a repeat weighs its prompt more, as the user's file asks
+        notes.append(note(f"{len(calib) - len(distinct)} of the {len(calib)} harmful prompts repeat another (as the "
+                          f"model reads them, cut to {max_len} tokens): {len(distinct)} distinct; a repeated prompt "
+                          "weighs more in the subspace, the latent scores and L_safety"))
+    if calib_harmless:
+        overlap = len(distinct & {tuple(c) for c in calib_harmless})
+        if overlap:
+            notes.append(note(f"{overlap} of the {len(distinct)} distinct harmful prompts are also among the harmless "
+                              "ones: their latents cancel in the contrast score"))
+    return {"n_harmful_distinct": len(distinct), "n_overlap": overlap}, notes
 
 
 def kit_sae(model, seqs: list[list[int]], layer: int, s: KitSettings, pad: int, skip: list[int],
@@ -248,9 +351,13 @@ def kit_report(kit: Kit) -> str:
     dead_train = sae.get("dead_fraction_train")
     dead_train = "-" if dead_train is None else f"{100 * dead_train:.1f}"  # None: no training history
     # markdown lines, joined at the end
-    L = ["# Safety kit", "", f"Calibrated on {r.get('n_harmful')} harmful prompts ({r.get('n_harmless')} harmless "
-         f"for the latent scores, {r.get('n_corpus_docs')} generic documents for the SAE).", "",
-         "| setting | value |", "|---|---|"]
+    n, n_distinct = r.get("n_harmful"), r.get("n_harmful_distinct")
+    distinct = f" ({n_distinct} distinct)" if n_distinct is not None and n_distinct != n else ""
+    L = ["# Safety kit", "", f"Calibrated on {n} harmful prompts{distinct} ({r.get('n_harmless')} harmless "
+         f"for the latent scores, {r.get('n_corpus_docs')} generic documents for the SAE).", ""]
+    if r.get("warnings"):  # the calibration's warnings (`prompt_notes`, the SAE's explained variance)
+        L += ["## Warnings", "", *[f"- {w}" for w in r["warnings"]], ""]
+    L += ["| setting | value |", "|---|---|"]
     L += [f"| {k} | {v} |" for k, v in asdict(s).items()]  # one row per setting
     L += ["", "## SAE (residual stream after block " f"{kit.features.layer}, held-out tokens)", "",
           "| explained variance | L0 | dead % (held-out / training window) | CE recovered |", "|---|---|---|---|",
