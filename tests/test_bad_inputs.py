@@ -439,3 +439,20 @@ def test_the_command_line_prints_a_warning_in_one_line(folder):
                         "sys.exit(main())", str(path)], capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and r.stderr == "minicwac: warning: a capped size\n", r.stderr
+
+
+@pytest.mark.parametrize("which", ["subspace", "sae", "adapter"])
+def test_a_deeply_nested_config_in_a_saved_folder_is_one_line(tmp_path, which):
+    """The package's own folders read their JSON through one reader: nesting deep enough to overflow Python's
+    parser is one line naming the file, not a RecursionError."""
+    from minicwac.core.lora import load_adapter
+    from minicwac.core.sae import SAE
+    from minicwac.core.subspace import Subspace
+    name = {"subspace": "cfg.json", "sae": "cfg.json", "adapter": "adapter_config.json"}[which]
+    other = {"subspace": "subspace.safetensors", "sae": "sae.safetensors", "adapter": "adapter_model.safetensors"}
+    (tmp_path / name).write_text("[" * 100000 + "]" * 100000)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / other[which]))
+    load = {"subspace": Subspace.load, "sae": SAE.load, "adapter": lambda p: load_adapter(GPT(tiny_config()), p)}
+    with pytest.raises(ValueError) as e:
+        load[which](tmp_path)
+    assert f"{tmp_path / name} is nested too deeply" in _one_line(e.value)

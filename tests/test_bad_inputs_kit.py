@@ -104,7 +104,7 @@ def every(key, fn):
 def test_a_changed_kit_file_is_refused_naming_it(kit, name, damage):
     path, model = kit
     damage(path / name)
-    refused(path, model, f"{name}.*(sha256|not readable)")
+    refused(path, model, f"{name}.*(sha256|not readable|not valid JSON)")
 
 
 def test_a_value_changed_in_kit_json_is_refused(kit):

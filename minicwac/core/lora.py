@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from .files import atomic_folder
+from .files import atomic_folder, read_json
 from .subspace import project_out_
 
 # the seven linears of a Llama-style block, by their name endings (PEFT's target_modules)
@@ -201,8 +201,8 @@ def load_adapter(model: nn.Module, path: str | Path, seed: int = 0) -> LoRASetti
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: an adapter folder has adapter_config.json and "
                                     "adapter_model.safetensors")
+    cfg = read_json(cfg_file, "a PEFT adapter config (a JSON object)")
     try:
-        cfg = json.loads(cfg_file.read_text())
         # lora_alpha is read as alpha: scale = lora_alpha / r, as PEFT computes it
         settings = LoRASettings(int(cfg["r"]), float(cfg["lora_alpha"]), tuple(cfg["target_modules"])).check()
     except (ValueError, KeyError, TypeError) as e:

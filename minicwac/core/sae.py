@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import prompt_batches
-from .files import atomic_folder, recover
+from .files import atomic_folder, read_json, recover
 from .hooks import block_name, logits_of, model_device, residual
 
 
@@ -167,8 +167,8 @@ class SAE(nn.Module):
         for f in ("sae.safetensors", "cfg.json"):
             if not (path / f).is_file():
                 raise FileNotFoundError(f"{path / f} not found: an SAE folder has sae.safetensors and cfg.json")
+        d = read_json(path / "cfg.json", "an SAE's config (a JSON object)")
         try:
-            d = json.loads((path / "cfg.json").read_text())
             # cfg.json may hold more than the config (save's `extra`): only SAEConfig's fields are read
             cfg = SAEConfig(**{k: d[k] for k in SAEConfig.__dataclass_fields__ if k in d})
             tensors = load_file(str(path / "sae.safetensors"))

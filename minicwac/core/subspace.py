@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import prompt_batches
-from .files import atomic_folder, recover
+from .files import atomic_folder, read_json, recover
 from .hooks import capture, model_device
 
 DEFAULT_TARGETS = (r"model\.layers\.\d+\.mlp\.down_proj",)  # [paper]: every MLP down-projection
@@ -267,8 +267,8 @@ class Subspace:
         for f in ("subspace.safetensors", "cfg.json"):
             if not (path / f).is_file():
                 raise FileNotFoundError(f"{path / f} not found: a subspace folder has subspace.safetensors and cfg.json")
+        cfg = read_json(path / "cfg.json", "a subspace's config (a JSON object)")
         try:
-            cfg = json.loads((path / "cfg.json").read_text())
             tensors = load_file(str(path / "subspace.safetensors"), device=str(device))
         except Exception as e:  # noqa: BLE001 -- safetensors raises several types for a corrupt file
             raise ValueError(f"{path} is not a readable subspace folder ({type(e).__name__}: {e})") from None

@@ -24,7 +24,7 @@ from ..core.data import Seq, encode_docs, mix_by_tokens, shared_prefix
 from ..core.drift import probe_targets
 from ..core.evals import prompt_ids
 from ..core.features import SafetyFeatures, check_sae_layer, safety_features, score_latents, select_latents
-from ..core.files import atomic_folder, file_sha256, recover
+from ..core.files import atomic_folder, file_sha256, read_json, recover
 from ..core.hooks import block_name, model_device, num_blocks
 from ..core.sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
 from ..core.settings import TARGETS, KitSettings, method
@@ -163,11 +163,8 @@ def read_kit_json(path: Path) -> dict:
         if not (path / f).exists():
             raise FileNotFoundError(f"{path / f} not found: a kit folder is written by `python -m minicwac "
                                     "calibrate` (kit.json, features.safetensors, subspace/, sae/)")
-    try:
-        meta = json.loads((path / "kit.json").read_text(encoding="utf-8"))
-        version = meta.get("version", 1) if isinstance(meta, dict) else None
-    except (ValueError, OSError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise ValueError(f"{path / 'kit.json'} is not readable ({type(e).__name__}: {e})") from None
+    meta = read_json(path / "kit.json", "a kit's record (a JSON object)")
+    version = meta.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= KIT_VERSION:
         raise ValueError(f"{path / 'kit.json'}: version {version!r}, expected 1..{KIT_VERSION} (a newer minicwac "
                          "made it, or it is not a kit)")
@@ -321,12 +318,13 @@ def kit_sae(model, seqs: list[list[int]], layer: int, s: KitSettings, pad: int, 
     # a cached SAE is taken as is: the folder's name must say what it was trained with (the toy's carries
     # a hash of the SAE settings, `SafetyRecipe.key`)
     if folder is not None and (Path(folder) / "cfg.json").is_file():
-        return SAE.load(folder, model_device(model)), json.loads((Path(folder) / "cfg.json").read_text())["report"]
+        return SAE.load(folder, model_device(model)), read_json(Path(folder) / "cfg.json", "an SAE's cfg.json")["report"]
     n_test = max(1, len(seqs) // 10)  # a tenth held out, at least one sequence
     x_train = harvest(model, seqs[n_test:], layer, pad, skip)  # (tokens, hidden)
     x_test = harvest(model, seqs[:n_test], layer, pad, skip)  # (tokens, hidden)
     d_sae = s.d_sae or 8 * x_train.shape[1]  # 8 x hidden
-    # k at most d_sae; batches of at most 1024 tokens
+    if s.sae_k > d_sae:  # k at most d_sae (said); batches of at most 1024 tokens
+        warnings.warn(f"sae_k={s.sae_k} is more than the SAE's {d_sae} latents: k = {d_sae} is used", stacklevel=2)
     sae, hist = train_sae(x_train, d_sae, min(s.sae_k, d_sae), layer, steps=s.sae_steps, lr=s.sae_lr, seed=s.seed,
                           batch_size=min(1024, len(x_train)), device=model_device(model), progress=progress)
     met = sae_metrics(sae, x_test)  # FVU, L0 and dead latents on the held-out tokens
