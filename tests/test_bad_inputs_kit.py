@@ -250,3 +250,10 @@ def test_cli_calibrate_prints_the_warnings_and_refuses_in_one_line(tok, tmp_path
         assert main([*common, "--harmful", str(tmp_path / "harmful.txt"), "--out", str(tmp_path / "k")]) == 0
     out = capsys.readouterr().out
     assert "Calibrated on 13 harmful prompts (10 distinct)" in out and "- 3 of the 13 harmful prompts repeat" in out
+
+
+def test_an_sae_k_beyond_the_latents_is_said(tok):
+    """--sae-k 1000 --d-sae 8: k is capped at the 8 latents, with a warning (it was capped without a word)."""
+    with pytest.warns(UserWarning, match="sae_k=1000 is more than the SAE's 8 latents: k = 8 is used"):
+        kit = calibrate_tiny(tok, HARMFUL, HARMLESS, KitSettings(sae_layer=1, d_sae=8, sae_k=1000, sae_steps=5, m=4))
+    assert kit.features.sae.cfg.k == 8
