@@ -78,8 +78,9 @@ MUTANTS = [
            "    else:\n"
            "        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)", STEP,
            why="the clip norm counts the discarded part of g: constrained runs take smaller steps than asked"),
-    Mutant("grad-projection-only-when-asked", "step", CWAC, "if subspace is not None and (project_update or project_grad):",
-           "if subspace is not None and project_grad:", STEP,
+    Mutant("grad-projection-only-when-asked", "step", CWAC,
+           "if subspace is not None and (project_update or project_grad):", "if subspace is not None and project_grad:",
+           STEP,
            why="with the update projection the in-subspace gradient reaches the clip norm and AdamW's moments"),
     Mutant("update-projection-skipped", "step", CWAC, "subspace.project_(model)  # exact",
            "pass  # exact", STEP + T["subspace"],
@@ -188,7 +189,8 @@ MUTANTS = [
            "self.W_dec.div_(1.0)", T["sae"], why="TopK compares latents whose decoder rows differ in norm"),
     Mutant("topk-k-minus-one", "sae", SAE_, "pre.topk(self.cfg.k, dim=-1)", "pre.topk(self.cfg.k - 1, dim=-1)",
            T["sae"], why="L0 is k - 1, not the k asked for"),
-    Mutant("b-dec-added", "sae", SAE_, "h = x.float() * self.scale - self.b_dec", "h = x.float() * self.scale + self.b_dec",
+    Mutant("b-dec-added", "sae", SAE_, "h = x.float() * self.scale - self.b_dec",
+           "h = x.float() * self.scale + self.b_dec",
            T["sae"] + T["features"], why="the encoder reads uncentred inputs: every latent value is off"),
     Mutant("b-enc-wrong-latents", "sae", SAE_, "+ self.b_enc[idx])", "+ self.b_enc[:len(idx)])",
            T["sae"] + T["features"], why="the selected latents get other latents' biases in L_safety's readout"),
@@ -225,7 +227,8 @@ MUTANTS = [
            T["drift"], why="the upstream term includes the second-order part: the decomposition no longer adds up"),
     # ---- kit-wiring: what finetune hands the loop (kit/calibration.py, kit/finetuning.py)
     Mutant("features-for-every-method", "kit-wiring", CAL, "return sub, (self.features if act else None)",
-           "return sub, self.features", T["kit"], why="`weight` and `weight-all` also get L_safety: the ablation is void"),
+           "return sub, self.features", T["kit"],
+           why="`weight` and `weight-all` also get L_safety: the ablation is void"),
     Mutant("finetune-lam-ignored", "kit-wiring", FT, "if kit is not None else 0.0) if lam is None else lam",
            "if kit is not None else 0.0)", T["kit"], why="--lam is ignored: a lambda sweep is flat"),
     Mutant("cwac-gets-no-subspace", "kit-wiring", FT, "else Constraints(sub, feats, lam,",
@@ -293,7 +296,8 @@ def make_copy(files: list[str]) -> Path:
 
 def run_pytest(copy: Path, tests: list[str], timeout: float) -> tuple[int | None, str, float]:
     """pytest on `tests` inside `copy`, importing the copy; returns (exit code, None on a timeout; output; seconds)."""
-    env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1", "MINICWAC_CACHE": str(copy / "runs" / "cache")}
+    env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1",
+           "MINICWAC_CACHE": str(copy / "runs" / "cache")}  # a mutant never writes into a real cache
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", *tests]
     t0 = time.monotonic()
     # a session of its own: a timeout ends the whole group (test_dist's ranks included)
