@@ -3,7 +3,7 @@ check that the fast tests catch it. A mutant the tests do not catch ("survived")
 
     python tests/mutants.py                      # every mutant, 2 at a time (what `make mutants` runs)
     python tests/mutants.py --list               # the list, checked, nothing run
-    python tests/mutants.py --only lam-dropped top-m-smallest --json out.json
+    python tests/mutants.py --only lam-dropped top-m-smallest --json PATH
     python tests/mutants.py --kind subspace -j 1
 
 Each mutant runs in a fresh temporary copy of the git-tracked files (never .venv, runs/ or .git): its edit is
