@@ -58,6 +58,15 @@ DATA, CAL, FT = "minicwac/core/data.py", "minicwac/kit/calibration.py", "minicwa
 T = {k: (f"tests/test_{k}.py",) for k in ("activation", "cwac", "subspace", "features", "sae", "lora", "drift", "train",
                                           "kit")}
 STEP = T["activation"] + T["cwac"]
+
+
+def tests_of(file: str, without: str) -> tuple[str, ...]:
+    """The node ids of a test file's tests, those whose name contains `without` left out (a slow multi-process one)."""
+    names = re.findall(r"^def (test_\w+)", (ROOT / file).read_text(), re.M)
+    return tuple(f"{file}::{n}" for n in names if without not in n)
+
+
+T["lora"] = tests_of("tests/test_lora.py", without="two_ranks")  # its 2-process test (~25 s) left out: the rest kill every mutant here
 DIST = ("tests/test_dist.py::test_two_ranks_match_one_and_keep_the_constraint_on_every_shard",)
 
 MUTANTS = [
