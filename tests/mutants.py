@@ -66,7 +66,8 @@ def tests_of(file: str, without: str) -> tuple[str, ...]:
     return tuple(f"{file}::{n}" for n in names if without not in n)
 
 
-T["lora"] = tests_of("tests/test_lora.py", without="two_ranks")  # its 2-process test (~25 s) left out: the rest kill every mutant here
+# test_lora.py without its 2-process test (~25 s): the rest kill every lora mutant
+T["lora"] = tests_of("tests/test_lora.py", without="two_ranks")
 DIST = ("tests/test_dist.py::test_two_ranks_match_one_and_keep_the_constraint_on_every_shard",)
 
 MUTANTS = [
