@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-all notebooks clean
+.PHONY: demo test test-all mutants notebooks clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(VENV)/.installed-test
 
 test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q
+
+# plant small bugs in the method's code one at a time and check that the fast tests catch each (docs/testing.md)
+mutants: $(VENV)/.installed-test
+	$(PY) tests/mutants.py
 
 # re-run the notebooks in place: their outputs and a digest of each code cell (make test checks the digests,
 # make test-all re-runs each notebook and compares its key figures)

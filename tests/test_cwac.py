@@ -277,3 +277,15 @@ def test_safelora_number_mode_projects_the_lowest_cosines():
         torch.testing.assert_close(mods[n].weight, want)
     with pytest.raises(ValueError, match="n_project=3, expected 0..2"):
         safelora_project_(copy_of(tuned), aligned, C, n_project=3)
+
+
+def test_the_schedule_sets_every_param_group_with_the_default_warmup():
+    """Schedule(warmup=None) warms up over 5% of the steps (1 of 20: the first step already at the peak), and every
+    param group follows lr_at at every step, the no-decay group (norm gains, biases) as well."""
+    from minicwac.core.data import lr_at
+    seen = []
+    finetune_cwac(make(), task_seqs(), Schedule(20, 4, 1e-3),
+                  on_step=lambda step, m, opt, h: seen.append([g["lr"] for g in opt.param_groups]), progress=False)
+    assert len(seen) == 20 and all(len(lrs) == 2 for lrs in seen)
+    for step, lrs in enumerate(seen):
+        assert lrs == [pytest.approx(lr_at(step, 20, 1e-3, 1))] * 2, f"step {step}: lrs {lrs}"

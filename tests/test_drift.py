@@ -221,3 +221,29 @@ def test_a_bias_shift_shows_in_the_map():
     one = drift_map(base, tuned, prompts[:1], 0)["linears"][name]
     assert one["db"] == pytest.approx(want, rel=1e-4), "db: ||db|| per token, summed, over sum ||W0 h0||"
     assert choose_targets(drift_map(base, tuned, prompts, 0), 0.5)["kinds"] == ["self_attn.q_proj"]
+
+
+def test_every_term_of_one_linear_by_hand(make_model):
+    """Every weight moved, so a linear deep in the model has both dW and dh: dW h0, W0 dh, dW dh and the exact
+    change of model.layers.1.mlp.down_proj against the same sums taken by hand."""
+    from minicwac.core.data import pad_right
+    base = make_model()
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    prompts, name = _prompts(), "model.layers.1.mlp.down_proj"
+    got = drift_map(base, tuned, prompts, pad_id=0)["linears"][name]
+    ids, mask = pad_right(prompts, 0)
+    with torch.no_grad(), capture(base, [name], what="input") as a, capture(tuned, [name], what="input") as b:
+        base(ids)
+        tuned(ids)
+    h0, h = a[name][mask.bool()], b[name][mask.bool()]  # (tokens, in)
+    W0, W = base.get_submodule(name).weight.detach(), tuned.get_submodule(name).weight.detach()
+    dW, dh = W - W0, h - h0
+    ref = float((h0 @ W0.T).norm(dim=-1).sum())
+    want = {"dW_h0": h0 @ dW.T, "W0_dh": dh @ W0.T, "second_order": dh @ dW.T, "exact": h @ W.T - h0 @ W0.T}
+    assert float(dh.norm()) > 0 and float(dW.norm()) > 0
+    for k, v in want.items():
+        assert got[k] == pytest.approx(float(v.norm(dim=-1).sum()) / ref, rel=1e-4), k

@@ -368,3 +368,13 @@ def test_calibrate_scores_by_contrast_with_harmless_prompts_and_reads_z0_on_the_
     with torch.no_grad():
         z = f.sae.pre_acts(residual(aligned, f.ids, f.layer), f.idx)
     torch.testing.assert_close(f.z0[f.keep], z[f.keep], msg="z0 is not the aligned model's readout on those prompts")
+
+
+def test_finetune_refuses_bf16_weights(files, tok):
+    """The projection pins values a bf16 weight cannot hold: finetune asks for float32 weights (bf16-mixed for bf16
+    compute) before anything is written."""
+    model, tok = load_checkpoint(files / "aligned")
+    seqs, _ = encode_data(tok, load_conversations(files / "data.jsonl"), 64)
+    with pytest.raises(ValueError, match="load them in float32"):
+        finetune(model.to(torch.bfloat16), tok, seqs, None, files / "out", method="sft", steps=1, progress=False)
+    assert not (files / "out").exists()

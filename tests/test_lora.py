@@ -235,3 +235,29 @@ def test_the_drift_map_of_an_unmerged_lora_model_is_that_of_its_merged_weights(m
     for name, t in merged["linears"].items():
         for k, v in t.items():
             assert unmerged["linears"][name][k] == pytest.approx(v, rel=1e-5, abs=1e-8), (name, k)
+
+
+def test_the_default_scale_is_two():
+    """alpha defaults to 2 r (scale 2), as the docs and the adapter folder's lora_alpha say."""
+    assert LoRASettings(r=4).scale == 2.0 and LoRASettings(r=8, alpha=8).scale == 1.0
+
+
+def test_the_gradient_only_variant_projects_the_adapter_gradient(make_model):
+    """project_grad without project_update on a LoRA model: under SGD the step of A has no component on S
+    (A's gradient is the one projected: W0 is frozen and has none); without it the share is ~sqrt(k / in)."""
+    from minicwac.core.cwac import cwac_step
+    from minicwac.core.data import collate
+    model = make_model()
+    sub = compute_subspace(model, _prompts(), 0, energy=0.9)
+    add_lora(model, LoRASettings(r=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))  # B = 0 would give A no gradient
+    before = {n: m.lora_A.detach().clone() for n, m in lora_modules(model).items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    cwac_step(model.train(), opt, collate(_seqs()[:8], 0), subspace=sub, project_update=False, project_grad=True,
+              grad_clip=1e9)
+    for n, S in sub.S.items():
+        dA = lora_modules(model)[n].lora_A.detach() - before[n]
+        assert dA.norm() > 0 and float((dA @ S).norm()) <= 1e-4 * float(dA.norm()), n  # float32 round-off: ~1e-6

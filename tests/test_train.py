@@ -187,3 +187,9 @@ def test_lm_loss_without_targets_is_zero_not_nan():
     loss = lm_loss(m, ids, torch.full_like(ids, -100))
     assert loss.item() == 0.0
     loss.backward()  # still differentiable
+
+
+def test_optimizer_betas_are_the_documented_ones():
+    """AdamW with betas (0.9, 0.95) [ours, docs/method.md]: a first step cannot tell them from torch's default."""
+    opt = make_optimizer(GPT(tiny_config()), 1e-3, 0.1)
+    assert [g["betas"] for g in opt.param_groups] == [(0.9, 0.95)] * 2
