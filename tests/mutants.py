@@ -69,6 +69,8 @@ def tests_of(file: str, without: str) -> tuple[str, ...]:
 # test_lora.py without its 2-process test (~25 s): the rest kill every lora mutant
 T["lora"] = tests_of("tests/test_lora.py", without="two_ranks")
 DIST = ("tests/test_dist.py::test_two_ranks_match_one_and_keep_the_constraint_on_every_shard",)
+GRADS = ("tests/test_dist.py::test_the_ranks_gradients_are_one_process_gradients",)  # 2 and 3 ranks, ~30 s
+DIST_PY = "minicwac/io/dist.py"
 
 MUTANTS = [
     # ---- step: the loss, the order of the step, the schedule and the data behind it (core/cwac.py, core/data.py)
@@ -181,8 +183,8 @@ MUTANTS = [
     Mutant("contrast-ignores-harmless", "latents", CAL, "calib_harmless, pad, skip, how=score,",
            'calib_harmless, pad, skip, how="harmful",', T["kit"],
            why="calibrate with harmless prompts still picks chat-format latents that fire everywhere"),
-    Mutant("contrast-sign", "latents", FEAT, "s = s - latent_means(model, sae, harmless,",
-           "s = s + latent_means(model, sae, harmless,", T["features"] + T["kit"],
+    Mutant("contrast-sign", "latents", FEAT, "d = s - latent_means(model, sae, harmless,",
+           "d = s + latent_means(model, sae, harmless,", T["features"] + T["kit"],
            why="contrast rewards latents that fire on harmless prompts"),
     Mutant("top-m-smallest", "latents", FEAT, "scores.topk(min(m, len(scores))).indices",
            "scores.topk(min(m, len(scores)), largest=False).indices", T["features"] + T["kit"],
@@ -249,13 +251,36 @@ MUTANTS = [
     Mutant("auto-patterns-ignored", "kit-wiring", CAL, 'self.report["auto"]["patterns"] if targets == "auto"',
            'TARGETS["all"] if targets == "auto"', T["kit"], why="weight-auto constrains every linear"),
     # ---- kit-checks: what refuses a wrong model or precision (kit/, core/cwac.py, core/subspace.py)
-    Mutant("kit-load-tolerance", "kit-checks", CAL, "if err > 1e-4:  # the bound", "if err > 1e-1:  # the bound",
+    Mutant("kit-load-tolerance", "kit-checks", CAL, "if not err <= 1e-4:  # the bound", "if not err <= 1e-1:  # the bound",
            T["kit"], why="a kit loads on weights it was not made from (a 1% change passes)"),
     Mutant("bf16-warning-never", "kit-checks", CWAC, "    if low:\n", "    if low and sub is None:\n", STEP,
            why="bf16 constrained weights train without a word: W S = W0 S holds only to bf16"),
     Mutant("finetune-accepts-bf16", "kit-checks", FT, "if next(model.parameters()).dtype != torch.float32:",
            "if next(model.parameters()).dtype == torch.float16:", T["kit"],
            why="finetune trains bf16 weights: the projected values are rounded off at every step"),
+    Mutant("kit-s-not-orthonormal-accepted", "kit-checks", SUB, "if not err <= ORTHONORMAL_TOL:",
+           "if not err <= 10.0:", ("tests/test_bad_inputs_kit.py",),
+           why="a kit whose S is zeroed or scaled loads: the projection then restores nothing, or overshoots"),
+    Mutant("kit-digests-unchecked", "kit-checks", CAL, "        if file_sha256(f) != digest:",
+           "        if False:", ("tests/test_bad_inputs_kit.py",),
+           why="a flipped byte in the SAE or the features loads silently"),
+    # ---- fsdp: the ranks' gradients and the sharded forward (io/dist.py, core/cwac.py, kit/finetuning.py)
+    Mutant("fsdp-ranks-averaged", "fsdp", DIST_PY, "        unit.set_gradient_divide_factor(1.0)", "        pass",
+           GRADS, why="the ranks' gradients are averaged: every gradient is 1/N of the global mean's (AdamW hides "
+           "it except where clipping binds and near epsilon)"),
+    Mutant("fsdp-bf16-mixed-reduced-in-bf16", "fsdp", DIST_PY, "reduce_dtype=torch.float32)",
+           "reduce_dtype=torch.bfloat16)", GRADS, why="bf16-mixed sums the ranks' gradients in bf16"),
+    Mutant("fsdp-fp32-reduced-in-bf16", "fsdp", DIST_PY, "else MixedPrecisionPolicy()}",
+           "else MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)}", GRADS,
+           why="an fp32 run sums the ranks' gradients in bf16"),
+    Mutant("fsdp-safety-pick-not-split", "fsdp", CWAC, "pick.chunk(world_size)[rank] if feats",
+           "pick if feats", GRADS, why="every rank computes L_safety on the whole safety batch: N times its weight"),
+    Mutant("fsdp-z0-not-rebased", "fsdp", FT, "            feats = feats.rebased(model)  # so that",
+           "            pass  # so that", DIST,
+           why="a sharded bf16-mixed run starts with L_safety at a floor of rounding noise, not at 0"),
+    Mutant("fsdp-no-reshard-after-a-stopped-forward", "fsdp", "minicwac/core/hooks.py",
+           "        model.reset_iter_state()", "        pass", DIST,
+           why="after a no-grad partial forward the optimizer holds gathered weights: the checkpoint fails"),
     Mutant("ws-error-last-target-only", "kit-checks", SUB,
            "out = max(out, float(err.norm() / W0S.norm().clamp(min=1e-30)))",
            "out = float(err.norm() / W0S.norm().clamp(min=1e-30))", T["kit"] + T["lora"],
