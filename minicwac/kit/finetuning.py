@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -124,7 +126,7 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     rank trains on its part of every global batch, the checkpoint is sharded and rank 0 writes the folder."""
     run = (run or RunOptions()).check(lora)
     # everything checked before OUT is touched
-    steps = check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, lora, run)
+    steps = check_finetune(model, seqs, kit, method, steps, epochs, batch_size, lr, dtype, lora, run)
     # the method's constraints from the kit (sft: none)
     sub, feats = kit.constraint(method) if kit is not None else (None, None)
     # the kit's lam unless one is given
@@ -178,7 +180,7 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     return write_finetuned(model, tok, out, ckpt, sub, hist, record, method, lora, run)
 
 
-def check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, lora, run) -> int:
+def check_finetune(model, seqs, kit, method, steps, epochs, batch_size, lr, dtype, lora, run) -> int:
     """The arguments of `finetune`, checked before anything is written; returns the number of steps."""
     method_row(method, "kit")  # a method the kit offers, or a ValueError naming them
     if dtype not in DTYPES:
@@ -187,6 +189,13 @@ def check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, l
         raise ValueError("give exactly one of steps and epochs")
     if not seqs:
         raise ValueError("no training sequences")
+    # the numbers the schedule divides by or steps with (the CLI's flags are checked by argparse already)
+    if not (isinstance(batch_size, numbers.Integral) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r}, expected an integer >= 1")
+    if steps is not None and not (isinstance(steps, numbers.Integral) and steps >= 1):
+        raise ValueError(f"steps={steps!r}, expected an integer >= 1")
+    if not (isinstance(lr, numbers.Real) and 0 < lr < math.inf):
+        raise ValueError(f"lr={lr!r}, expected a finite number > 0")
     if method != "sft" and kit is None:
         raise ValueError(f"method {method} needs a kit (python -m minicwac calibrate ...)")
     # the projection writes values W0S pins exactly: bf16 weights would round them off at every step
@@ -198,10 +207,24 @@ def check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, l
         if run.adapter and model.config.model_type == "gpt2":
             raise ValueError("a GPT-2 adapter cannot be written in PEFT's layout (GPT-2 fuses q, k, v): save merged")
     if steps is None:  # epochs: an epoch is len // batch_size steps (`batches` drops the short last batch)
-        if not epochs > 0:
-            raise ValueError(f"epochs={epochs}, expected > 0")
+        if not (isinstance(epochs, numbers.Real) and 0 < epochs < math.inf):
+            raise ValueError(f"epochs={epochs!r}, expected a finite number > 0")
         steps = max(1, math.ceil(epochs * max(1, len(seqs) // batch_size)))
+    warn_periods(run, steps)
     return steps
+
+
+def warn_periods(run: RunOptions, steps: int) -> None:
+    """A period longer than the run does nothing, quietly: say so (e.g. the README's example on a small data file)."""
+    if run.proc is not None and not run.proc.main:  # one warning, not one per rank
+        return
+    if run.eval_harmful and run.eval_every > steps:
+        warnings.warn(f"--eval-every {run.eval_every} is more than the run's {steps} steps: the drift curve has only "
+                      "step 0 and the last step", stacklevel=4)
+    # no checkpoint at the last step either: the model folder is written there
+    if run.save_every >= steps:
+        warnings.warn(f"--save-every {run.save_every} is not less than the run's {steps} steps: no checkpoint will be "
+                      "written", stacklevel=4)
 
 
 def prepare_run_folder(out: Path, ckpt: Path, resume: bool, proc) -> None:
@@ -344,7 +367,8 @@ def run(args) -> None:
     try:
         run = RunOptions(eval_harmful=eval_harmful, eval_every=args.eval_every or 0, save_every=args.save_every or 0,
                          resume=args.resume, proc=proc, offload=args.offload, checkpointing=args.checkpointing,
-                         adapter=args.save_adapter, base_model=str(args.model))
+                         # absolute: a path relative to the current folder would not load from anywhere else
+                         adapter=args.save_adapter, base_model=str(Path(args.model).resolve()))
         res = finetune(model, tok, seqs, kit, args.out, method=args.method, steps=args.steps, epochs=epochs,
                        lr=args.lr, batch_size=args.batch_size, seed=args.seed, lam=args.lam, dtype=args.dtype,
                        lora=lora, run=run, progress=not args.quiet)
