@@ -83,7 +83,7 @@ def cwac_step(model, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torc
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: every rank's global norm
     # AdamW divides each coordinate by its own sqrt(v) and decays W towards 0: even a projected g gives an
     # update with a component on S, which is why the weights themselves are projected after the step
-    if math.isfinite(norm):  # a NaN/Inf gradient is never applied: the loop then ends the run (`check_finite`)
+    if math.isfinite(norm):  # a NaN/Inf gradient is never applied: the loop then ends the run (`global_terms`)
         opt.step()
     opt.zero_grad(set_to_none=True)
     if subspace is not None and project_update:
@@ -194,12 +194,7 @@ def finetune_cwac(model, seqs: list[Seq], schedule: Schedule, constraints: Const
                             safety_batch=pick, penalty=c.penalty, grad_clip=sch.grad_clip,
                             project_update=c.project_update, project_grad=c.project_grad,
                             autocast_dtype=autocast_dtype, **counts)
-            norm = out.pop("grad_norm")  # already global on every rank
-            if world_size > 1:  # the global losses: the sum of the ranks' parts
-                total = torch.tensor([out["loss"], out["task"], out["safety"]], dtype=torch.float64, device=device)
-                torch.distributed.all_reduce(total)
-                out = dict(zip(("loss", "task", "safety"), total.tolist()))
-            check_finite(step, out["loss"], norm, sch)  # every rank sees the same numbers: all stop together
+            out = global_terms(out, step, sch, world_size, device)  # a NaN/Inf step ends the run here
             hist["step"].append(step)
             for k, v in out.items():  # loss, task, safety
                 hist[k].append(v)
@@ -223,13 +218,20 @@ class DivergedError(ValueError):
     """The training loss or the gradient norm became NaN or Inf: the run has diverged and is stopped."""
 
 
-def check_finite(step: int, loss: float, norm: float, sch: Schedule) -> None:
-    """Stop a diverged run at once: every later step would be NaN too, and nothing of it is worth saving. The
-    caller raises before `on_step` (no checkpoint of a NaN model) and before any output is written."""
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        raise DivergedError(f"training diverged at step {step + 1} of {sch.steps}: loss {loss:.4g}, gradient norm "
-                            f"{norm:.4g}{'' if math.isfinite(norm) else ' (that update was not applied)'}; try a lower "
-                            f"learning rate than lr={sch.lr:g}")
+def global_terms(out: dict, step: int, sch: Schedule, world_size: int, device) -> dict:
+    """The step's loss terms over the global batch (on N ranks: the sum of the ranks' parts). A NaN/Inf loss or
+    gradient norm (global already) stops a diverged run at once, on every rank alike, before `on_step` (no
+    checkpoint of a NaN model) and before any output is written: every later step would be NaN too."""
+    norm = out.pop("grad_norm")
+    if world_size > 1:
+        total = torch.tensor([out["loss"], out["task"], out["safety"]], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(total)
+        out = dict(zip(("loss", "task", "safety"), total.tolist()))
+    if not (math.isfinite(out["loss"]) and math.isfinite(norm)):
+        raise DivergedError(f"training diverged at step {step + 1} of {sch.steps}: loss {out['loss']:.4g}, gradient "
+                            f"norm {norm:.4g}{'' if math.isfinite(norm) else ' (that update was not applied)'}; try "
+                            f"a lower learning rate than lr={sch.lr:g}")
+    return out
 
 
 def resume_from(resume: dict, opt, data, draw) -> tuple[int, dict]:
