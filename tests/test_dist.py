@@ -32,10 +32,19 @@ ARGS = ["--steps", "5", "--batch-size", "4", "--lr", "1e-3", "--quiet"]
 def folder(tmp_path_factory, tok):
     """A tiny aligned model (a Hugging Face folder), a kit for it (down_proj at 90% energy: a real constraint) and
     JSONL data. Odd sizes, so the row shards of 2 ranks differ in length."""
-    d = tmp_path_factory.mktemp("dist")
+    return _aligned_with_kit(tmp_path_factory.mktemp("dist"), tok)
+
+
+@pytest.fixture(scope="module")
+def tied_folder(tmp_path_factory, tok):
+    """The same with a head tied to the embeddings (SmolLM2, Gemma 2: one tensor under two names)."""
+    return _aligned_with_kit(tmp_path_factory.mktemp("dist-tied"), tok, tie_word_embeddings=True)
+
+
+def _aligned_with_kit(d, tok, **config):
     torch.manual_seed(0)
     model = GPT(tiny_config(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id, max_position_embeddings=128, intermediate_size=70))
+                            eos_token_id=tok.eos_token_id, max_position_embeddings=128, intermediate_size=70, **config))
     save_pretrained(model, tok, d / "aligned")
     (d / "data.jsonl").write_text("\n".join(json.dumps(r) for r in conversations(24)) + "\n")
     kit = calibrate(model, tok, HARMFUL, HARMLESS, settings=KitSettings(sae_layer=1, d_sae=64, sae_k=4, sae_steps=30,
@@ -147,13 +156,17 @@ def test_a_resumed_sharded_run_ends_where_an_uninterrupted_one_ends(folder):
         json.loads((d / "whole" / "history.json").read_text())["history"]["task"]
 
 
-@pytest.mark.parametrize("first, then", [(1, 2), (2, 1)], ids=["1-process-then-2-ranks", "2-ranks-then-1-process"])
-def test_a_checkpoint_resumes_on_another_number_of_ranks(folder, first, then):
+@pytest.mark.parametrize("first, then, tied", [
+    pytest.param(1, 2, False, id="1-process-then-2-ranks"),
+    pytest.param(2, 1, True, id="2-ranks-then-1-process-tied-head"),
+])
+def test_a_checkpoint_resumes_on_another_number_of_ranks(request, first, then, tied):
     """A run interrupted after its step-2 checkpoint on `first` processes, resumed on `then`: it ends where an
     uninterrupted one-process run ends (to float32 rounding: the ranks add their parts in another order). Before: the
     1-process checkpoint failed inside torch.distributed.checkpoint on every rank, and the sharded one in 1 process
-    said "No such file ... params.safetensors"."""
-    d = folder
+    said "No such file ... params.safetensors"; a tied head could not be checkpointed sharded at all (safetensors
+    refused the embeddings' tensor under two names)."""
+    d = request.getfixturevalue("tied_folder" if tied else "folder")
     if not (d / "ref").exists():
         _finetune(None, d, "ref")
     out = f"{first}-then-{then}"

@@ -156,7 +156,10 @@ def unsharded(model: torch.nn.Module, state: dict[str, torch.Tensor], lora=None)
 def _tensors(model, opt) -> dict:
     """What a sharded checkpoint holds: the weights' and the AdamW states' shards (tensors only)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)["state"]}
+    weights = get_model_state_dict(model)
+    if model.config.tie_word_embeddings:  # the head is the embeddings' tensor: safetensors refuses it twice, and
+        weights.pop("lm_head.weight", None)  # reading the embeddings fills both
+    return {"model": weights, "optim": get_optimizer_state_dict(model, opt)["state"]}
 
 
 def save_sharded(path: Path, model, opt, proc: Process, meta: dict) -> None:
@@ -188,6 +191,8 @@ def load_sharded(path: Path, model, opt) -> dict:
     with warnings.catch_warnings():  # one process (no process group) reads every rank's shards: what we want
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(path)))
+    if model.config.tie_word_embeddings:  # the head is the embeddings' tensor (left out by `_tensors`)
+        state["model"]["lm_head.weight"] = state["model"]["model.embed_tokens.weight"]
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, opt, {"state": state["optim"], "param_groups": meta["param_groups"]})
     return meta
