@@ -71,6 +71,56 @@ def test_a_diverged_step_is_not_applied(files):
     assert not any((d / "run").iterdir())
 
 
+def test_a_lora_run_resumes(files, monkeypatch):
+    """Interrupted after its step-2 checkpoint, a LoRA run resumes to the weights of an uninterrupted one. Before:
+    always refused as "a checkpoint of another run" (the record's target tuple against state.json's list)."""
+    from minicwac.core.lora import LoRASettings
+    from minicwac.kit import finetuning
+    d = files
+    _, tok = load_checkpoint(d / "aligned")
+    seqs, _ = encode_data(tok, load_conversations(d / "data.jsonl"), 64)
+    kw = dict(method="sft", steps=4, batch_size=4, lr=1e-2, lora=LoRASettings(2), progress=False)
+    finetune(load_checkpoint(d / "aligned")[0], tok, seqs, None, d / "whole", **kw)
+    save = finetuning._save_state
+
+    def save_then_die(*args):
+        save(*args)
+        raise KeyboardInterrupt  # as if the job were killed right after the checkpoint
+
+    monkeypatch.setattr(finetuning, "_save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(load_checkpoint(d / "aligned")[0], tok, seqs, None, d / "part", run=RunOptions(save_every=2), **kw)
+    monkeypatch.setattr(finetuning, "_save_state", save)
+    finetune(load_checkpoint(d / "aligned")[0], tok, seqs, None, d / "part", run=RunOptions(save_every=2,
+                                                                                               resume=True), **kw)
+    whole, part = load_checkpoint(d / "whole")[0], load_checkpoint(d / "part")[0]
+    for (n, a), b in zip(whole.named_parameters(), part.parameters()):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=n)
+
+
+# --- a damaged checkpoint: --resume names its state.json ---------------------------------------------------------
+@pytest.mark.parametrize("state, match", [
+    pytest.param(b'{"step": 2, "hist', r"state.json cannot be read \(Unterminated string", id="truncated"),
+    pytest.param(b"\xff\xfe{}", r"state.json cannot be read \(.*utf-8", id="not-utf8"),
+    pytest.param(b"[1, 2]", r"state.json is not a checkpoint's state \(run, step, history\)", id="not-an-object"),
+    pytest.param(b'{"step": 2, "history": {}}', r"state.json is not a checkpoint's state", id="no-run"),
+    pytest.param(None, r"state.json cannot be read \(.*No such file", id="missing"),
+])
+def test_a_damaged_checkpoint_state_is_named(files, state, match):
+    """Before: "Expecting value: line 1 column 1" or a TypeError/KeyError with no file named."""
+    d = files
+    model, tok = load_checkpoint(d / "aligned")
+    seqs, _ = encode_data(tok, load_conversations(d / "data.jsonl"), 64)
+    (d / "run" / "checkpoint").mkdir(parents=True)
+    if state is not None:
+        (d / "run" / "checkpoint" / "state.json").write_bytes(state)
+    with pytest.raises(ValueError, match=match) as e:
+        finetune(model, tok, seqs, None, d / "run", method="sft", steps=4, batch_size=4, progress=False,
+                 run=RunOptions(save_every=2, resume=True))
+    assert str(d / "run" / "checkpoint" / "state.json") in str(e.value) and "\n" not in str(e.value)
+    assert sorted(p.name for p in (d / "run").iterdir()) == ["checkpoint"]  # nothing written, nothing removed
+
+
 # --- the data file: named by file and line, like the prompt files ----------------------------------------------
 DATA_CASES = [  # (id, the file's bytes, or "folder" / "devnull", the message's pattern after the path)
     ("latin-1", (GOOD + "\n" + '{"prompt": "caf\u00e9", "completion": "b"}\n').encode("latin-1"),

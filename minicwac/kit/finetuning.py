@@ -178,6 +178,7 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     record = {"method": method, "steps": steps, "lr": lr, "batch_size": batch_size, "lam": lam, "dtype": dtype,
               "seed": seed, "data_sha256": hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16],
               "kit": None if kit is None else kit.fingerprint, "lora": None if lora is None else asdict(lora)}
+    record = json.loads(json.dumps(record))  # as state.json holds it (LoRA's target tuple a list), or never equal
     if lora is not None and not lora_modules(model):  # (`dist.load_pretrained` adds them before it shards)
         add_lora(model, lora, seed)
     model.gradient_checkpointing = run.checkpointing  # read by the model's forward
