@@ -19,6 +19,8 @@ from minicwac.__main__ import main
 from minicwac.core.subspace import Subspace
 from minicwac.io.hf import load_checkpoint, load_pretrained, save_pretrained
 from minicwac.kit import Kit, KitSettings, RunOptions, calibrate, encode_data, finetune, load_conversations
+from minicwac.kit import finetuning
+from minicwac.core.cwac import DivergedError
 from minicwac.io.model import GPT
 from minicwac.core.cwac import cwac_step, rank_part
 from minicwac.core.data import collate
@@ -30,10 +32,19 @@ ARGS = ["--steps", "5", "--batch-size", "4", "--lr", "1e-3", "--quiet"]
 def folder(tmp_path_factory, tok):
     """A tiny aligned model (a Hugging Face folder), a kit for it (down_proj at 90% energy: a real constraint) and
     JSONL data. Odd sizes, so the row shards of 2 ranks differ in length."""
-    d = tmp_path_factory.mktemp("dist")
+    return _aligned_with_kit(tmp_path_factory.mktemp("dist"), tok)
+
+
+@pytest.fixture(scope="module")
+def tied_folder(tmp_path_factory, tok):
+    """The same with a head tied to the embeddings (SmolLM2, Gemma 2: one tensor under two names)."""
+    return _aligned_with_kit(tmp_path_factory.mktemp("dist-tied"), tok, tie_word_embeddings=True)
+
+
+def _aligned_with_kit(d, tok, **config):
     torch.manual_seed(0)
     model = GPT(tiny_config(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id, max_position_embeddings=128, intermediate_size=70))
+                            eos_token_id=tok.eos_token_id, max_position_embeddings=128, intermediate_size=70, **config))
     save_pretrained(model, tok, d / "aligned")
     (d / "data.jsonl").write_text("\n".join(json.dumps(r) for r in conversations(24)) + "\n")
     kit = calibrate(model, tok, HARMFUL, HARMLESS, settings=KitSettings(sae_layer=1, d_sae=64, sae_k=4, sae_steps=30,
@@ -43,24 +54,27 @@ def folder(tmp_path_factory, tok):
 
 
 def _finetune(proc, d, out, resume=False, die_after=None, dtype="fp32"):
-    """One rank of a sharded CWAC fine-tune through `kit.finetune` (die_after: stop right after that checkpoint)."""
+    """One rank of a sharded CWAC fine-tune through `kit.finetune` (die_after: stop right after that checkpoint);
+    proc None: the same run in this one process."""
     model, tok = load_checkpoint(d / "aligned", dtype=torch.float32)
     kit = Kit.load(d / "kit", model)
     seqs, _ = encode_data(tok, load_conversations(d / "data.jsonl"), 64)
-    if die_after is not None:
-        save = dist.save_sharded
+    saves = (dist, "save_sharded") if proc is not None else (finetuning, "_save_state")
+    save = getattr(*saves)
 
-        def save_then_die(path, m, opt, r, meta):
-            save(path, m, opt, r, meta)
-            if meta["step"] == die_after:
-                raise KeyboardInterrupt  # as if the job were killed right after the checkpoint
+    def save_then_die(*args):
+        save(*args)
+        if die_after in (args[-1]["step"] if proc is not None else args[3],):  # meta["step"], or step
+            raise KeyboardInterrupt  # as if the job were killed right after the checkpoint
 
-        dist.save_sharded = save_then_die
+    setattr(*saves, save_then_die)
     try:
         finetune(model, tok, seqs, kit, d / out, method="cwac", steps=5, batch_size=4, lr=1e-3, dtype=dtype,
                  run=RunOptions(save_every=2, resume=resume, proc=proc), progress=False)
     except KeyboardInterrupt:
         pass
+    finally:
+        setattr(*saves, save)
 
 
 def _leaks(proc, d, out):
@@ -140,6 +154,57 @@ def test_a_resumed_sharded_run_ends_where_an_uninterrupted_one_ends(folder):
         torch.testing.assert_close(part[n], whole[n], atol=0, rtol=0, msg=f"{n}: the resumed run differs")
     assert json.loads((d / "part" / "history.json").read_text())["history"]["task"] == \
         json.loads((d / "whole" / "history.json").read_text())["history"]["task"]
+
+
+@pytest.mark.parametrize("first, then, tied", [
+    pytest.param(1, 2, False, id="1-process-then-2-ranks"),
+    pytest.param(2, 1, True, id="2-ranks-then-1-process-tied-head"),
+])
+def test_a_checkpoint_resumes_on_another_number_of_ranks(request, first, then, tied):
+    """A run interrupted after its step-2 checkpoint on `first` processes, resumed on `then`: it ends where an
+    uninterrupted one-process run ends (to float32 rounding: the ranks add their parts in another order). Before: the
+    1-process checkpoint failed inside torch.distributed.checkpoint on every rank, and the sharded one in 1 process
+    said "No such file ... params.safetensors"; a tied head could not be checkpointed sharded at all (safetensors
+    refused the embeddings' tensor under two names)."""
+    d = request.getfixturevalue("tied_folder" if tied else "folder")
+    if not (d / "ref").exists():
+        _finetune(None, d, "ref")
+    out = f"{first}-then-{then}"
+    dist.run_local(_finetune, first, d, out, False, 2) if first > 1 else _finetune(None, d, out, False, 2)
+    meta = json.loads((d / out / "checkpoint" / "state.json").read_text())
+    assert meta["step"] == 2 and meta["world_size"] == first
+    assert meta["format"] == ("single" if first == 1 else "sharded")
+    dist.run_local(_finetune, then, d, out, True) if then > 1 else _finetune(None, d, out, True)
+    ref, resumed = _weights(d / "ref"), _weights(d / out)
+    assert any(not torch.equal(ref[n], a) for n, a in _weights(d / "aligned").items())
+    for n in ref:
+        torch.testing.assert_close(resumed[n], ref[n], atol=1e-5, rtol=0, msg=f"{n}: the resumed run differs")
+    h, h_ref = (json.loads((d / f / "history.json").read_text()) for f in (out, "ref"))
+    assert h["ranks"] == then and h["history"]["step"] == h_ref["history"]["step"]
+    assert h["history"]["task"] == pytest.approx(h_ref["history"]["task"], abs=1e-5)
+    assert h["ws_error"] <= 1e-6 and not (d / out / "checkpoint").exists()
+
+
+def _diverge(proc, d, out):
+    """Every rank: a CWAC run at lr 1e6; the error each rank ends with goes to a file."""
+    model, tok = load_checkpoint(d / "aligned", dtype=torch.float32)
+    seqs, _ = encode_data(tok, load_conversations(d / "data.jsonl"), 64)
+    try:
+        finetune(model, tok, seqs, Kit.load(d / "kit", model), d / out, steps=5, batch_size=4, lr=1e6,
+                 run=RunOptions(save_every=1, proc=proc), progress=False)
+    except DivergedError as e:
+        (d / f"{out}-{proc.rank}.txt").write_text(str(e))
+
+
+def test_a_diverged_sharded_run_stops_on_every_rank(folder):
+    """The loss is all-reduced and the gradient norm is global: every rank stops at the same step with the same
+    line, no model is written, and the last checkpoint (all finite) stays."""
+    d = folder
+    dist.run_local(_diverge, 2, d, "diverged")
+    msgs = [(d / f"diverged-{r}.txt").read_text() for r in range(2)]
+    assert msgs[0] == msgs[1] and "training diverged at step 2 of 5" in msgs[0], msgs
+    assert sorted(p.name for p in (d / "diverged").iterdir()) == ["checkpoint"]
+    assert json.loads((d / "diverged" / "checkpoint" / "state.json").read_text())["step"] == 1
 
 
 @pytest.mark.slow

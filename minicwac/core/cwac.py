@@ -12,6 +12,7 @@ The step takes any model with Hugging Face module names: minicwac's GPT or a tra
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -53,7 +54,8 @@ def cwac_step(model, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torc
               safety_batch: torch.Tensor | None = None, penalty: Callable | None = None, grad_clip: float = 1.0,
               project_update: bool = True, project_grad: bool = False, autocast_dtype: torch.dtype | None = None,
               n_task: int | None = None, n_safety: int | None = None) -> dict[str, float]:
-    """One optimizer step of the method (the docstring of this module is its math). Returns the loss terms.
+    """One optimizer step of the method (the docstring of this module is its math). Returns the loss terms and the
+    gradient norm before clipping (NaN/Inf: the step was not applied).
 
     batch: (input_ids, labels) with labels -100 where no loss is taken. safety_batch: indices into the
     features' fixed harmful prompts (all of them if None). project_update (default): the exact weight constraint;
@@ -77,14 +79,17 @@ def cwac_step(model, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torc
         # The part of g on S would be undone by project_ below; removing it now keeps it out of the clip norm
         # and out of AdamW's moment estimates. On its own (project_grad) this is the paper's gradient projection.
         subspace.project_grad_(model)  # g <- g - (g S) S^T
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # the total norm, before clipping
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: every rank's global norm
     # AdamW divides each coordinate by its own sqrt(v) and decays W towards 0: even a projected g gives an
     # update with a component on S, which is why the weights themselves are projected after the step
-    opt.step()
+    if math.isfinite(norm):  # a NaN/Inf gradient is never applied: the loop then ends the run (`global_terms`)
+        opt.step()
     opt.zero_grad(set_to_none=True)
     if subspace is not None and project_update:
         subspace.project_(model)  # exact: (W - W0) S = 0 after every step, whatever AdamW did
-    return {"loss": loss.item(), "task": task.item(), "safety": 0.0 if safety is None else safety.item()}
+    return {"loss": loss.item(), "task": task.item(), "safety": 0.0 if safety is None else safety.item(),
+            "grad_norm": norm}
 
 
 @dataclass
@@ -134,7 +139,7 @@ def finetune_cwac(model, seqs: list[Seq], schedule: Schedule, constraints: Const
                   curve: tuple[int, Callable] | None = None, resume: dict | None = None,
                   on_step: Callable | None = None, proc=None, desc: str = "cwac", progress: bool = True) -> dict:
     """Train `model` in place for `schedule.steps` calls of `cwac_step`. Returns a history: step, loss, task,
-    safety, lr (+ "curve": eval_fn(model) every `every` steps and at step 0, with curve=(every, eval_fn)).
+    safety, lr (+ "curve": eval_fn(model) at step 0, every `every` steps and at the last, with curve=(every, eval_fn)).
 
     constraints: the weight and activation constraints (None: plain training). resume: {"step": k, "optimizer":
     state_dict, "history": ...} from `on_step` continues a run at step k with the same batches as an uninterrupted
@@ -189,16 +194,14 @@ def finetune_cwac(model, seqs: list[Seq], schedule: Schedule, constraints: Const
                             safety_batch=pick, penalty=c.penalty, grad_clip=sch.grad_clip,
                             project_update=c.project_update, project_grad=c.project_grad,
                             autocast_dtype=autocast_dtype, **counts)
-            if world_size > 1:  # the global losses: the sum of the ranks' parts
-                total = torch.tensor([out["loss"], out["task"], out["safety"]], dtype=torch.float64, device=device)
-                torch.distributed.all_reduce(total)
-                out = dict(zip(("loss", "task", "safety"), total.tolist()))
+            out = global_terms(out, step, sch, world_size, device)  # a NaN/Inf step ends the run here
             hist["step"].append(step)
             for k, v in out.items():  # loss, task, safety
                 hist[k].append(v)
             hist["lr"].append(opt.param_groups[0]["lr"])
             bar.set_postfix(task=f"{out['task']:.3f}", safety=f"{out['safety']:.3f}")
-            if curve is not None and (step + 1) % curve[0] == 0:  # measured in eval mode, then back to training
+            # measured in eval mode, then back to training; the curve always ends at the last step
+            if curve is not None and ((step + 1) % curve[0] == 0 or step + 1 == sch.steps):
                 model.eval()
                 hist["curve"].append({"step": step + 1, **curve[1](model)})
                 model.train()
@@ -209,6 +212,26 @@ def finetune_cwac(model, seqs: list[Seq], schedule: Schedule, constraints: Const
         for b in frozen:
             b.requires_grad_(True)
     return hist
+
+
+class DivergedError(ValueError):
+    """The training loss or the gradient norm became NaN or Inf: the run has diverged and is stopped."""
+
+
+def global_terms(out: dict, step: int, sch: Schedule, world_size: int, device) -> dict:
+    """The step's loss terms over the global batch (on N ranks: the sum of the ranks' parts). A NaN/Inf loss or
+    gradient norm (global already) stops a diverged run at once, on every rank alike, before `on_step` (no
+    checkpoint of a NaN model) and before any output is written: every later step would be NaN too."""
+    norm = out.pop("grad_norm")
+    if world_size > 1:
+        total = torch.tensor([out["loss"], out["task"], out["safety"]], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(total)
+        out = dict(zip(("loss", "task", "safety"), total.tolist()))
+    if not (math.isfinite(out["loss"]) and math.isfinite(norm)):
+        raise DivergedError(f"training diverged at step {step + 1} of {sch.steps}: loss {out['loss']:.4g}, gradient "
+                            f"norm {norm:.4g}{'' if math.isfinite(norm) else ' (that update was not applied)'}; try "
+                            f"a lower learning rate than lr={sch.lr:g}")
+    return out
 
 
 def resume_from(resume: dict, opt, data, draw) -> tuple[int, dict]:

@@ -17,13 +17,16 @@ What each piece does:
 - `full_state`: the whole model gathered to rank 0's CPU for the Hugging Face folder.
 - `save_sharded` / `load_sharded`: a resumable checkpoint in which every rank writes its own shards of the weights
   and of the AdamW states as safetensors (torch.distributed.checkpoint's Hugging Face writer: the shard offsets
-  live in the safetensors headers; nothing is pickled), plus state.json (step, history, run, param groups).
+  live in the safetensors headers; nothing is pickled), plus state.json (step, history, run, param groups, its
+  format and world size); `load_sharded` reads it on any number of ranks (one process too) and `load_whole` reads
+  a one-process checkpoint on N ranks: `--resume` works across world sizes.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +156,10 @@ def unsharded(model: torch.nn.Module, state: dict[str, torch.Tensor], lora=None)
 def _tensors(model, opt) -> dict:
     """What a sharded checkpoint holds: the weights' and the AdamW states' shards (tensors only)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)["state"]}
+    weights = get_model_state_dict(model)
+    if model.config.tie_word_embeddings:  # the head is the embeddings' tensor: safetensors refuses it twice, and
+        weights.pop("lm_head.weight", None)  # reading the embeddings fills both
+    return {"model": weights, "optim": get_optimizer_state_dict(model, opt)["state"]}
 
 
 def save_sharded(path: Path, model, opt, proc: Process, meta: dict) -> None:
@@ -167,23 +173,42 @@ def save_sharded(path: Path, model, opt, proc: Process, meta: dict) -> None:
     dist.barrier()
     dcp.save(_tensors(model, opt), storage_writer=dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True))
     groups = get_optimizer_state_dict(model, opt)["param_groups"]
-    if proc.main:
-        (tmp / "state.json").write_text(json.dumps({**meta, "param_groups": groups}))
+    if proc.main:  # the format and the world size: a resume on another number of ranks reads them
+        (tmp / "state.json").write_text(json.dumps({**meta, "format": "sharded", "world_size": proc.world_size,
+                                                    "param_groups": groups}))
         replace_folder(tmp, path)
     dist.barrier()
 
 
 def load_sharded(path: Path, model, opt) -> dict:
     """Load the weights and the AdamW states of a `save_sharded` checkpoint into `model` and `opt` (each rank its
-    shards); returns its state.json."""
+    shards; written by any number of ranks, read by any number, one process without a process group included:
+    torch.distributed.checkpoint reshards); returns its state.json."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     meta = json.loads((path / "state.json").read_text())
     state = _tensors(model, opt)  # the layout to read into (AdamW states created if the optimizer has none yet)
-    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(path)))
+    with warnings.catch_warnings():  # one process (no process group) reads every rank's shards: what we want
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(path)))
+    if model.config.tie_word_embeddings:  # the head is the embeddings' tensor (left out by `_tensors`)
+        state["model"]["lm_head.weight"] = state["model"]["model.embed_tokens.weight"]
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, opt, {"state": state["optim"], "param_groups": meta["param_groups"]})
     return meta
+
+
+def load_whole(model, opt, params: dict, state: dict, groups: list[dict]) -> None:
+    """A one-process checkpoint (whole tensors: the parameters by name, `opt.state_dict()`'s AdamW state and param
+    groups by parameter index) into a sharded model and its optimizer: every rank keeps its own rows."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    name = {p: n for n, p in model.named_parameters()}
+    fqn = [name[p] for g in opt.param_groups for p in g["params"]]  # state_dict() numbers them in this order
+    whole = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, params, options=whole)
+    set_optimizer_state_dict(model, opt, {"state": {fqn[i]: st for i, st in state.items()},
+                                          "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]}
+                                                           for g in groups]}, options=whole)
 
 
 def barrier() -> None:

@@ -41,7 +41,8 @@ def _decode(data: bytes, src) -> str:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        hint = (" (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff")
+                else " (it is gzip-compressed: decompress it first)" if data[:2] == b"\x1f\x8b" else "")
         raise ValueError(f"{src} is not UTF-8 text: line {line} has the byte 0x{data[e.start]:02x}{hint}; "
                          "save it as UTF-8") from None
     nul = text.find("\0")
@@ -73,6 +74,24 @@ def _json_line(line: str, where: str):
         raise ValueError(f"{where} is not valid JSON (nested too deeply)") from None
     except ValueError as e:
         raise ValueError(f"{where} is not valid JSON ({e})") from None
+
+
+def jsonl_values(path: Path) -> list[tuple[str, object]]:
+    """(where, value) for every non-blank line of a JSON Lines file, `where` naming the file and the line. Text that
+    is not UTF-8, a NUL character, invalid or too deeply nested JSON, and an escaped unpaired surrogate anywhere in
+    a line (half of a UTF-16 pair: no tokenizer or file takes it later) are a one-line ValueError naming the line."""
+    out = []
+    for n, line in enumerate(_lines(_read_text(path)), 1):
+        if line.strip():
+            where = f"{path}:{n}"
+            value = _json_line(line, where)
+            try:
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{where} holds the unpaired surrogate {e.object[e.start]!r} (half of a UTF-16 "
+                                 "pair), which is not text") from None
+            out.append((where, value))
+    return out
 
 
 def _check_text(value: str, where: str, key: str) -> str:

@@ -5,42 +5,39 @@ import json
 from pathlib import Path
 
 from ..core.data import Seq, encode_conversations
+from ..io.prompts import jsonl_values
 
 
 def load_conversations(path: str | Path) -> list[list[dict]]:
     """Conversations from a JSONL file: one {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"}
     object per line (blank lines skipped). Every error names the file and the line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; expected a JSONL file of conversations")
+    if not path.is_file():  # a folder, /dev/null, a pipe: nothing to read lines from
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise ValueError(f"{path} is {kind}; expected a JSONL file of conversations")
     out = []
-    with path.open(encoding="utf-8-sig") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                d = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{where} is not valid JSON ({e})") from None
-            if isinstance(d, dict) and "messages" in d:
-                msgs = d["messages"]
-                if not isinstance(msgs, list) or not msgs:
-                    raise ValueError(f"{where}: \"messages\" must be a non-empty list of {{role, content}} objects")
-                for i, m in enumerate(msgs):
-                    if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                            and isinstance(m.get("content"), str)):
-                        raise ValueError(f"{where}: message {i} must be an object with string \"role\" and "
-                                         f"\"content\", got {json.dumps(m)[:80]}")
-                if not any(m["role"] == "assistant" for m in msgs):
-                    raise ValueError(f"{where}: the conversation has no assistant turn (nothing to train on)")
-                out.append([{"role": m["role"], "content": m["content"]} for m in msgs])
-            elif isinstance(d, dict) and isinstance(d.get("prompt"), str) and isinstance(d.get("completion"), str):
-                out.append([{"role": "user", "content": d["prompt"]},
-                            {"role": "assistant", "content": d["completion"]}])
-            else:
-                raise ValueError(f"{where}: expected {{\"messages\": [...]}} or "
-                                 f"{{\"prompt\": str, \"completion\": str}}")
+    # every line named: encoding, JSON syntax, depth and unpaired surrogates (`io.prompts`, as for prompt files)
+    for where, d in jsonl_values(path):
+        if isinstance(d, dict) and "messages" in d:
+            msgs = d["messages"]
+            if not isinstance(msgs, list) or not msgs:
+                raise ValueError(f"{where}: \"messages\" must be a non-empty list of {{role, content}} objects")
+            for i, m in enumerate(msgs):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                        and isinstance(m.get("content"), str)):
+                    raise ValueError(f"{where}: message {i} must be an object with string \"role\" and "
+                                     f"\"content\", got {json.dumps(m)[:80]}")
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise ValueError(f"{where}: the conversation has no assistant turn (nothing to train on)")
+            out.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+        elif isinstance(d, dict) and isinstance(d.get("prompt"), str) and isinstance(d.get("completion"), str):
+            out.append([{"role": "user", "content": d["prompt"]},
+                        {"role": "assistant", "content": d["completion"]}])
+        else:
+            raise ValueError(f"{where}: expected {{\"messages\": [...]}} or "
+                             f"{{\"prompt\": str, \"completion\": str}}")
     if not out:
         raise ValueError(f"{path} holds no conversations")
     return out

@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from ..core.cwac import Constraints, Schedule, finetune_cwac
 from ..core.data import Seq
 from ..core.evals import harmful_score
-from ..core.files import atomic_folder, write_json_atomic
+from ..core.files import atomic_folder, replace_folder, write_json_atomic
 from ..core.hooks import model_device
 from ..core.lora import LoRASettings, add_lora, lora_modules, merge_lora, save_adapter
 from ..core.settings import method as method_row
@@ -32,20 +34,34 @@ def _save_state(path: Path, model, opt, step: int, hist: dict, run: dict) -> Non
     # is a plain number becomes a tensor)
     tensors = {f"state.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
                for i, st in sd["state"].items() for k, v in st.items()}
-    with atomic_folder(path) as tmp:
+    # a sharded checkpoint this run resumed from (`resume_state`) does not have our files: written beside it, then
+    # swapped in whole (`atomic_folder` would refuse to drop its shards), so OUT/checkpoint is never incomplete
+    sharded = (path / "state.json").is_file() and not (path / "params.safetensors").is_file()
+    target = path.with_name(f".{path.name}.new") if sharded else path
+    with atomic_folder(target) as tmp:
         # every parameter by name, frozen ones too: the checkpoint alone restores the model
         save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()},
                   str(tmp / "params.safetensors"))
-        # a placeholder when AdamW holds no state (`_load_state` skips it)
+        # a placeholder when AdamW holds no state (`_read_state` skips it)
         save_file(tensors or {"empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
         # the param groups (lr, betas, weight decay, their parameters' indices) are small: JSON beside the tensors
-        (tmp / "state.json").write_text(json.dumps({"step": step, "history": hist, "run": run,
-                                                    "param_groups": sd["param_groups"]}))
+        # format and world_size: what `resume_state` reads it with (a sharded checkpoint records its own)
+        (tmp / "state.json").write_text(json.dumps({"step": step, "history": hist, "run": run, "format": "single",
+                                                    "world_size": 1, "param_groups": sd["param_groups"]}))
+    if sharded:
+        replace_folder(target, path)
 
 
 def _check_run(path: Path, run: dict) -> dict:
     """The checkpoint's state.json, refused if it was written by a run with other settings."""
-    meta = json.loads((path / "state.json").read_text())
+    try:  # missing, not UTF-8, not JSON (a disk that filled up, a hand edit): one line naming the file
+        meta = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path / 'state.json'} cannot be read ({e}); the checkpoint cannot be resumed: run again "
+                         "into another --out") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("run"), dict) and {"step", "history"} <= meta.keys()):
+        raise ValueError(f"{path / 'state.json'} is not a checkpoint's state (run, step, history); the checkpoint "
+                         "cannot be resumed: run again into another --out")
     if meta["run"] != run:  # resuming under other flags would mix two runs in one history
         # name the first setting that differs
         diff = next(k for k in set(run) | set(meta["run"]) if run.get(k) != meta["run"].get(k))
@@ -54,23 +70,47 @@ def _check_run(path: Path, run: dict) -> dict:
     return meta
 
 
-def _load_state(path: Path, model, run: dict) -> dict:
-    meta = _check_run(path, run)
-    params = load_file(str(path / "params.safetensors"))  # name -> tensor, on the CPU
+def _read_state(path: Path) -> tuple[dict, dict]:
+    """A one-process checkpoint's tensors on the CPU: the parameters by name and AdamW's state by parameter index."""
+    params = load_file(str(path / "params.safetensors"))  # name -> tensor
+    state: dict = {}
+    # back from "state.<i>.<name>" keys to AdamW's nested dict ("empty": the placeholder of a stateless AdamW)
+    for k, v in load_file(str(path / "optimizer.safetensors")).items():
+        if k != "empty":
+            _, i, name = k.split(".", 2)  # "state", the parameter's index, the state's name
+            state.setdefault(int(i), {})[name] = v
+    return params, state
+
+
+def _load_state(path: Path, model, meta: dict) -> dict:
+    """A one-process checkpoint into a one-process run: the weights now, the `resume` dict of `finetune_cwac`."""
+    params, state = _read_state(path)
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(params[n].to(p.device, p.dtype))  # in place, on the model's device and dtype
-    t = load_file(str(path / "optimizer.safetensors"))
-    state: dict = {}
-    # back from "state.<i>.<name>" keys to AdamW's nested dict
-    for k, v in t.items():
-        if k == "empty":
-            continue
-        _, i, name = k.split(".", 2)  # "state", the parameter's index, the state's name
-        # the moments beside the parameters; `step` stays on the CPU, where AdamW keeps it
-        state.setdefault(int(i), {})[name] = v.to(model_device(model)) if name != "step" else v
-    return {"step": meta["step"], "history": meta["history"],  # the `resume` dict of `finetune_cwac`
+    for st in state.values():  # the moments beside the parameters; `step` stays on the CPU, where AdamW keeps it
+        st.update({k: v.to(model_device(model)) for k, v in st.items() if k != "step"})
+    return {"step": meta["step"], "history": meta["history"],
             "optimizer": {"state": state, "param_groups": meta["param_groups"]}}
+
+
+def resume_state(ckpt: Path, model, record: dict, proc) -> dict:
+    """The `resume` dict of `finetune_cwac` for OUT/checkpoint, on 1 process or N ranks whoever wrote it: one
+    process (`_save_state`: whole tensors) or N ranks (`dist.save_sharded`: torch.distributed.checkpoint's files,
+    which it reshards to any number of ranks, one included). A sharded run loads once its optimizer exists."""
+    meta = _check_run(ckpt, record)
+    # before the format was recorded: a one-process checkpoint is the one with params.safetensors
+    fmt = meta.get("format", "single" if (ckpt / "params.safetensors").is_file() else "sharded")
+    if fmt not in ("single", "sharded"):
+        raise ValueError(f"{ckpt / 'state.json'}: unknown checkpoint format {fmt!r}, expected single or sharded")
+    if fmt == "single" and proc is None:
+        return _load_state(ckpt, model, meta)
+    from ..io import dist
+    if fmt == "sharded":
+        load = lambda opt: dist.load_sharded(ckpt, model, opt)  # noqa: E731
+    else:  # every rank reads the whole tensors and keeps its rows
+        load = lambda opt: dist.load_whole(model, opt, *_read_state(ckpt), meta["param_groups"])  # noqa: E731
+    return {"step": meta["step"], "history": meta["history"], "optimizer": load}
 
 
 def _move_into(src: Path, out: Path) -> None:
@@ -120,11 +160,12 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     lora: train LoRA adapters only (`core.lora`), the weight constraint made exact on them (A S = 0); OUT is the
     merged model (`model` itself is left merged), or with run.adapter a PEFT adapter folder and the tokenizer.
     run (`RunOptions`): save_every N writes a resumable checkpoint (OUT/checkpoint) every N steps and resume=True
-    continues from it; with proc (a torchrun process, `dist.init()`) the model is sharded with FSDP2 (`dist.shard_model`), each
-    rank trains on its part of every global batch, the checkpoint is sharded and rank 0 writes the folder."""
+    continues from it (a checkpoint of 1 process on N ranks too, and back: `resume_state`); with proc (a torchrun
+    process, `dist.init()`) the model is sharded with FSDP2 (`dist.shard_model`), each rank trains on its part of
+    every global batch, the checkpoint is sharded and rank 0 writes the folder."""
     run = (run or RunOptions()).check(lora)
     # everything checked before OUT is touched
-    steps = check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, lora, run)
+    steps = check_finetune(model, seqs, kit, method, steps, epochs, batch_size, lr, dtype, lora, run)
     # the method's constraints from the kit (sft: none)
     sub, feats = kit.constraint(method) if kit is not None else (None, None)
     # the kit's lam unless one is given
@@ -137,12 +178,11 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     record = {"method": method, "steps": steps, "lr": lr, "batch_size": batch_size, "lam": lam, "dtype": dtype,
               "seed": seed, "data_sha256": hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:16],
               "kit": None if kit is None else kit.fingerprint, "lora": None if lora is None else asdict(lora)}
+    record = json.loads(json.dumps(record))  # as state.json holds it (LoRA's target tuple a list), or never equal
     if lora is not None and not lora_modules(model):  # (`dist.load_pretrained` adds them before it shards)
         add_lora(model, lora, seed)
     model.gradient_checkpointing = run.checkpointing  # read by the model's forward
     if proc is None:
-        # weights, AdamW state, step and history of OUT/checkpoint
-        state = _load_state(ckpt, model, record) if run.resume else None
         save_state = lambda step, m, opt, hist: _save_state(ckpt, m, opt, step, hist, record)  # noqa: E731
     else:  # FSDP2: shard the model and the constraint; every rank writes its shards of the checkpoint
         from ..io import dist
@@ -153,14 +193,10 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
         feats = feats.to(proc.device) if feats is not None else None  # the fixed prompts and z0 on this rank's device
         if feats is not None and lam > 0 and dtype == "bf16-mixed":  # FSDP2 reads z in bf16: z0 read the same way,
             feats = feats.rebased(model)  # so that L_safety starts at 0, not at a floor of rounding noise
-        state = None
-        if run.resume:
-            meta = _check_run(ckpt, record)
-            # the weights and AdamW state are loaded shard by shard, once the optimizer exists
-            state = {"step": meta["step"], "history": meta["history"],
-                     "optimizer": lambda opt: dist.load_sharded(ckpt, model, opt)}
         save_state = lambda step, m, opt, hist: dist.save_sharded(  # noqa: E731
             ckpt, m, opt, proc, {"step": step, "history": hist, "run": record})
+    # weights, AdamW state, step and history of OUT/checkpoint, written by 1 process or by any number of ranks
+    state = resume_state(ckpt, model, record, proc) if run.resume else None
 
     # checkpoints along the way; none after the last step, where the run's output follows
     def on_step(step, m, opt, hist):
@@ -178,7 +214,7 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     return write_finetuned(model, tok, out, ckpt, sub, hist, record, method, lora, run)
 
 
-def check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, lora, run) -> int:
+def check_finetune(model, seqs, kit, method, steps, epochs, batch_size, lr, dtype, lora, run) -> int:
     """The arguments of `finetune`, checked before anything is written; returns the number of steps."""
     method_row(method, "kit")  # a method the kit offers, or a ValueError naming them
     if dtype not in DTYPES:
@@ -187,6 +223,13 @@ def check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, l
         raise ValueError("give exactly one of steps and epochs")
     if not seqs:
         raise ValueError("no training sequences")
+    # the numbers the schedule divides by or steps with (the CLI's flags are checked by argparse already)
+    if not (isinstance(batch_size, numbers.Integral) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r}, expected an integer >= 1")
+    if steps is not None and not (isinstance(steps, numbers.Integral) and steps >= 1):
+        raise ValueError(f"steps={steps!r}, expected an integer >= 1")
+    if not (isinstance(lr, numbers.Real) and 0 < lr < math.inf):
+        raise ValueError(f"lr={lr!r}, expected a finite number > 0")
     if method != "sft" and kit is None:
         raise ValueError(f"method {method} needs a kit (python -m minicwac calibrate ...)")
     # the projection writes values W0S pins exactly: bf16 weights would round them off at every step
@@ -198,10 +241,24 @@ def check_finetune(model, seqs, kit, method, steps, epochs, batch_size, dtype, l
         if run.adapter and model.config.model_type == "gpt2":
             raise ValueError("a GPT-2 adapter cannot be written in PEFT's layout (GPT-2 fuses q, k, v): save merged")
     if steps is None:  # epochs: an epoch is len // batch_size steps (`batches` drops the short last batch)
-        if not epochs > 0:
-            raise ValueError(f"epochs={epochs}, expected > 0")
+        if not (isinstance(epochs, numbers.Real) and 0 < epochs < math.inf):
+            raise ValueError(f"epochs={epochs!r}, expected a finite number > 0")
         steps = max(1, math.ceil(epochs * max(1, len(seqs) // batch_size)))
+    warn_periods(run, steps)
     return steps
+
+
+def warn_periods(run: RunOptions, steps: int) -> None:
+    """A period longer than the run does nothing, quietly: say so (e.g. the README's example on a small data file)."""
+    if run.proc is not None and not run.proc.main:  # one warning, not one per rank
+        return
+    if run.eval_harmful and run.eval_every > steps:
+        warnings.warn(f"--eval-every {run.eval_every} is more than the run's {steps} steps: the drift curve has only "
+                      "step 0 and the last step", stacklevel=4)
+    # no checkpoint at the last step either: the model folder is written there
+    if run.save_every >= steps:
+        warnings.warn(f"--save-every {run.save_every} is not less than the run's {steps} steps: no checkpoint will be "
+                      "written", stacklevel=4)
 
 
 def prepare_run_folder(out: Path, ckpt: Path, resume: bool, proc) -> None:
@@ -344,7 +401,8 @@ def run(args) -> None:
     try:
         run = RunOptions(eval_harmful=eval_harmful, eval_every=args.eval_every or 0, save_every=args.save_every or 0,
                          resume=args.resume, proc=proc, offload=args.offload, checkpointing=args.checkpointing,
-                         adapter=args.save_adapter, base_model=str(args.model))
+                         # absolute: a path relative to the current folder would not load from anywhere else
+                         adapter=args.save_adapter, base_model=str(Path(args.model).resolve()))
         res = finetune(model, tok, seqs, kit, args.out, method=args.method, steps=args.steps, epochs=epochs,
                        lr=args.lr, batch_size=args.batch_size, seed=args.seed, lam=args.lam, dtype=args.dtype,
                        lora=lora, run=run, progress=not args.quiet)
