@@ -84,12 +84,18 @@ MUTANTS = [
            why="the same safety prompts at every step: L_safety holds z0 on a handful of prompts only"),
     Mutant("clip-before-grad-projection", "step", CWAC,
            "        subspace.project_grad_(model)  # g <- g - (g S) S^T\n"
-           "    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)",
-           "        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)\n"
+           "    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)",
+           "        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)\n"
            "        subspace.project_grad_(model)\n"
            "    else:\n"
-           "        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)", STEP,
+           "        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)", STEP,
            why="the clip norm counts the discarded part of g: constrained runs take smaller steps than asked"),
+    Mutant("nan-update-applied", "step", CWAC, "    if math.isfinite(norm):  # a NaN/Inf gradient",
+           "    if True:  # a NaN/Inf gradient", ("tests/test_bad_inputs_train.py",),
+           why="a NaN gradient is applied: the caller's model is NaN after a diverged step"),
+    Mutant("divergence-unchecked", "step", CWAC, "    if not (math.isfinite(out[\"loss\"]) and math.isfinite(norm)):",
+           "    if False:", ("tests/test_bad_inputs_train.py",),
+           why="a diverged run trains on, saves a NaN model and reports success"),
     Mutant("grad-projection-only-when-asked", "step", CWAC,
            "if subspace is not None and (project_update or project_grad):", "if subspace is not None and project_grad:",
            STEP,

@@ -168,7 +168,7 @@ def test_experiment_writes_every_artefact(experiment):
     for m in MAIN_METHODS:
         model, _ = load_checkpoint(out / "models" / f"{m}-sentiment-p0.1-s0")
         curve = data["curves"][f"{m}-sentiment-p0.1-s0"]
-        assert [c["step"] for c in curve] == [0, 2, 4] and all(0 <= c["hs"] <= 100 for c in curve)
+        assert [c["step"] for c in curve] == [0, 2, 4, 5] and all(0 <= c["hs"] <= 100 for c in curve)
     sub = Subspace.load(out / "subspace" / "s0")
     assert sorted(sub.S) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert SAE.load(out / "sae" / "s0").cfg.d_sae == 64
