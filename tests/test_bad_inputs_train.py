@@ -121,6 +121,39 @@ def test_a_damaged_checkpoint_state_is_named(files, state, match):
     assert sorted(p.name for p in (d / "run").iterdir()) == ["checkpoint"]  # nothing written, nothing removed
 
 
+@pytest.mark.parametrize("name", ["params.safetensors", "optimizer.safetensors", "state.json-deep"])
+def test_a_truncated_checkpoint_file_is_named(files, name):
+    """A checkpoint cut short (a full disk, a copy interrupted): --resume names the file in one line (before: a
+    SafetensorError or a RecursionError traceback)."""
+    d = files
+    model, tok = load_checkpoint(d / "aligned")
+    seqs, _ = encode_data(tok, load_conversations(d / "data.jsonl"), 64)
+    _stop_after_checkpoint(model, tok, seqs, d / "run")  # a run that saved its step-2 checkpoint, then stopped
+    f = d / "run" / "checkpoint" / name.removesuffix("-deep")
+    f.write_bytes(b"[" * 100000 if name.endswith("-deep") else f.read_bytes()[:len(f.read_bytes()) // 2])
+    model, tok = load_checkpoint(d / "aligned")
+    with pytest.raises(ValueError) as e:
+        finetune(model, tok, seqs, None, d / "run", method="sft", steps=4, batch_size=4, progress=False,
+                 run=RunOptions(save_every=2, resume=True))
+    assert str(f) in str(e.value) and "cannot be read" in str(e.value) and "\n" not in str(e.value)
+
+
+def _stop_after_checkpoint(model, tok, seqs, out):
+    import minicwac.kit.finetuning as ft
+    save = ft._save_state
+
+    def save_then_stop(*a, **k):
+        save(*a, **k)
+        raise KeyboardInterrupt  # as if the job were killed right after its checkpoint
+    ft._save_state = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune(model, tok, seqs, None, out, method="sft", steps=4, batch_size=4, progress=False,
+                     run=RunOptions(save_every=2))
+    finally:
+        ft._save_state = save
+
+
 # --- the data file: named by file and line, like the prompt files ----------------------------------------------
 DATA_CASES = [  # (id, the file's bytes, or "folder" / "devnull", the message's pattern after the path)
     ("latin-1", (GOOD + "\n" + '{"prompt": "caf\u00e9", "completion": "b"}\n').encode("latin-1"),

@@ -56,9 +56,9 @@ def _check_run(path: Path, run: dict) -> dict:
     """The checkpoint's state.json, refused if it was written by a run with other settings."""
     try:  # missing, not UTF-8, not JSON (a disk that filled up, a hand edit): one line naming the file
         meta = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path / 'state.json'} cannot be read ({e}); the checkpoint cannot be resumed: run again "
-                         "into another --out") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path / 'state.json'} cannot be read ({type(e).__name__ if isinstance(e, RecursionError) else e});"
+                         " the checkpoint cannot be resumed: run again into another --out") from None
     if not (isinstance(meta, dict) and isinstance(meta.get("run"), dict) and {"step", "history"} <= meta.keys()):
         raise ValueError(f"{path / 'state.json'} is not a checkpoint's state (run, step, history); the checkpoint "
                          "cannot be resumed: run again into another --out")
@@ -72,10 +72,16 @@ def _check_run(path: Path, run: dict) -> dict:
 
 def _read_state(path: Path) -> tuple[dict, dict]:
     """A one-process checkpoint's tensors on the CPU: the parameters by name and AdamW's state by parameter index."""
-    params = load_file(str(path / "params.safetensors"))  # name -> tensor
-    state: dict = {}
+    files = {}
+    for name in ("params.safetensors", "optimizer.safetensors"):
+        try:  # a truncated or damaged file (a full disk while saving, a copy cut short): one line naming it
+            files[name] = load_file(str(path / name))
+        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error type, and OSError
+            raise ValueError(f"{path / name} cannot be read ({type(e).__name__}: {e}); the checkpoint cannot be "
+                             "resumed: run again into another --out") from None
+    params, state = files["params.safetensors"], {}  # name -> tensor
     # back from "state.<i>.<name>" keys to AdamW's nested dict ("empty": the placeholder of a stateless AdamW)
-    for k, v in load_file(str(path / "optimizer.safetensors")).items():
+    for k, v in files["optimizer.safetensors"].items():
         if k != "empty":
             _, i, name = k.split(".", 2)  # "state", the parameter's index, the state's name
             state.setdefault(int(i), {})[name] = v
