@@ -456,3 +456,20 @@ def test_a_deeply_nested_config_in_a_saved_folder_is_one_line(tmp_path, which):
     with pytest.raises(ValueError) as e:
         load[which](tmp_path)
     assert f"{tmp_path / name} is nested too deeply" in _one_line(e.value)
+
+
+def test_an_out_under_a_file_is_one_line_naming_the_file(folder, tmp_path, tok):
+    """--out afile/run (afile a file): the file named, not a raw errno ("[Errno 20] Not a directory") or a
+    temporary folder's name."""
+    from minicwac.core.files import prepare_out
+    path, model = folder
+    (tmp_path / "afile").write_text("mine")
+    for make in (lambda out: save_pretrained(model, tok, out), prepare_out):
+        with pytest.raises(OSError) as e:
+            make(tmp_path / "afile" / "run")
+        assert f"{tmp_path / 'afile'} is a file, not a folder" in _one_line(e.value) and "Errno" not in str(e.value)
+    (tmp_path / "data.jsonl").write_text(json.dumps({"prompt": "hi", "completion": "hello"}) + "\n")
+    with pytest.raises(SystemExit, match="afile is a file, not a folder"):
+        main(["finetune", "--model", str(path), "--data", str(tmp_path / "data.jsonl"), "--method", "sft", "--steps",
+              "1", "--batch-size", "1", "--out", str(tmp_path / "afile" / "run"), "--quiet"])
+    assert (tmp_path / "afile").read_text() == "mine"

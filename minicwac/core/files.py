@@ -30,7 +30,7 @@ def atomic_folder(path: str | Path):
         # beside `path`, on the same filesystem: a rename there is atomic (across filesystems it would be a copy)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+        raise OSError(f"cannot write {path}: {why_not(path, e)}") from None
     try:
         yield tmp
         # replacing a folder deletes its files: allowed only when this save writes every one of them again
@@ -137,8 +137,17 @@ def prepare_out(out: str | Path, outputs: tuple[str, ...] = ()) -> Path:
         probe.write_text("")  # mkdir succeeds on an existing read-only folder: only a write tells
         probe.unlink()
     except OSError as e:
-        raise OSError(f"output folder {out} is not writable ({e.strerror or e}); choose another with --out") from None
+        raise OSError(f"output folder {out} is not writable ({why_not(out, e)}); choose another with --out") from None
     return out
+
+
+def why_not(path: Path, e: OSError) -> str:
+    """Why `path` could not be made: a file where a folder of its path should be (named), else the system's words
+    (without the errno and the temporary name it may quote)."""
+    for parent in [Path(path), *Path(path).parents]:
+        if parent.exists():
+            return f"{parent} is a file, not a folder" if not parent.is_dir() else (e.strerror or str(e))
+    return e.strerror or str(e)
 
 
 def read_json(path: str | Path, what: str = "a JSON object") -> dict:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from ..core.cwac import Constraints, Schedule, finetune_cwac
 from ..core.data import Seq
 from ..core.evals import harmful_score
-from ..core.files import atomic_folder, replace_folder, write_json_atomic
+from ..core.files import atomic_folder, prepare_out, replace_folder, write_json_atomic
 from ..core.hooks import model_device
 from ..core.lora import LoRASettings, add_lora, lora_modules, merge_lora, save_adapter
 from ..core.settings import method as method_row
@@ -279,7 +279,7 @@ def prepare_run_folder(out: Path, ckpt: Path, resume: bool, proc) -> None:
         from ..io import dist
         dist.barrier()  # every rank has checked OUT before rank 0 writes into it
     if proc is None or proc.main:
-        out.mkdir(parents=True, exist_ok=True)  # only one process creates it
+        prepare_out(out)  # only one process creates it (and checks it can write there)
 
 
 def write_finetuned(model, tok, out: Path, ckpt: Path, sub, hist: dict, record: dict, method: str,
@@ -374,7 +374,7 @@ def add_arguments(p) -> None:
 def run(args) -> None:
     from ..core.lora import LINEARS, LoRASettings
     from ..io import dist
-    from ..io.hf import load_checkpoint, load_tokenizer
+    from ..io.hf import check_vocab, load_checkpoint, load_tokenizer
     from ..io.prompts import load_prompts
     from .data import encode_data, load_conversations
     # flag combinations refused before the model is loaded
@@ -397,7 +397,7 @@ def run(args) -> None:
         model, tok = load_checkpoint(args.model, args.device, torch.float32)
     else:  # sharded as it is read: each rank reads its own rows (+ LoRA adapters, drawn the same on every rank)
         model = dist.load_pretrained(args.model, proc, args.dtype, args.offload, lora, args.seed)
-        tok = load_tokenizer(args.model)
+        tok = check_vocab(model, load_tokenizer(args.model), args.model)  # as load_checkpoint does
     kit = Kit.load(args.kit, model) if args.kit else None  # refused if it was made for another model (`Kit.load`)
     seqs, cut = encode_data(tok, convs, args.max_len, args.too_long)  # cut: how many conversations were truncated
     if cut:
