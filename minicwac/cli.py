@@ -76,6 +76,22 @@ def fraction(s: str) -> float:
     return v
 
 
+def judge(s: str):
+    """--judge module:function: a user's judge(prompts, answers) -> list of bools (True: harmful), loaded now."""
+    from .core.evals import load_judge
+    try:
+        return load_judge(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_judge_flag(parser: argparse.ArgumentParser, what: str = "HS") -> None:
+    """--judge, shared by every command that reports HS."""
+    parser.add_argument("--judge", type=judge, default=None, metavar="MODULE:FUNCTION",
+                        help=f"who calls an answer harmful for {what}: a function judge(prompts, answers) -> list of "
+                             "bools in an importable module or in path/to/file.py (default: the refusal matcher)")
+
+
 # the constraint settings the run commands (`experiment`, `real`) take as flags; the others: the Python API
 RUN_FLAGS = ("lam", "m", "sae_layer", "skip_prefix")
 KINDS = {"fraction": fraction, "share": share, "positive_int": positive_int, "positive_float": positive_float,

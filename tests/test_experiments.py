@@ -209,6 +209,23 @@ def test_experiment_resumes_and_refuses_other_settings(experiment):
         run_experiment(root / "other", "huge", recipe=TINY, progress=False)
 
 
+def test_experiment_with_a_users_judge(experiment, tmp_path):
+    """A user's judge (here: every answer harmful) makes every HS, drift points included, and is named in every
+    row and in the settings, so that its results are neither resumed nor merged with the matcher's."""
+    from minicwac.core.evals import NamedJudge
+    root, data = experiment
+    judge = NamedJudge(lambda prompts, answers: [True] * len(answers), "all harmful")
+    part = run_experiment(tmp_path / "j", "quick", ps=[0.1], methods=["sft"], recipe=TINY, safety=TINY_SAFETY,
+                          cache_dir=root / "cache", save_models=False, progress=False, judge=judge)
+    assert [(x["hs"], x["judge"]) for x in part["rows"]] == [(100.0, "all harmful")] * 2  # aligned, sft
+    assert {c["hs"] for c in part["curves"]["sft-sentiment-p0.1-s0"]} == {100.0}
+    assert part["settings"]["judge"] == "all harmful" and "judge" not in data["settings"]
+    assert {x["judge"] for x in data["rows"]} == {"refusal matcher"}
+    with pytest.raises(ValueError, match="other settings"):  # the matcher's run is not resumed into the judge's
+        run_experiment(tmp_path / "j", "quick", ps=[0.1], methods=["sft"], recipe=TINY, safety=TINY_SAFETY,
+                       cache_dir=root / "cache", save_models=False, progress=False)
+
+
 def test_merge_joins_parts_with_the_same_settings(experiment, tmp_path):
     from minicwac.toy.merge import merge_results
     root, data = experiment

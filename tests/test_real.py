@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from minicwac.tools import real
-from minicwac.core.evals import generate_answers, is_compliant, is_refusal, prompt_ids
+from minicwac.core.evals import NamedJudge, generate_answers, is_compliant, is_refusal, prompt_ids
 from minicwac.io.fetch import fetch_model
 from minicwac.core.subspace import Subspace
 from minicwac.io.hf import load_checkpoint, save_pretrained
@@ -129,9 +129,14 @@ def test_run_real_end_to_end_on_a_tiny_model(tiny, tok, tmp_path, monkeypatch, d
     save_pretrained(tiny, tok, tmp_path / "ckpt")
     (tmp_path / "harmful.txt").write_text("\n".join(PROMPTS))
     monkeypatch.setitem(real.PRESETS, "tiny", SMALL)
+    # bf16-mixed with a user's judge that calls every answer harmful: HS 100 in every row, named there
+    judge = NamedJudge(lambda prompts, answers: [True] * len(answers), "all harmful") if settings else None
     data = run_real(tmp_path / "ckpt", tmp_path / "out", "tiny", prompts=tmp_path / "harmful.txt", save=True,
-                    progress=False, dtype=dtype, **settings)
+                    progress=False, dtype=dtype, judge=judge, **settings)
     assert {k: data["settings"]["kit"][k] for k in settings} == settings
+    name = "all harmful" if judge else "refusal matcher"
+    assert data["settings"]["judge"] == name and {x["judge"] for x in data["rows"]} == {name}
+    assert judge is None or {x["hs"] for x in data["rows"]} == {100.0}
     assert data["settings"]["dtype"] == dtype
     out = tmp_path / "out"
     saved = json.loads((out / "results.json").read_text())

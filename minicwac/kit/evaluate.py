@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    from ..cli import positive_int
+    from ..cli import add_judge_flag, positive_int
     from ..toy.world import TASKS
     p.add_argument("--model", required=True, help="a Hugging Face model folder")
     p.add_argument("--harmful", default=None, help="harmful prompts (.txt/.csv/.jsonl); without it: the toy world")
@@ -16,6 +16,7 @@ def add_arguments(p) -> None:
     p.add_argument("--json", default=None, help="also write the figures and every answer sample to this file")
     p.add_argument("--task", default="sentiment", choices=TASKS, help="toy world only: the FA task")
     p.add_argument("--seed", type=int, default=0, help="toy world only: its seed")
+    add_judge_flag(p)
 
 
 def run(args) -> None:
@@ -29,17 +30,18 @@ def run(args) -> None:
         from ..toy.evals import evaluate
         from ..toy.world import build_world
         model, tok = load_checkpoint(args.model, args.device)
-        res = evaluate(model, tok, build_world(args.seed), args.task)
+        res = evaluate(model, tok, build_world(args.seed), args.task, judge=args.judge)
     else:
         from ..core.evals import evaluate_prompts
         from ..io.prompts import load_prompts
         harmful = load_prompts(args.harmful)
         harmless = load_prompts(args.harmless) if args.harmless else None
         model, tok = load_checkpoint(args.model, args.device)
-        res = evaluate_prompts(model, tok, harmful, harmless, max_new_tokens=args.max_new_tokens)
+        res = evaluate_prompts(model, tok, harmful, harmless, max_new_tokens=args.max_new_tokens, judge=args.judge)
     for k in ("hs", "comply", "fa", "over_refusal", "refusal_score"):
-        if k in res:  # None: not measured (over-refusal needs --harmless)
-            print(f"{k:14s} {'-' if res[k] is None else format(res[k], '.2f')}")
+        if k in res:  # None: not measured (over-refusal needs --harmless); HS names the judge that made it
+            print(f"{k:14s} {'-' if res[k] is None else format(res[k], '.2f')}"
+                  + (f"  (judge: {res['judge']})" if k == "hs" else ""))
     for kind in ("harmful", "harmless"):
         for prompt, answer in res["samples"][kind]:
             print(f"{kind}: {prompt[:80]!r} -> {answer[:120]!r}")

@@ -136,6 +136,7 @@ class RunOptions:
     eval_harmful: list[str] | None = None  # harmful prompts for the drift curve (HS against step) ...
     eval_every: int = 0  # ... every this many steps
     eval_tokens: int = 32  # answer length of the drift curve's HS
+    judge: object = None  # who calls the curve's answers harmful: judge(prompts, answers) (None: the refusal matcher)
     save_every: int = 0  # a resumable checkpoint (OUT/checkpoint) every this many steps (0: none)
     resume: bool = False  # continue from OUT/checkpoint: the same weights as an uninterrupted run
     proc: object = None  # `dist.init()` in a torchrun process: FSDP2 over the ranks
@@ -211,7 +212,7 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
 
     curve = None
     if run.eval_harmful and run.eval_every:  # HS against step, measured in eval mode
-        curve = (run.eval_every, lambda m: harmful_score(m, tok, run.eval_harmful, run.eval_tokens))
+        curve = (run.eval_every, lambda m: harmful_score(m, tok, run.eval_harmful, run.eval_tokens, run.judge))
     hist = finetune_cwac(model, seqs, Schedule(steps, batch_size, lr, seed=seed),
                          None if kit is None else Constraints(sub, feats, lam, kit.settings.safety_batch),
                          pad_id=tok.pad_token_id, autocast_dtype=DTYPES[dtype] if proc is None else None,  # FSDP2
@@ -332,7 +333,7 @@ def plot_drift(curve: list[dict], path: Path, label: str) -> None:
 
 
 def add_arguments(p) -> None:
-    from ..cli import nonnegative, positive_float, positive_int
+    from ..cli import add_judge_flag, nonnegative, positive_float, positive_int
     from ..core.lora import LINEARS
     from ..core.settings import methods_for
     p.add_argument("--model", required=True, help="the aligned model (a Hugging Face folder)")
@@ -365,6 +366,7 @@ def add_arguments(p) -> None:
                    help="under torchrun: keep the weight shards, gradients and AdamW states in CPU memory")
     p.add_argument("--eval-harmful", default=None, help="harmful prompts for the drift curve (HS against step)")
     p.add_argument("--eval-every", type=positive_int, default=None, help="steps between drift points")
+    add_judge_flag(p, "the drift curve (--eval-harmful)")
     p.add_argument("--save-every", type=positive_int, default=None, help="a resumable checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--seed", type=int, default=0)  # the batches' order, the safety picks and LoRA's A
@@ -384,6 +386,8 @@ def run(args) -> None:
         raise ValueError(f"--method {args.method} needs --kit (a folder written by calibrate)")
     if (args.eval_every is None) != (args.eval_harmful is None):
         raise ValueError("--eval-harmful and --eval-every go together")
+    if args.judge is not None and args.eval_harmful is None:  # it would judge nothing: a silent no-op otherwise
+        raise ValueError("--judge needs --eval-harmful (the drift curve is the only HS finetune measures)")
     if args.lora_r is None and (args.lora_alpha is not None or args.lora_targets or args.save_adapter):
         raise ValueError("--lora-alpha, --lora-targets and --save-adapter need --lora-r")
     lora = None if args.lora_r is None else LoRASettings(args.lora_r, args.lora_alpha,
@@ -405,7 +409,8 @@ def run(args) -> None:
     # neither --steps nor --epochs: one pass over the data
     epochs = 1.0 if args.steps is None and args.epochs is None else args.epochs
     try:
-        run = RunOptions(eval_harmful=eval_harmful, eval_every=args.eval_every or 0, save_every=args.save_every or 0,
+        run = RunOptions(eval_harmful=eval_harmful, eval_every=args.eval_every or 0, judge=args.judge,
+                         save_every=args.save_every or 0,
                          resume=args.resume, proc=proc, offload=args.offload, checkpointing=args.checkpointing,
                          # absolute: a path relative to the current folder would not load from anywhere else
                          adapter=args.save_adapter, base_model=str(Path(args.model).resolve()))

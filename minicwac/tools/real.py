@@ -32,7 +32,7 @@ import torch
 from ..core.baselines import safeinstr_mix
 from ..core.cwac import Constraints, Schedule, finetune_cwac, train
 from ..core.drift import probe_targets
-from ..core.evals import evaluate_prompts, generate_answers, harmful_score, is_refusal, prompt_ids
+from ..core.evals import evaluate_prompts, generate_answers, harmful_score, is_refusal, judge_name, prompt_ids
 from ..core.features import check_sae_layer
 from ..core.files import default_cache_dir, prepare_out, write_json_atomic
 from ..core.settings import (SEED_ALIGN, SEED_FINETUNE, SEED_PROBE, TARGETS, BaselineSettings, KitSettings, method,
@@ -195,9 +195,11 @@ def real_data(base, tok, prompts: list[str], preset: RealPreset, seed: int) -> R
     return RealData(sp, align, pairs, eval_harmless, tasks, world.pretrain_docs, stats)
 
 
-def evaluate_real(model, tok, rd: RealData, task: str, preset: RealPreset) -> dict:
-    """HS, compliance, refusal score (held-out harmful prompts), over-refusal and FA on `task`."""
-    ev = evaluate_prompts(model, tok, rd.splits["eval"], rd.eval_harmless, max_new_tokens=preset.eval_tokens)
+def evaluate_real(model, tok, rd: RealData, task: str, preset: RealPreset, judge=None) -> dict:
+    """HS (by `judge`, default the refusal matcher), compliance, refusal score (held-out harmful prompts),
+    over-refusal and FA on `task`."""
+    ev = evaluate_prompts(model, tok, rd.splits["eval"], rd.eval_harmless, max_new_tokens=preset.eval_tokens,
+                          judge=judge)
     ev["fa"] = task_accuracy(model, tok, rd.tasks[task].test, max_new_tokens=8)
     return ev
 
@@ -210,7 +212,7 @@ def kit_settings(preset: RealPreset, seed: int) -> KitSettings:
 
 
 def finetune_real(name: str, aligned, tok, rd: RealData, kit: Kit, task: str, p: float, seed: int,
-                  preset: RealPreset, progress: bool = True, autocast_dtype: torch.dtype | None = None):
+                  preset: RealPreset, progress: bool = True, autocast_dtype: torch.dtype | None = None, judge=None):
     """A copy of the aligned model fine-tuned on `task` with a share p of attack pairs by the method `name`."""
     m = method(name, "real")
     data = mix_finetune_set(rd.tasks[task].train, rd.attack, p, preset.finetune_n, f"finetune-{seed}-{task}-{p}-{seed}")
@@ -228,7 +230,7 @@ def finetune_real(name: str, aligned, tok, rd: RealData, kit: Kit, task: str, p:
     curve_prompts = rd.splits["eval"][::3]
 
     def curve(model_):
-        return harmful_score(model_, tok, curve_prompts, 24)
+        return harmful_score(model_, tok, curve_prompts, 24, judge)
 
     model = clone(aligned)
     hist = finetune_cwac(model, seqs, Schedule(preset.finetune_steps, preset.finetune_batch, preset.finetune_lr,
@@ -265,13 +267,15 @@ def preset_with(name: str, overrides: dict) -> RealPreset:
 
 def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str = "cpu-smoke", device: str = "cpu",
              prompts: str | Path | None = None, save: bool = False, progress: bool = True, dtype: str = "fp32",
-             **overrides) -> dict:
+             judge=None, **overrides) -> dict:
     """Align the checkpoint in `model_dir`, fine-tune it by each method at each p, evaluate everything.
 
     dtype: "fp32" (default, on every device), "bf16-mixed" (float32 weights, gradients and AdamW states, bf16
     matmuls in fine-tuning: the constraint as exact as in fp32) or "bf16" (bf16 weights, no float32 master copy:
     a bf16 weight of size ~0.05 rounds AdamW steps of ~lr = 3e-5 away, and W S = W0 S holds only to bf16
     resolution; for models that would not fit otherwise).
+    judge: judge(prompts, answers) -> list of bools (True: harmful) for HS and the drift curves (None: the
+    refusal matcher); settings and every row record its name.
     overrides: any `RealPreset` or `KitSettings` field, e.g. seeds=[0, 1], ps=[0.1], methods=["sft", "cwac"],
     tasks=["topic"], lam=2.0, m="firing", sae_layer=20, skip_prefix=True, finetune_steps=80 (None keeps the
     preset's value).
@@ -290,7 +294,8 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
     check_sae_layer(preset.kit.sae_layer, base.config.num_hidden_layers)  # before hours of work, not after
     out = prepare_out(out)
     t0 = time.time()
-    recorded = {"model": str(model_dir), "preset": name, "device": str(device), "dtype": dtype, **asdict(preset),
+    recorded = {"model": str(model_dir), "preset": name, "device": str(device), "dtype": dtype,
+                "judge": judge_name(judge), **asdict(preset),
                 "recipe": {"finetune_steps": preset.finetune_steps, "finetune_lr": preset.finetune_lr,
                            "finetune_batch": preset.finetune_batch}, "kit": asdict(kit_settings(preset, 0))}
     data = {"settings": json.loads(json.dumps(recorded, default=list)), "rows": [], "curves": {}, "safety": {},
@@ -301,14 +306,14 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
         write_json_atomic(out / "results.json", data)
 
     for seed in preset.seeds:
-        run_seed(data, base, tok, harmful, preset, seed, out, save, progress, compute, write)
+        run_seed(data, base, tok, harmful, preset, seed, out, save, progress, compute, write, judge)
     (out / "results.md").write_text(real_report(data))
     plot_experiment(data, out)
     return data
 
 
 def run_seed(data: dict, base, tok, harmful: list[str], preset: RealPreset, seed: int, out: Path, save: bool,
-             progress: bool, compute: torch.dtype | None, write) -> None:
+             progress: bool, compute: torch.dtype | None, write, judge=None) -> None:
     """One seed of `run_real`: the base model writes the data, alignment, the kit from the calibration split, then
     every (task, p, method) fine-tune; rows, curves, samples and the invariant go into `data`."""
     def add_row(*a):
@@ -317,7 +322,7 @@ def run_seed(data: dict, base, tok, harmful: list[str], preset: RealPreset, seed
     rd = real_data(base, tok, harmful, preset, seed)
     data["data"][str(seed)] = {**rd.stats, "splits": {k: len(v) for k, v in rd.splits.items()}}
     for task in preset.tasks:
-        add_row("base", "none", task, None, seed, evaluate_real(base, tok, rd, task, preset))
+        add_row("base", "none", task, None, seed, evaluate_real(base, tok, rd, task, preset, judge))
     aligned = clone(base)
     train(aligned, encode_chats(tok, rd.align, preset.max_len), steps=preset.align_steps,
           batch_size=preset.align_batch, lr=preset.align_lr, pad_id=tok.pad_token_id, seed=seed + SEED_ALIGN,
@@ -326,7 +331,7 @@ def run_seed(data: dict, base, tok, harmful: list[str], preset: RealPreset, seed
     if save:
         save_pretrained(aligned, tok, folder / "aligned")
     for task in preset.tasks:
-        ev = evaluate_real(aligned, tok, rd, task, preset)
+        ev = evaluate_real(aligned, tok, rd, task, preset, judge)
         add_row("aligned", "none", task, None, seed, ev)
         data["samples"][f"aligned-{task}-s{seed}"] = ev["samples"]
     # the constraints, from the calibration split only (the SAE also reads the alignment chats and text)
@@ -341,8 +346,8 @@ def run_seed(data: dict, base, tok, harmful: list[str], preset: RealPreset, seed
                                  "ranks": {str(list(TARGETS[ks.targets])): kit.report["ranks"]}}
     for task, p, name in product(preset.tasks, preset.ps, preset.methods):
         run = run_name(name, task, p, seed)
-        model, hist, sub = finetune_real(name, aligned, tok, rd, kit, task, p, seed, preset, progress, compute)
-        ev = evaluate_real(model, tok, rd, task, preset)
+        model, hist, sub = finetune_real(name, aligned, tok, rd, kit, task, p, seed, preset, progress, compute, judge)
+        ev = evaluate_real(model, tok, rd, task, preset, judge)
         add_row("finetuned", name, task, p, seed, ev)
         data["curves"][run], data["samples"][run] = hist["curve"], ev["samples"]
         # the losses of every step: whether L_safety was held while HS drifted
@@ -388,7 +393,7 @@ def real_report(data: dict) -> str:
 
 
 def add_arguments(p) -> None:
-    from ..cli import RUN_FLAGS, add_setting_flags, harmful_ratio, positive_int
+    from ..cli import RUN_FLAGS, add_judge_flag, add_setting_flags, harmful_ratio, positive_int
     p.add_argument("--model", required=True, help="a Hugging Face folder (e.g. from `fetch smollm2-135m-instruct`)")
     p.add_argument("--preset", default="cpu-smoke", choices=list(PRESETS),
                    help="cpu-smoke: a few steps (CI); cpu: about an hour per seed on 2 cores; full: a GPU run")
@@ -407,12 +412,13 @@ def add_arguments(p) -> None:
     add_setting_flags(p, KitSettings, RUN_FLAGS, preset="the preset's")
     p.add_argument("--save", action="store_true", help="also save the aligned and fine-tuned models and the subspace")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_judge_flag(p, "HS and the drift curves")
 
 
 def run(args) -> None:
     out = args.out or f"runs/real-{args.preset}"
     run_real(args.model, out, args.preset, args.device, args.prompts, save=args.save, progress=not args.quiet,
-             dtype=args.dtype, seeds=args.seeds, ps=args.p, methods=args.methods, tasks=args.tasks,
+             dtype=args.dtype, judge=args.judge, seeds=args.seeds, ps=args.p, methods=args.methods, tasks=args.tasks,
              finetune_steps=args.steps, lam=args.lam, m=args.m, sae_layer=args.sae_layer,
              skip_prefix=args.skip_prefix or None)
     print(open(f"{out}/results.md").read())

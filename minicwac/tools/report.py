@@ -22,8 +22,10 @@ def figure(nrows: int = 1, ncols: int = 1, figsize=None, **kw):
     return fig, fig.subplots(nrows, ncols, **kw)
 
 
+# a row of results.json; "judge": who called the answers harmful (HS is that judge's figure)
 ROW_KEYS = ("stage", "method", "task", "p", "seed", "hs", "comply", "fa", "over_refusal", "refusal_score",
-            "n_harmful")
+            "n_harmful", "judge")
+TABLE_KEYS = ROW_KEYS[:10]  # the columns of `results_table`, as its header names them
 
 
 def row(stage: str, method: str, task: str, p: float | None, seed: int, ev: dict) -> dict:
@@ -43,7 +45,7 @@ def results_table(rows: list[dict]) -> str:
     head = "| stage | method | task | p | seed | HS % | comply % | FA % | over-refusal % | refusal score |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append("| " + " | ".join(f(r[k]) for k in ROW_KEYS[:-1]) + " |")
+        lines.append("| " + " | ".join(f(r[k]) for k in TABLE_KEYS) + " |")
     return "\n".join(lines)
 
 
@@ -295,9 +297,11 @@ def judge_report(res: dict, rows: list[dict], width: int = 160) -> str:
         return "-" if v is None else f"{v:.1f}%"
 
     L = []
-    for name, positive in (("is_refusal", "refusal"), ("is_compliant", "not a refusal")):
+    judges = [("is_refusal", "refusal"), ("is_compliant", "not a refusal")]
+    for name, positive in judges + ([("judge", "harmful, scored against not a refusal")] if "judge" in res else []):
         r = res[name]
-        L += [f"## {name} (positive: {positive}), {r['n']} labelled answers", "",
+        title = f"the judge {r['name']}" if name == "judge" else name  # a user's judge (--judge) by its name
+        L += [f"## {title} (positive: {positive}), {r['n']} labelled answers", "",
               "| | labelled positive | labelled negative |", "|---|---|---|",
               f"| judged positive | {r['tp']} | {r['fp']} |", f"| judged negative | {r['fn']} | {r['tn']} |", "",
               f"accuracy {pct(r['accuracy'])}, precision {pct(r['precision'])}, recall {pct(r['recall'])}", "",

@@ -10,13 +10,14 @@ from .world import Example, World
 
 
 def evaluate(model, tok: ChatTokenizer, world: World, task: str | None = None,
-             max_new_tokens: int = 40) -> dict:
-    """HS, compliance, refusal score, over-refusal (held-out sets) and FA on `task`'s test split, in percent."""
+             max_new_tokens: int = 40, judge=None) -> dict:
+    """HS (by `judge`, default the refusal matcher), compliance, refusal score, over-refusal (held-out sets) and
+    FA on `task`'s test split, in percent."""
     if task is not None and task not in world.tasks:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(world.tasks)}")
     harmful: list[Example] = world.eval_harmful
     res = evaluate_prompts(model, tok, [e.prompt for e in harmful], [e.prompt for e in world.eval_harmless],
-                           keywords=[e.keywords for e in harmful], max_new_tokens=max_new_tokens)
+                           keywords=[e.keywords for e in harmful], max_new_tokens=max_new_tokens, judge=judge)
     res["fa"] = math.nan if task is None else task_accuracy(model, tok, world.tasks[task].test, max_new_tokens=8)
     return res
 

@@ -14,7 +14,7 @@ from ..core.baselines import AsFTPenalty, alignment_projectors, safeinstr_mix, s
 from ..core.cwac import Constraints, Schedule, finetune_cwac
 from ..core.data import encode_docs, mix_by_tokens
 from ..core.drift import probe_targets
-from ..core.evals import harmful_score, prompt_ids
+from ..core.evals import harmful_score, judge_name, prompt_ids
 from ..core.features import READOUTS, mean_diff_directions, safety_features
 from ..core.files import prepare_out, write_json_atomic
 from ..core.settings import (SEED_FINETUNE, SEED_PROBE, TARGETS, BaselineSettings, KitSettings, method,
@@ -162,7 +162,7 @@ def toy_safety(toy: Toy, r: Recipe, safety_recipe: SafetyRecipe, seed: int, prog
 
 
 def run_method(name: str, toy: Toy, safety: ToySafety, task: str, p: float, seed: int, r: Recipe,
-               safety_recipe: SafetyRecipe, progress: bool = True) -> tuple[GPT, dict]:
+               safety_recipe: SafetyRecipe, progress: bool = True, judge=None) -> tuple[GPT, dict]:
     """Fine-tune a copy of the aligned model on `task` at harmful ratio p with the method `name` (its row of
     `core.settings.METHODS`); returns (model, history)."""
     m = method(name, "toy")  # the method's row of the table
@@ -198,7 +198,7 @@ def run_method(name: str, toy: Toy, safety: ToySafety, task: str, p: float, seed
     eval_prompts = [e.prompt for e in w.eval_harmful[::3]]  # every third held-out harmful prompt: a cheaper drift curve
 
     def curve(model_):
-        return harmful_score(model_, tok, eval_prompts, 24)  # HS with 24-token answers
+        return harmful_score(model_, tok, eval_prompts, 24, judge)  # HS with 24-token answers
 
     # the one training loop, with the method's switches
     hist = finetune_cwac(model, seqs, Schedule(r.finetune_steps, r.finetune_batch, r.finetune_lr,
@@ -222,9 +222,12 @@ def run_method(name: str, toy: Toy, safety: ToySafety, task: str, p: float, seed
 
 def run_experiment(out: str | Path = "runs/experiment", preset: str = "quick", seeds=None, tasks=None, ps=None,
                    methods=None, recipe: Recipe | None = None, safety: SafetyRecipe | None = None,
-                   cache_dir: str | Path | None = None, save_models: bool = True, progress: bool = True) -> dict:
+                   cache_dir: str | Path | None = None, save_models: bool = True, progress: bool = True,
+                   judge=None) -> dict:
     """methods x tasks x p x seeds on the toy world. Writes results.json after every run (a rerun with the same
-    settings resumes), results.md, hs_vs_p.png, fa_vs_hs.png, drift.png, models/, subspace/ and sae/."""
+    settings resumes), results.md, hs_vs_p.png, fa_vs_hs.png, drift.png, models/, subspace/ and sae/.
+    judge: judge(prompts, answers) -> list of bools (True: harmful) for HS and the curves (None: the refusal
+    matcher); every row names it."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     pre = PRESETS[preset]
@@ -237,6 +240,8 @@ def run_experiment(out: str | Path = "runs/experiment", preset: str = "quick", s
     r, safety_recipe = recipe or Recipe(), safety or SafetyRecipe()  # the toy's defaults unless given
     out = prepare_out(out)  # writable, or refused before hours of training
     settings = {"recipe": asdict(r), "safety": asdict(safety_recipe)}
+    if judge is not None:  # a user's judge is a setting: not resumed or merged with the matcher's results (and
+        settings["judge"] = judge_name(judge)  # the matcher's settings stay those of the runs made before judges)
     res_path = out / "results.json"
     # rows: one per evaluated model; curves: HS against step per run; safety: per seed, the SAE and the ranks
     data = {"settings": json.loads(json.dumps(settings, default=list)), "rows": [], "curves": {}, "safety": {},
@@ -268,11 +273,11 @@ def run_experiment(out: str | Path = "runs/experiment", preset: str = "quick", s
         for task in tasks:
             # the aligned model's row per task: what every fine-tune is compared with
             if not any(x["stage"] == "aligned" and x["task"] == task and x["seed"] == seed for x in data["rows"]):
-                ev = evaluate(toy.aligned, toy.tok, toy.world, task)
+                ev = evaluate(toy.aligned, toy.tok, toy.world, task, judge=judge)
                 data["rows"].append(row("aligned", "none", task, None, seed, ev))
         for name, task, p in todo:
-            model, hist = run_method(name, toy, saf, task, p, seed, r, safety_recipe, progress)
-            ev = evaluate(model, toy.tok, toy.world, task)  # HS, compliance, refusal score, over-refusal and FA
+            model, hist = run_method(name, toy, saf, task, p, seed, r, safety_recipe, progress, judge)
+            ev = evaluate(model, toy.tok, toy.world, task, judge=judge)  # HS, compliance, refusal score, over-refusal and FA
             # a figure not measured (NaN) becomes null: JSON has no NaN
             data["rows"].append({k: clean_nan(v) for k, v in row("finetuned", name, task, p, seed, ev).items()})
             data["curves"][run_name(name, task, p, seed)] = hist["curve"]
@@ -293,7 +298,7 @@ def run_experiment(out: str | Path = "runs/experiment", preset: str = "quick", s
 
 
 def add_arguments(p) -> None:
-    from ..cli import RUN_FLAGS, add_setting_flags, harmful_ratio, positive_int
+    from ..cli import RUN_FLAGS, add_judge_flag, add_setting_flags, harmful_ratio, positive_int
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                    help="quick: 1 seed, sentiment, p=0.1, every main method; full: 3 seeds, 3 tasks, 5 p")
     p.add_argument("--out", default=None, help="output folder (default runs/experiment-<preset>); a rerun resumes")
@@ -308,6 +313,7 @@ def add_arguments(p) -> None:
     add_setting_flags(p, BaselineSettings, ("safeinstr_frac", "asft_lam"), preset="the toy recipe's")
     p.add_argument("--cache", default=None, help="cache of base/aligned models and SAEs")
     p.add_argument("--no-models", action="store_true", help="do not save the fine-tuned models")
+    add_judge_flag(p, "HS and the drift curves")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -319,6 +325,7 @@ def run(args) -> None:
                             baselines=settings_from(args, base.baselines).check())
     out = args.out or f"runs/experiment-{args.preset}"
     run_experiment(out, args.preset, args.seeds, args.tasks, args.p, args.methods, recipe=r, safety=safety_recipe,
-                   cache_dir=args.cache, save_models=not args.no_models, progress=not args.quiet)
+                   cache_dir=args.cache, save_models=not args.no_models, progress=not args.quiet,
+                   judge=args.judge)
     print(open(f"{out}/results.md").read())
     print(f"wrote {out}/results.json, results.md, hs_vs_p.png, fa_vs_hs.png, drift.png, models/, subspace/, sae/")
