@@ -33,9 +33,17 @@ COMMANDS = {  # name -> (the module that owns it, what it does)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # a warning is one line, like an error (not the file, line and source line Python prints by default)
+    # a warning is one line, like an error (not the file, line and source line Python prints by default); put
+    # back afterwards for a caller that runs commands in its own process (a notebook, a test)
+    shown = warnings.formatwarning
     warnings.formatwarning = lambda message, *_, **__: f"minicwac: warning: {message}\n"
+    try:
+        return run_command(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        warnings.formatwarning = shown
+
+
+def run_command(argv: list[str]) -> int:
     ap = Parser(prog="minicwac", description="minicwac: CWAC on a toy safety world and real checkpoints")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     parsers = {name: sub.add_parser(name, help=what) for name, (_, what) in COMMANDS.items()}
@@ -49,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, MissingDependencyError) as ex:  # FileNotFoundError is an OSError
         raise error_exit(str(ex)) from None
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -473,3 +473,11 @@ def test_an_out_under_a_file_is_one_line_naming_the_file(folder, tmp_path, tok):
         main(["finetune", "--model", str(path), "--data", str(tmp_path / "data.jsonl"), "--method", "sft", "--steps",
               "1", "--batch-size", "1", "--out", str(tmp_path / "afile" / "run"), "--quiet"])
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_main_puts_the_warning_format_back(folder):
+    """main() shows warnings in one line while a command runs, and leaves the caller's format as it was."""
+    before = warnings.formatwarning
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(folder[0] / "nope")])
+    assert warnings.formatwarning is before

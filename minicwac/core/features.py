@@ -88,7 +88,8 @@ def select_latents(scores: torch.Tensor, m: int | str = 100) -> torch.Tensor:
         idx = (scores > 0).nonzero().flatten()
         return idx[scores[idx].argsort(descending=True)]  # best first, as topk returns them
     if m > len(scores):
-        warnings.warn(f"m={m} latents asked for, but the SAE has {len(scores)}: all {len(scores)} are used", stacklevel=2)
+        warnings.warn(f"m={m} latents asked for, but the SAE has {len(scores)}: all {len(scores)} are used",
+                      stacklevel=2)
     return scores.topk(min(m, len(scores))).indices
 
 

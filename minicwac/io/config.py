@@ -269,8 +269,8 @@ class Config:
             # written twice (an old key beside the new one): both must say the same, else which one holds is a guess
             mpe = d.get("max_position_embeddings")
             if d.get("rope_scaling") is not None and _rope_scaling(d["rope_scaling"], mpe) != _rope_scaling(rope, mpe):
-                raise ValueError(f"rope_scaling={d['rope_scaling']!r} disagrees with rope_parameters={rope!r}; expected "
-                                 "one of them, or the same scaling in both")
+                raise ValueError(f"rope_scaling={d['rope_scaling']!r} disagrees with rope_parameters={rope!r}; "
+                                 "expected one of them, or the same scaling in both")
             if "rope_theta" in d and "rope_theta" in rope and d["rope_theta"] != rope["rope_theta"]:
                 raise ValueError(f"rope_theta={d['rope_theta']!r} disagrees with rope_parameters.rope_theta="
                                  f"{rope['rope_theta']!r}; expected the same value (or only one of them)")

@@ -318,7 +318,8 @@ def kit_sae(model, seqs: list[list[int]], layer: int, s: KitSettings, pad: int, 
     # a cached SAE is taken as is: the folder's name must say what it was trained with (the toy's carries
     # a hash of the SAE settings, `SafetyRecipe.key`)
     if folder is not None and (Path(folder) / "cfg.json").is_file():
-        return SAE.load(folder, model_device(model)), read_json(Path(folder) / "cfg.json", "an SAE's cfg.json")["report"]
+        report = read_json(Path(folder) / "cfg.json", "an SAE's cfg.json")["report"]
+        return SAE.load(folder, model_device(model)), report
     n_test = max(1, len(seqs) // 10)  # a tenth held out, at least one sequence
     x_train = harvest(model, seqs[n_test:], layer, pad, skip)  # (tokens, hidden)
     x_test = harvest(model, seqs[:n_test], layer, pad, skip)  # (tokens, hidden)

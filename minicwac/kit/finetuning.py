@@ -57,8 +57,9 @@ def _check_run(path: Path, run: dict) -> dict:
     try:  # missing, not UTF-8, not JSON (a disk that filled up, a hand edit): one line naming the file
         meta = json.loads((path / "state.json").read_text())
     except (OSError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path / 'state.json'} cannot be read ({type(e).__name__ if isinstance(e, RecursionError) else e});"
-                         " the checkpoint cannot be resumed: run again into another --out") from None
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise ValueError(f"{path / 'state.json'} cannot be read ({why}); the checkpoint cannot be resumed: run again "
+                         "into another --out") from None
     if not (isinstance(meta, dict) and isinstance(meta.get("run"), dict) and {"step", "history"} <= meta.keys()):
         raise ValueError(f"{path / 'state.json'} is not a checkpoint's state (run, step, history); the checkpoint "
                          "cannot be resumed: run again into another --out")
