@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from conftest import main_error, tiny_config
-from test_kit import conversations
+from test_kit import conversations, files  # noqa: F401 -- files: the tiny model folder and data fixture
 
 from minicwac.__main__ import main
 from minicwac.core.cwac import DivergedError
@@ -21,17 +21,6 @@ from minicwac.io.model import GPT
 from minicwac.kit import RunOptions, encode_data, finetune, load_conversations
 
 GOOD = json.dumps({"prompt": "a", "completion": "b"})
-
-
-@pytest.fixture
-def files(tmp_path, tok):
-    """A tiny model folder and JSONL data (16 conversations) in tmp_path."""
-    torch.manual_seed(0)
-    model = GPT(tiny_config(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id, max_position_embeddings=128))
-    save_pretrained(model, tok, tmp_path / "aligned")
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in conversations()) + "\n")
-    return tmp_path
 
 
 def _finetune_cli(d, *flags):
