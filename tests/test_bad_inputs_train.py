@@ -245,3 +245,11 @@ def test_adapter_records_a_base_path_that_loads_from_anywhere(files, monkeypatch
     monkeypatch.chdir(d / "elsewhere")
     model, _ = load_checkpoint(d / "adapter")
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    # a path relative to the adapter folder (an adapter moved with its base beside it) is read from there first
+    cfg = json.loads((d / "adapter" / "adapter_config.json").read_text())
+    (d / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "../aligned"}))
+    (d / "elsewhere" / "deeper").mkdir()
+    monkeypatch.chdir(d / "elsewhere" / "deeper")  # where ../aligned does not exist
+    moved, _ = load_checkpoint(d / "adapter")
+    for (n, a), b in zip(model.named_parameters(), moved.parameters()):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=n)
