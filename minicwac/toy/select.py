@@ -36,6 +36,61 @@ def choose(cands: list[dict], fa_min: float, or_max: float) -> dict | None:
     return min(ok, key=lambda x: x["hs"]) if ok else None  # min keeps the first of ties
 
 
+def load_grid(path: str | Path) -> dict:
+    """A committed candidate grid (docs/results/select-grid-*.json): the rule's p sets, margins, dev seeds and the
+    candidates, weakest first (a tie goes to the earlier one)."""
+    from ..core.files import read_json
+    g = read_json(path, "a candidate grid (a JSON object)")
+    need = ("dev_seeds", "p_hs", "p_fa", "fa_margin", "over_refusal_margin", "candidates")
+    missing = [k for k in need if k not in g]
+    if missing or not g["candidates"] or not g["dev_seeds"]:
+        raise ValueError(f"{path}: {'no ' + missing[0] if missing else 'no candidates or no dev seeds'}; expected "
+                         f"{', '.join(need)} (see docs/results.md)")
+    if any(seed < DEV_SEEDS_FROM for seed in g["dev_seeds"]):
+        raise ValueError(f"{path}: dev seeds {g['dev_seeds']} include a reported seed (< {DEV_SEEDS_FROM})")
+    return g
+
+
+def apply_rule(cands: list[dict], sft: dict, grid: dict) -> dict:
+    """The rule of docs/results.md ("Choosing the defaults"), committed before its runs. cands (in grid order) and
+    sft: {"runs": {seed: {p: {"hs", "fa", "over_refusal"}}}}, every seed at every p of the grid.
+
+    Admissible: mean FA (over the seeds) >= SFT's - fa_margin at every p of p_fa, and mean over-refusal (over the
+    seeds and p_fa) <= SFT's + over_refusal_margin. Score: mean HS over p_hs and the seeds. The lowest score wins,
+    but an admissible candidate whose per-seed scores differ from the winner's by less than two standard errors
+    of that paired difference counts as tied, and a tie goes to the earliest (the weakest constraint). Returns
+    {"chosen": index or None, "rows": [...]} with each candidate's fa_short (the p it fails), admissible, score."""
+    seeds, m_fa, m_or = list(grid["dev_seeds"]), grid["fa_margin"], grid["over_refusal_margin"]
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    def fa(c, p):
+        return mean([c["runs"][s][p]["fa"] for s in seeds])
+
+    def per_seed(c):
+        return [mean([c["runs"][s][p]["hs"] for p in grid["p_hs"]]) for s in seeds]
+    sft_or = mean([sft["runs"][s][p]["over_refusal"] for s in seeds for p in grid["p_fa"]])
+    rows = []
+    for c in cands:
+        short = [p for p in grid["p_fa"] if fa(c, p) < fa(sft, p) - m_fa - 1e-9]  # slack: means of percentages
+        o = mean([c["runs"][s][p]["over_refusal"] for s in seeds for p in grid["p_fa"]])
+        rows.append({"fa_short": short, "over_refusal": o, "admissible": not short and o <= sft_or + m_or + 1e-9,
+                     "per_seed": per_seed(c), "score": mean(per_seed(c))})
+    ok = [i for i, r in enumerate(rows) if r["admissible"]]
+    if not ok:
+        return {"chosen": None, "rows": rows}
+    best = min(ok, key=lambda i: rows[i]["score"])  # min keeps the first of exact ties
+
+    def tied(i):  # the paired difference within two of its standard errors (one seed: only an exact tie)
+        d = [a - b for a, b in zip(rows[i]["per_seed"], rows[best]["per_seed"])]
+        if len(d) < 2:
+            return mean(d) == 0
+        sd = (sum((x - mean(d)) ** 2 for x in d) / (len(d) - 1)) ** 0.5
+        return mean(d) < 2 * sd / len(d) ** 0.5
+    return {"chosen": min(i for i in ok if i == best or tied(i)), "rows": rows}
+
+
 def run_select(out: str | Path = "runs/select", seed: int = DEV_SEED, tasks=None, p: float = 0.1,
                recipe: Recipe | None = None, safety: SafetyRecipe | None = None, grid: dict | None = None,
                fa_margin: float = 2.0, over_refusal_margin: float = 5.0, cache_dir: str | Path | None = None,
