@@ -192,13 +192,20 @@ class SafetyFeatures:
         copies of the weights whatever `loss` asks for), L_safety then still starts at 0 instead of at a floor of
         rounding noise. `model` must be the aligned model: a z0 further than `rtol` from the cached one (relative
         norm) is refused. Every rank of a sharded run calls this (its forward is a collective)."""
-        z0 = torch.cat([self.readout_of(residual(model, self.ids[i:i + batch_size], self.layer).float())
-                        for i in range(0, len(self.ids), batch_size)])  # (N, T, m)
+        z0 = self.read_z0(model, batch_size)
         off = float((z0 - self.z0)[self.keep].norm() / self.z0[self.keep].norm().clamp_min(1e-30))
         if not off <= rtol:
             raise ValueError(f"the model's z0 is {off:.3g} (relative) from the kit's: it is not the aligned model the "
                              f"kit was calibrated on (expected at most {rtol}, rounding)")
         return replace(self, z0=z0)
+
+    @torch.no_grad()
+    def read_z0(self, model, batch_size: int | None = None) -> torch.Tensor:
+        """`model`'s readout on the fixed prompts, (N, T, m): z0 when `model` is the aligned model (in batches of
+        `batch_size` prompts; None: all at once)."""
+        n = batch_size or len(self.ids)
+        return torch.cat([self.readout_of(residual(model, self.ids[i:i + n], self.layer).float())
+                          for i in range(0, len(self.ids), n)])
 
     def check(self, where: str) -> None:
         """The shapes the loss relies on and latent indices inside the SAE, else a ValueError naming `where` (the
@@ -257,5 +264,5 @@ def safety_features(model, seqs: list[list[int]], pad_id: int, *, readout: str =
     ids, keep = next(prompt_batches(seqs, pad_id, model_device(model), None, skip_ids, skip_prefix))  # (N, T) each
     sf = SafetyFeatures(layer, readout, ids, keep, torch.empty(0), sae, idx, directions)
     # the same readout the loss applies, on the aligned model: z0 (N, T, m), fixed for the whole fine-tuning
-    sf.z0 = sf.readout_of(residual(model, ids, layer).float()).detach()
+    sf.z0 = sf.read_z0(model)
     return sf

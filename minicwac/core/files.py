@@ -45,7 +45,7 @@ def atomic_folder(path: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)
         # a full disk or a lost mount while writing: one line naming the folder meant, not the temporary file (the
         # safetensors writer reports the same failures as its own error type)
-        if isinstance(e, OSError) and not isinstance(e, FileExistsError) or type(e).__name__ == "SafetensorError":
+        if (isinstance(e, OSError) and not isinstance(e, FileExistsError)) or type(e).__name__ == "SafetensorError":
             raise OSError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}; nothing was changed there") \
                 from None
         raise

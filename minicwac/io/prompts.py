@@ -76,21 +76,26 @@ def _json_line(line: str, where: str):
         raise ValueError(f"{where} is not valid JSON ({e})") from None
 
 
+def _jsonl(text: str, src):
+    """(where, value) for every non-blank line of JSON Lines text, `where` naming the file and the line."""
+    for n, line in enumerate(_lines(text), 1):
+        if line.strip():
+            where = f"{src}:{n}"
+            yield where, _json_line(line, where)
+
+
 def jsonl_values(path: Path) -> list[tuple[str, object]]:
     """(where, value) for every non-blank line of a JSON Lines file, `where` naming the file and the line. Text that
     is not UTF-8, a NUL character, invalid or too deeply nested JSON, and an escaped unpaired surrogate anywhere in
     a line (half of a UTF-16 pair: no tokenizer or file takes it later) are a one-line ValueError naming the line."""
     out = []
-    for n, line in enumerate(_lines(_read_text(path)), 1):
-        if line.strip():
-            where = f"{path}:{n}"
-            value = _json_line(line, where)
-            try:
-                json.dumps(value, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"{where} holds the unpaired surrogate {e.object[e.start]!r} (half of a UTF-16 "
-                                 "pair), which is not text") from None
-            out.append((where, value))
+    for where, value in _jsonl(_read_text(path), path):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where} holds the unpaired surrogate {e.object[e.start]!r} (half of a UTF-16 "
+                             "pair), which is not text") from None
+        out.append((where, value))
     return out
 
 
@@ -295,11 +300,7 @@ def _jsonl_prompts(text: str, path: Path) -> list[str]:
     """The prompts of a JSON Lines file (see `load_prompts`); blank lines are skipped."""
     keys = ", ".join(PROMPT_KEYS)
     prompts = []
-    for n, line in enumerate(_lines(text), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        d = _json_line(line, where)
+    for where, d in _jsonl(text, path):
         if not isinstance(d, dict):
             raise ValueError(f"{where} is {_JSON_TYPES.get(type(d), 'a JSON value')}, expected an object with a "
                              f"string under any of the keys {keys}")
