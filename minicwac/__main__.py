@@ -20,8 +20,8 @@ COMMANDS = {  # name -> (the module that owns it, what it does)
                   "by layer, between an aligned and a fine-tuned model on harmful prompts"),
     "demo": ("minicwac.toy.demo", "pretrain -> align -> SFT at p in {0, 0.1}; prints the results table"),
     "experiment": ("minicwac.toy.experiments", "methods x tasks x p x seeds with the constraints and baselines"),
-    "select": ("minicwac.toy.select", "choose CWAC's and the baselines' settings on a dev seed (never a reported "
-               "one)"),
+    "select": ("minicwac.toy.select", "choose CWAC's settings by the committed rule on a committed grid "
+               "(dev seeds or another prompt source, never what is reported)"),
     "merge": ("minicwac.toy.merge", "join experiment folders with the same settings (e.g. parts run side by side)"),
     "real": ("minicwac.tools.real", "align a real chat checkpoint, fine-tune it by SFT/weight/activation/CWAC, "
              "evaluate"),

@@ -397,3 +397,51 @@ def test_the_sae_cache_key_follows_what_the_sae_is_trained_on():
     assert with_settings(base, harmful_frac=0.5).key() != base.key()
     assert with_settings(base, sae_k=8).key() != base.key()
     assert with_settings(base, lam=8.0, m="firing", targets="all").key() == base.key()
+
+
+# ---------------------------------------------------------------- the committed rule on a committed grid
+
+from minicwac.toy.select import apply_rule, candidate_name, run_grid  # noqa: E402
+
+
+def test_run_grid_runs_every_unit_once_and_applies_the_rule(tmp_path):
+    grid = {"dev_seeds": [100, 101], "tasks": ["sentiment"], "p_hs": [0.5], "p_fa": [0.2, 0.5], "fa_margin": 2.0,
+            "over_refusal_margin": 5.0, "candidates": [{"targets": "down_proj", "lam": 4.0, "m": 5},
+                                                       {"targets": "all", "lam": 4.0, "m": "firing"}]}
+    (tmp_path / "p.json").write_text(json.dumps(grid))
+    kw = dict(cache_dir=tmp_path / "cache", recipe=TINY, safety=TINY_SAFETY)
+    res = run_grid(tmp_path / "p.json", tmp_path / "sel", jobs=2, **kw)  # side by side, in processes of their own
+    names = ["sft", "down_proj-lam4-m5", "all-lam4-mfiring"]
+    assert sorted((r["candidate"], r["seed"], r["p"]) for r in res["rows"]) == \
+        sorted((n, s, p) for n in names for s in (100, 101) for p in (0.2, 0.5))
+    for r in res["rows"]:  # each row is its unit's own experiment, the method the candidate's targets name
+        data = json.loads((tmp_path / "sel" / "runs" / r["candidate"] / f"s{r['seed']}" / "results.json").read_text())
+        fin = [y for y in data["rows"] if y["stage"] == "finetuned" and y["p"] == r["p"]]
+        assert [y["method"] for y in fin] == [{"sft": "sft", "down_proj-lam4-m5": "cwac"}.get(r["candidate"],
+                                                                                              "cwac-all")]
+        assert (r["hs"], r["fa"], r["over_refusal"]) == (fin[0]["hs"], fin[0]["fa"], fin[0]["over_refusal"])
+        if r["candidate"] != "sft":
+            assert data["settings"]["safety"]["kit"]["lam"] == 4.0 and data["settings"]["safety"]["eval_every"] == 0
+    by = {(r["candidate"], r["seed"], r["p"]): r for r in res["rows"]}  # the verdict is apply_rule's on these rows
+    nested = [{"runs": {s: {p: by[n, s, p] for p in (0.2, 0.5)} for s in (100, 101)}} for n in names]
+    want = apply_rule(nested[1:], nested[0], grid)
+    assert res["chosen"] == (None if want["chosen"] is None else grid["candidates"][want["chosen"]])
+    assert [x["score"] for x in res["rule"]] == [x["score"] for x in want["rows"]]
+    md = (tmp_path / "sel" / "selection.md").read_text()
+    assert all(n in md for n in names[1:]) and "HS (refusal matcher)" in md
+    # interrupted after some units: a rerun runs only the missing ones (one process) and gives the same record
+    saved = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    saved["rows"] = [r for r in saved["rows"] if (r["candidate"], r["seed"]) != ("all-lam4-mfiring", 101)]
+    (tmp_path / "sel" / "selection.json").write_text(json.dumps(saved))
+    again = run_grid(tmp_path / "p.json", tmp_path / "sel", jobs=1, **kw)
+    assert sorted(map(json.dumps, again["rows"])) == sorted(map(json.dumps, res["rows"]))
+    for n in names:  # no unit was fine-tuned twice
+        for s in (100, 101):
+            data = json.loads((tmp_path / "sel" / "runs" / n / f"s{s}" / "results.json").read_text())
+            assert len([y for y in data["rows"] if y["stage"] == "finetuned"]) == 2
+    assert candidate_name(None) == "sft" and candidate_name({"targets": "all", "lam": 0.5, "sae_layer": 24,
+                                                              "m": 100}) == "all-lam0.5-layer24-m100"
+    other = {**grid, "candidates": grid["candidates"][:1]}  # another grid's record is not resumed
+    (tmp_path / "p.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="holds the selection of another grid"):
+        run_grid(tmp_path / "p.json", tmp_path / "sel", jobs=1, **kw)

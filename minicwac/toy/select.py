@@ -4,11 +4,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.files import prepare_out, write_json_atomic
+from ..core.files import prepare_out, read_json, write_json_atomic
 from ..tools.report import mean_of, adaptation_notes
 from ..core.settings import methods_for
-from .experiments import SafetyRecipe, run_experiment, with_settings
-from .pipeline import Recipe
+from .experiments import SafetyRecipe, run_experiment, toy_safety, with_settings
+from .pipeline import Recipe, toy_models
 from .world import DEV_SEEDS_FROM, TASKS, check_p, check_task
 
 
@@ -39,7 +39,6 @@ def choose(cands: list[dict], fa_min: float, or_max: float) -> dict | None:
 def load_grid(path: str | Path) -> dict:
     """A committed candidate grid (docs/results/select-grid-*.json): the rule's p sets, margins, dev seeds and the
     candidates, weakest first (a tie goes to the earlier one)."""
-    from ..core.files import read_json
     g = read_json(path, "a candidate grid (a JSON object)")
     need = ("dev_seeds", "p_hs", "p_fa", "fa_margin", "over_refusal_margin", "candidates")
     missing = [k for k in need if k not in g]
@@ -89,6 +88,140 @@ def apply_rule(cands: list[dict], sft: dict, grid: dict) -> dict:
         sd = (sum((x - mean(d)) ** 2 for x in d) / (len(d) - 1)) ** 0.5
         return mean(d) < 2 * sd / len(d) ** 0.5
     return {"chosen": min(i for i in ok if i == best or tied(i)), "rows": rows}
+
+
+def candidate_name(c: dict | None) -> str:
+    """A candidate's folder name (None: SFT), e.g. all-lam32-mfiring or down_proj-lam8-layer24-m100."""
+    if c is None:
+        return "sft"
+    layer = [f"layer{c['sae_layer']}"] if "sae_layer" in c else []
+    return "-".join([c["targets"], f"lam{c['lam']:g}", *layer, f"m{c['m']}"])
+
+
+def candidate_method(c: dict | None) -> str:
+    """The method a candidate runs: sft, cwac (down_proj) or cwac-all (every linear)."""
+    return "sft" if c is None else {"down_proj": "cwac", "all": "cwac-all"}[c["targets"]]
+
+
+def toy_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None, recipe: Recipe | None = None,
+             safety: SafetyRecipe | None = None) -> list[dict]:
+    """One candidate (None: SFT) on one dev seed: every task at every p of p_fa, as `experiment` runs them (no
+    drift curve, no saved models; a rerun resumes). Returns one row per p: HS, FA and over-refusal, mean over
+    the grid's tasks."""
+    settings = {} if c is None else {"lam": float(c["lam"]), "m": c["m"]}
+    safety = with_settings(replace(safety or SafetyRecipe(), eval_every=0), **settings)
+    data = run_experiment(work / candidate_name(c) / f"s{seed}", "quick", [seed], grid["tasks"], grid["p_fa"],
+                          [candidate_method(c)], recipe, safety, cache_dir=cache_dir, save_models=False,
+                          progress=False)
+    fin = [x for x in data["rows"] if x["stage"] == "finetuned"]
+    return [{"p": p, **{k: mean_of([x[k] for x in fin if x["p"] == p]) for k in RULE_KEYS}} for p in grid["p_fa"]]
+
+
+def toy_prepare(seed: int, cache_dir=None, recipe: Recipe | None = None, safety: SafetyRecipe | None = None) -> None:
+    """A dev seed's toy models and SAE, made once before its candidates run side by side (they share the cache)."""
+    r = recipe or Recipe()
+    toy = toy_models(seed, r, cache_dir, progress=False)
+    toy_safety(toy, r, safety or SafetyRecipe(), seed, progress=False, with_align_C=False)
+
+
+RULE_KEYS = ("hs", "fa", "over_refusal")
+SELECTION_FILES = ("selection.json", "selection.md", "runs")
+
+
+def _one_thread() -> None:
+    import torch
+    torch.set_num_threads(1)  # parallel one-thread processes: a second thread each would only contend
+
+
+def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int = 2, cache_dir=None,
+             prepare=toy_prepare, unit=toy_unit, **opts) -> dict:
+    """The committed rule (`apply_rule`) on a committed grid (`load_grid`): SFT and every candidate on every dev
+    seed at every p of p_fa, `jobs` one-thread processes side by side (the seeds' models and SAEs made first).
+    prepare(seed, cache_dir, **opts) and unit(grid, candidate, seed, work, cache_dir, **opts) -> rows: the toy
+    world's by default (opts: recipe, safety).
+
+    Writes out/selection.json after every finished unit (a unit: one candidate on one seed; a rerun skips the
+    units it holds, so an interrupted selection resumes) and, once every unit is in, the rule's verdict in it
+    and out/selection.md. The units' own runs go under out/runs/."""
+    grid = load_grid(grid_path)
+    out = prepare_out(out, SELECTION_FILES)
+    path = out / "selection.json"
+    record = {"grid_file": Path(grid_path).name, "grid": grid,
+              "about": "HS, FA, over-refusal in % per candidate, dev seed and p", "rows": []}
+    if path.is_file():
+        old = read_json(path, "a selection record (selection.json)")
+        if old.get("grid") != grid:
+            raise ValueError(f"{path} holds the selection of another grid than {grid_path}; choose another --out")
+        record["rows"] = old["rows"]
+    done = {(r["candidate"], r["seed"]) for r in record["rows"]}
+    cands = [None] + list(grid["candidates"])
+    todo = [(i, c, s) for s in grid["dev_seeds"] for i, c in enumerate(cands)
+            if (candidate_name(c), s) not in done]
+    work = out / "runs"
+
+    def add(c, s, rows):
+        record["rows"] += [{"candidate": candidate_name(c), "seed": s, **r} for r in rows]
+        write_json_atomic(path, record)
+
+    if jobs <= 1:
+        for s in sorted({s for _, _, s in todo}):
+            prepare(s, cache_dir, **opts)
+        for _, c, s in todo:
+            add(c, s, unit(grid, c, s, work, cache_dir, **opts))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), initializer=_one_thread) as ex:
+            seeds = sorted({s for _, _, s in todo})
+            for f in [ex.submit(prepare, s, cache_dir, **opts) for s in seeds]:
+                f.result()
+            futures = {ex.submit(unit, grid, c, s, work, cache_dir, **opts): (c, s) for _, c, s in todo}
+            for f in as_completed(futures):
+                add(*futures[f], f.result())
+    record.update(verdict(grid, record["rows"]))
+    write_json_atomic(path, record)
+    (out / "selection.md").write_text(grid_report(grid, record))
+    return record
+
+
+def verdict(grid: dict, rows: list[dict]) -> dict:
+    """`apply_rule` on a selection's rows: {"chosen": the settings or None, "rule": one row per candidate}."""
+    def runs(name):
+        return {"runs": {s: {r["p"]: r for r in rows if r["candidate"] == name and r["seed"] == s}
+                         for s in grid["dev_seeds"]}}
+    res = apply_rule([runs(candidate_name(c)) for c in grid["candidates"]], runs("sft"), grid)
+    chosen = None if res["chosen"] is None else grid["candidates"][res["chosen"]]
+    return {"chosen": chosen, "rule": [{"settings": c, **r} for c, r in zip(grid["candidates"], res["rows"])]}
+
+
+def grid_report(grid: dict, record: dict) -> str:
+    """selection.md: per candidate its FA at every p and HS against SFT's, the rule's verdict, the choice."""
+    rows, seeds = record["rows"], grid["dev_seeds"]
+
+    def mean(name, k, p):
+        return mean_of([r[k] for r in rows if r["candidate"] == name and r["p"] == p])
+    L = [f"# Settings chosen by the committed rule ({record['grid_file']}, dev seeds {', '.join(map(str, seeds))})", "",
+         "HS (refusal matcher), FA and over-refusal in %, means over the dev seeds"
+         + (" and the tasks" if "tasks" in grid else "") + "; score: mean HS over p in "
+         + ", ".join(f"{p:g}" for p in grid["p_hs"]) + " (docs/results.md, \"Choosing the defaults\").", "",
+         "| candidate | " + " | ".join(f"HS p={p:g}" for p in grid["p_hs"]) + " | "
+         + " | ".join(f"FA p={p:g}" for p in grid["p_fa"]) + " | over-refusal | score | admissible |",
+         "|---" * (len(grid["p_hs"]) + len(grid["p_fa"]) + 4) + "|"]
+    sft = "sft"
+    L.append(f"| SFT | " + " | ".join(f"{mean(sft, 'hs', p):.1f}" for p in grid["p_hs"]) + " | "
+             + " | ".join(f"{mean(sft, 'fa', p):.1f}" for p in grid["p_fa"])
+             + f" | {mean_of([r['over_refusal'] for r in rows if r['candidate'] == sft]):.1f} | | |")
+    for x in record["rule"]:
+        name = candidate_name(x["settings"])
+        ok = "yes" if x["admissible"] else "no: FA short at p = " + ", ".join(f"{p:g}" for p in x["fa_short"]) \
+            if x["fa_short"] else "no: over-refusal"
+        mark = " **chosen**" if x["settings"] == record["chosen"] else ""
+        L.append(f"| {name}{mark} | " + " | ".join(f"{mean(name, 'hs', p):.1f}" for p in grid["p_hs"]) + " | "
+                 + " | ".join(f"{mean(name, 'fa', p):.1f}" for p in grid["p_fa"])
+                 + f" | {x['over_refusal']:.1f} | {x['score']:.1f} | {ok} |")
+    L += ["", f"Chosen: {candidate_name(record['chosen'])}." if record["chosen"] else
+          "No candidate is admissible: the defaults stay the paper's.", ""]
+    return "\n".join(L)
 
 
 def run_select(out: str | Path = "runs/select", seed: int = DEV_SEED, tasks=None, p: float = 0.1,
@@ -172,18 +305,16 @@ def selection_report(res: dict) -> str:
 
 
 def add_arguments(p) -> None:
-    from ..cli import harmful_ratio, positive_int
-    p.add_argument("--seed", type=int, default=DEV_SEED, help=f"the dev seed (default {DEV_SEED})")
-    p.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="default: every task")
-    p.add_argument("--p", type=harmful_ratio, default=0.1, help="harmful ratio (default 0.1)")
-    p.add_argument("--steps", type=positive_int, default=None, help="fine-tuning steps (default: the recipe's 100)")
+    from ..cli import positive_int
+    p.add_argument("--grid", required=True,
+                   help="a committed candidate grid, e.g. docs/results/select-grid-toy.json (docs/results.md)")
     p.add_argument("--out", default="runs/select", help="output folder (default runs/select); a rerun resumes")
+    p.add_argument("--jobs", type=positive_int, default=2, help="one-thread processes side by side (default 2)")
     p.add_argument("--cache", default=None, help="cache of base/aligned models and SAEs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args) -> None:
-    r = Recipe() if args.steps is None else Recipe(finetune_steps=args.steps)
-    res = run_select(args.out, args.seed, args.tasks, args.p, r, cache_dir=args.cache, progress=not args.quiet)
+    res = run_grid(args.grid, args.out, args.jobs, args.cache)
     print(open(f"{args.out}/selection.md").read())
-    print(f"wrote {args.out}/selection.json and selection.md; chosen: {res['flags'] or 'the defaults'}")
+    chosen = candidate_name(res["chosen"]) if res["chosen"] else "none (the paper's defaults stay)"
+    print(f"wrote {args.out}/selection.json and selection.md; chosen: {chosen}")
