@@ -250,3 +250,34 @@ def test_real_auto_reads_only_the_calibration_split(tiny, tok, tmp_path, monkeyp
     assert auto["probe"]["n_prompts"] == SMALL.splits["calib"] and auto["kinds"]
     assert data["leak"]["cwac-auto-sentiment-p0.1-s0"] < 1e-3
     assert "## Targets the probe chose" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_the_real_selection_reuses_each_seeds_data_and_sae(tiny, tok, tmp_path):
+    """`select --model`: one dev seed's data, aligned model and SAE (one per layer) made once by real_prepare, and
+    every candidate fine-tuned from them by real_unit at every p, with its own targets, lambda and latents."""
+    from minicwac.core.settings import KitSettings
+    from minicwac.toy.select import run_grid
+    save_pretrained(tiny, tok, tmp_path / "model")
+    grid = {"dev_seeds": [100], "p_hs": [0.5], "p_fa": [0.5], "fa_margin": 2.0, "over_refusal_margin": 5.0,
+            "candidates": [{"targets": "down_proj", "lam": 1.0, "sae_layer": 1, "m": 8},
+                           {"targets": "all", "lam": 4.0, "sae_layer": 1, "m": "firing"}]}
+    (tmp_path / "p.json").write_text(json.dumps(grid))
+    seen = []
+    calibrate = real.calibrate
+
+    def spy(*a, **k):  # every kit the selection makes: its settings and whether its SAE was read from the cache
+        seen.append((k["settings"], (k["sae_folder"] / "cfg.json").is_file()))
+        return calibrate(*a, **k)
+    import unittest.mock
+    with unittest.mock.patch.object(real, "calibrate", spy):
+        res = run_grid(tmp_path / "p.json", tmp_path / "sel", jobs=1, prepare=real.real_prepare,
+                       unit=real.real_unit, model=tmp_path / "model", preset=SMALL, prompts=PROMPTS)
+    assert [(r["candidate"], r["seed"], r["p"]) for r in res["rows"]] == \
+        [("sft", 100, 0.5), ("down_proj-lam1-layer1-m8", 100, 0.5), ("all-lam4-layer1-mfiring", 100, 0.5)]
+    assert all(0 <= r[k] <= 100 for r in res["rows"] for k in ("hs", "fa", "over_refusal"))
+    assert [cached for _, cached in seen] == [False, True, True]  # trained once (prepare), then read
+    assert [(s.targets, s.lam, s.m, s.sae_layer, s.seed) for s, _ in seen[1:]] == \
+        [("down_proj", 1.0, 8, 1, 100), ("all", 4.0, "firing", 1, 100)]
+    assert isinstance(seen[0][0], KitSettings) and (tmp_path / "sel" / "runs" / "s100" / "aligned").is_dir()
+    d = json.loads((tmp_path / "sel" / "runs" / "s100" / "data.json").read_text())
+    assert set(d["splits"]["eval"]) <= set(PROMPTS) and d["splits"] == split_prompts(PROMPTS, SMALL.splits, 100)

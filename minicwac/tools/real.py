@@ -34,7 +34,7 @@ from ..core.cwac import Constraints, Schedule, finetune_cwac, train
 from ..core.drift import probe_targets
 from ..core.evals import evaluate_prompts, generate_answers, harmful_score, is_refusal, judge_name, prompt_ids
 from ..core.features import check_sae_layer
-from ..core.files import default_cache_dir, prepare_out, write_json_atomic
+from ..core.files import default_cache_dir, prepare_out, read_json, write_json_atomic
 from ..core.settings import (SEED_ALIGN, SEED_FINETUNE, SEED_PROBE, TARGETS, BaselineSettings, KitSettings, method,
                              methods_for)
 from ..io.fetch import fetch_prompts
@@ -226,7 +226,7 @@ def finetune_real(name: str, aligned, tok, rd: RealData, kit: Kit, task: str, p:
                              steps=max(1, preset.finetune_steps // 4), lr=preset.finetune_lr,
                              batch_size=preset.finetune_batch, seed=seed + SEED_PROBE, progress=progress)
         kit = replace(kit, report={**kit.report, "auto": auto})
-    sub, feats = kit.constraint(name, "real")
+    sub, feats = kit.constraint(name, "real") if kit is not None else (None, None)  # SFT may come without a kit
     curve_prompts = rd.splits["eval"][::3]
 
     def curve(model_):
@@ -238,7 +238,7 @@ def finetune_real(name: str, aligned, tok, rd: RealData, kit: Kit, task: str, p:
                          Constraints(sub, feats, preset.kit.lam, preset.kit.safety_batch), pad_id=tok.pad_token_id,
                          autocast_dtype=autocast_dtype, curve=(preset.eval_every, curve) if preset.eval_every else None,
                          desc=f"{name} {task} p={p:g}", progress=progress)
-    if "auto" in kit.report:
+    if kit is not None and "auto" in kit.report:
         hist["auto"] = kit.report["auto"]
     return model, hist, sub
 
@@ -360,6 +360,77 @@ def run_seed(data: dict, base, tok, harmful: list[str], preset: RealPreset, seed
             save_pretrained(model, tok, out / "models" / run)
         del model
         write()
+
+
+# ---------------------------------------------------------------- choosing the settings on another prompt source
+
+
+def selection_set() -> list[str]:
+    """The prompts that choose a real model's settings: HarmBench's, less every one that is the same request as an
+    AdvBench prompt (`selection_prompts`), so the selection never reads a prompt the results are reported on."""
+    from ..io.prompts import selection_prompts
+    harmbench = load_prompts(fetch_prompts("harmbench").folder)
+    return selection_prompts(harmbench, load_prompts(default_prompts()))
+
+
+def real_prepare(grid: dict, seed: int, work: Path, cache_dir=None, model: str | Path = "",
+                 preset: str | RealPreset = "cpu", device: str = "cpu", prompts: list[str] | None = None) -> None:
+    """One dev seed, made once for every candidate: the base model's data on the selection prompts (default
+    `selection_set()`), the aligned model, and an SAE per SAE layer of the grid (work/s<seed>/; data.json,
+    written last, marks it complete)."""
+    folder = Path(work) / f"s{seed}"
+    if (folder / "data.json").is_file():
+        return
+    pr = preset if isinstance(preset, RealPreset) else preset_with(preset, {})
+    base, tok = load_checkpoint(model, device)
+    rd = real_data(base, tok, selection_set() if prompts is None else prompts, pr, seed)
+    aligned = clone(base)
+    train(aligned, encode_chats(tok, rd.align, pr.max_len), steps=pr.align_steps, batch_size=pr.align_batch,
+          lr=pr.align_lr, pad_id=tok.pad_token_id, seed=seed + SEED_ALIGN, desc="align", progress=False)
+    save_pretrained(aligned, tok, folder / "aligned")
+    for layer in sorted({c["sae_layer"] for c in grid["candidates"]}):
+        unit_kit(aligned, tok, rd, pr, seed, folder, {"targets": "down_proj", "lam": 0.5, "m": 100,
+                                                      "sae_layer": layer})
+    write_json_atomic(folder / "data.json", {
+        "splits": rd.splits, "eval_harmless": rd.eval_harmless, "stats": rd.stats,
+        "align": [[e.prompt, e.answer, e.kind] for e in rd.align], "attack": [[e.prompt, e.answer] for e in rd.attack]})
+
+
+def unit_kit(aligned, tok, rd: RealData, pr: RealPreset, seed: int, folder: Path, c: dict) -> Kit:
+    """The kit of one candidate (targets, lam, m, sae_layer) on one seed, its SAE read from (or written to) the
+    seed's folder, one per layer."""
+    ks = replace(pr.kit, targets=c["targets"], lam=float(c["lam"]), m=c["m"], sae_layer=c["sae_layer"], seed=seed)
+    calib = [prompt_ids(tok, q) for q in rd.splits["calib"]]
+    return calibrate(aligned, tok, rd.splits["calib"], settings=ks, max_len=pr.max_len, progress=False,
+                     sae_seqs=sae_mix(tok, rd.align, calib, rd.docs, pr.max_len, ks.harmful_frac, seed),
+                     sae_folder=folder / f"sae-layer{c['sae_layer']}")
+
+
+def real_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None, model: str | Path = "",
+              preset: str | RealPreset = "cpu", device: str = "cpu", prompts: list[str] | None = None) -> list[dict]:
+    """One candidate (None: SFT) on one dev seed: a fine-tune at every p of p_fa on the preset's task, from the
+    seed's aligned model; one row per p with HS (the selection prompts' held-out split), FA and over-refusal."""
+    from ..toy.select import candidate_method
+    folder = Path(work) / f"s{seed}"
+    d = read_json(folder / "data.json", "a dev seed's data (data.json)")
+    pr = preset if isinstance(preset, RealPreset) else preset_with(preset, {})
+    aligned, tok = load_checkpoint(folder / "aligned", device)
+    world = build_world(seed)
+    tasks = {t: Task(t, world.tasks[t].train, world.tasks[t].test[:pr.n_fa]) for t in TASKS}
+    rd = RealData(d["splits"], [Example(p, a, k, keywords=None) for p, a, k in d["align"]],
+                  [Example(p, a, "harmful", keywords=None) for p, a in d["attack"]], d["eval_harmless"], tasks,
+                  world.pretrain_docs, d["stats"])
+    kit = None if c is None else unit_kit(aligned, tok, rd, pr, seed, folder, c)
+    if kit is not None:
+        pr = replace(pr, kit=kit.settings)  # finetune_real reads lambda and the safety batch from the preset
+    rows = []
+    for p in grid["p_fa"]:
+        for task in pr.tasks:
+            model, _, _ = finetune_real(candidate_method(c), aligned, tok, rd, kit, task, p, seed, pr, False)
+            ev = evaluate_real(model, tok, rd, task, pr)
+            rows.append({"p": p, "task": task, **{k: ev[k] for k in ("hs", "fa", "over_refusal", "comply")}})
+    return [{"p": p, **{k: sum(r[k] for r in rows if r["p"] == p) / len(pr.tasks)
+                        for k in ("hs", "fa", "over_refusal", "comply")}} for p in grid["p_fa"]]
 
 
 def real_report(data: dict) -> str:

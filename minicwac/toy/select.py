@@ -117,7 +117,7 @@ def toy_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None, 
     return [{"p": p, **{k: mean_of([x[k] for x in fin if x["p"] == p]) for k in RULE_KEYS}} for p in grid["p_fa"]]
 
 
-def toy_prepare(seed: int, cache_dir=None, recipe: Recipe | None = None, safety: SafetyRecipe | None = None) -> None:
+def toy_prepare(grid: dict, seed: int, work: Path, cache_dir=None, recipe: Recipe | None = None, safety: SafetyRecipe | None = None) -> None:
     """A dev seed's toy models and SAE, made once before its candidates run side by side (they share the cache)."""
     r = recipe or Recipe()
     toy = toy_models(seed, r, cache_dir, progress=False)
@@ -137,7 +137,7 @@ def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int =
              prepare=toy_prepare, unit=toy_unit, **opts) -> dict:
     """The committed rule (`apply_rule`) on a committed grid (`load_grid`): SFT and every candidate on every dev
     seed at every p of p_fa, `jobs` one-thread processes side by side (the seeds' models and SAEs made first).
-    prepare(seed, cache_dir, **opts) and unit(grid, candidate, seed, work, cache_dir, **opts) -> rows: the toy
+    prepare(grid, seed, work, cache_dir, **opts) and unit(grid, candidate, seed, work, cache_dir, **opts) -> rows: the toy
     world's by default (opts: recipe, safety).
 
     Writes out/selection.json after every finished unit (a unit: one candidate on one seed; a rerun skips the
@@ -165,7 +165,7 @@ def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int =
 
     if jobs <= 1:
         for s in sorted({s for _, _, s in todo}):
-            prepare(s, cache_dir, **opts)
+            prepare(grid, s, work, cache_dir, **opts)
         for _, c, s in todo:
             add(c, s, unit(grid, c, s, work, cache_dir, **opts))
     else:
@@ -173,7 +173,7 @@ def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int =
         from concurrent.futures import ProcessPoolExecutor, as_completed
         with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), initializer=_one_thread) as ex:
             seeds = sorted({s for _, _, s in todo})
-            for f in [ex.submit(prepare, s, cache_dir, **opts) for s in seeds]:
+            for f in [ex.submit(prepare, grid, s, work, cache_dir, **opts) for s in seeds]:
                 f.result()
             futures = {ex.submit(unit, grid, c, s, work, cache_dir, **opts): (c, s) for _, c, s in todo}
             for f in as_completed(futures):
@@ -310,11 +310,23 @@ def add_arguments(p) -> None:
                    help="a committed candidate grid, e.g. docs/results/select-grid-toy.json (docs/results.md)")
     p.add_argument("--out", default="runs/select", help="output folder (default runs/select); a rerun resumes")
     p.add_argument("--jobs", type=positive_int, default=2, help="one-thread processes side by side (default 2)")
-    p.add_argument("--cache", default=None, help="cache of base/aligned models and SAEs")
+    p.add_argument("--model", default=None,
+                   help="a real model's grid (e.g. select-grid-smollm2.json): its Hugging Face folder")
+    p.add_argument("--device", default="cpu", help="with --model: cpu or cuda")
+    p.add_argument("--cache", default=None, help="the toy world's cache of base/aligned models and SAEs")
 
 
 def run(args) -> None:
-    res = run_grid(args.grid, args.out, args.jobs, args.cache)
+    toy = "tasks" in load_grid(args.grid)  # a toy grid names its tasks; a real model's runs its preset's
+    if toy == bool(args.model):
+        raise ValueError(f"{args.grid} is a {'toy' if toy else 'real model'}'s grid: "
+                         + ("run it without --model" if toy else "give the model's folder with --model"))
+    if toy:
+        res = run_grid(args.grid, args.out, args.jobs, args.cache)
+    else:
+        from ..tools.real import real_prepare, real_unit
+        res = run_grid(args.grid, args.out, args.jobs, args.cache, real_prepare, real_unit, model=args.model,
+                       device=args.device)
     print(open(f"{args.out}/selection.md").read())
     chosen = candidate_name(res["chosen"]) if res["chosen"] else "none (the paper's defaults stay)"
     print(f"wrote {args.out}/selection.json and selection.md; chosen: {chosen}")
