@@ -51,7 +51,7 @@ def test_results_json_schema(demo, world):
 def test_results_table_and_plot(demo):
     out, _, rows = demo
     md = (out / "results.md").read_text().strip().splitlines()
-    assert md[0].startswith("| stage | method | task | p | seed | HS %")
+    assert md[0].startswith("| stage | method | task | p | seed | HS (refusal matcher) %")
     assert len(md) == 2 + len(rows)
     assert md[2].startswith("| base | none | sentiment | - | 0 |")
     assert (out / "pipeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -173,12 +173,37 @@ def test_experiment_writes_every_artefact(experiment):
     assert sorted(sub.S) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert SAE.load(out / "sae" / "s0").cfg.d_sae == 64
     md = (out / "results.md").read_text()
-    for section in ("HS and FA by p", "Component ablation", "Checks", "Safety artefacts", "Drift"):
+    for section in ("HS (refusal matcher) and FA by p", "Component ablation", "Checks", "Safety artefacts", "Drift"):
         assert section in md
     sft = data["curves"]["sft-sentiment-p0.1-s0"]  # one run per method: the drift row is that run's curve
     assert "| sft | " + " | ".join(f"{c['hs']:.1f}" for c in sft) + " |" in md
     for png in ("hs_vs_p.png", "fa_vs_hs.png", "drift.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def hs_tables_unnamed(md: str, label: str) -> list[str]:
+    """The tables of a results.md that show HS but whose header row and heading do not name its judge (`label`)."""
+    lines, bad, heading = md.splitlines(), [], ""
+    for i, line in enumerate(lines):
+        if line.startswith("#"):
+            heading = line
+        elif line.startswith("|") and not lines[i - 1].startswith("|"):  # a table's header row
+            if "HS" in line + heading and label not in line + heading:
+                bad.append(heading + " / " + line)
+    return bad
+
+
+def test_every_table_names_the_judge_of_its_hs(experiment):
+    """results.md says which judge made HS wherever HS appears: the refusal matcher by default, a user's judge by
+    its name (the same rows, re-labelled)."""
+    from minicwac.tools.report import experiment_report
+    root, data = experiment
+    md = (root / "out" / "results.md").read_text()
+    assert md.count("HS (refusal matcher)") >= 5 and not hs_tables_unnamed(md, "HS (refusal matcher)")
+    theirs = {**data, "rows": [{**x, "judge": "guard:verdicts"} for x in data["rows"]]}
+    md = experiment_report(theirs)
+    assert not hs_tables_unnamed(md, "HS (guard:verdicts)") and "refusal matcher)" not in md
+    assert hs_tables_unnamed("## HS by task\n\n| method | a |\n|---|---|", "HS (x)")  # the check can fail
 
 
 def test_experiment_constraints_hold_in_the_saved_models(experiment):

@@ -64,14 +64,14 @@ def test_eval_with_a_judge_from_a_file_and_from_a_module(folder, tmp_path, judge
     monkeypatch.syspath_prepend(str(tmp_path))  # `judges` importable as a module
     for spec in (f"{judges}:by_prompt", "judges:by_prompt"):
         assert main(_eval(folder, tmp_path, "--judge", spec, "--json", str(tmp_path / "eval.json"))) == 0
-        assert re.search(rf"^hs +50\.00  \(judge: {re.escape(spec)}\)$", capsys.readouterr().out, re.M)
+        assert re.search(rf"^HS \({re.escape(spec)}\) +50\.00$", capsys.readouterr().out, re.M)
         res = json.loads((tmp_path / "eval.json").read_text())
         assert res["hs"] == 50.0 and res["judge"] == spec
 
 
 def test_eval_names_the_default_judge(folder, tmp_path, capsys):
     assert main(_eval(folder, tmp_path, "--json", str(tmp_path / "eval.json"))) == 0
-    assert re.search(r"^hs +[\d.]+  \(judge: refusal matcher\)$", capsys.readouterr().out, re.M)
+    assert re.search(r"^HS \(refusal matcher\) +[\d.]+$", capsys.readouterr().out, re.M)
     assert json.loads((tmp_path / "eval.json").read_text())["judge"] == "refusal matcher"
 
 

@@ -73,6 +73,11 @@ def judge_name(judge) -> str:
     return f"{getattr(judge, '__module__', '?')}:{getattr(judge, '__qualname__', type(judge).__name__)}"
 
 
+def hs_label(judge: str | None = None) -> str:
+    """HS named by the judge that made it, e.g. "HS (refusal matcher)", for every table, plot and printout."""
+    return f"HS ({judge or REFUSAL_MATCHER.name})"
+
+
 def judged(judge, prompts: list[str], answers: list[str]) -> list[bool]:
     """The judge's verdicts (True: harmful), one bool per answer, or a one-line error naming the judge: a wrong
     count or a non-bool would otherwise turn into a plausible-looking HS."""

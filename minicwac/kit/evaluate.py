@@ -38,10 +38,11 @@ def run(args) -> None:
         harmless = load_prompts(args.harmless) if args.harmless else None
         model, tok = load_checkpoint(args.model, args.device)
         res = evaluate_prompts(model, tok, harmful, harmless, max_new_tokens=args.max_new_tokens, judge=args.judge)
+    from ..core.evals import hs_label
     for k in ("hs", "comply", "fa", "over_refusal", "refusal_score"):
         if k in res:  # None: not measured (over-refusal needs --harmless); HS names the judge that made it
-            print(f"{k:14s} {'-' if res[k] is None else format(res[k], '.2f')}"
-                  + (f"  (judge: {res['judge']})" if k == "hs" else ""))
+            name = hs_label(res["judge"]) if k == "hs" else k
+            print(f"{name:22s} {'-' if res[k] is None else format(res[k], '.2f')}")
     for kind in ("harmful", "harmless"):
         for prompt, answer in res["samples"][kind]:
             print(f"{kind}: {prompt[:80]!r} -> {answer[:120]!r}")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core.cwac import Constraints, Schedule, finetune_cwac
 from ..core.data import Seq
-from ..core.evals import harmful_score
+from ..core.evals import harmful_score, hs_label
 from ..core.files import atomic_folder, prepare_out, replace_folder, write_json_atomic
 from ..core.hooks import model_device
 from ..core.lora import LoRASettings, add_lora, lora_modules, merge_lora, save_adapter
@@ -311,7 +311,7 @@ def write_finetuned(model, tok, out: Path, ckpt: Path, sub, hist: dict, record: 
         _move_into(out / ".model.tmp", out)  # the weights last: their presence means the folder is complete
         write_json_atomic(out / "history.json", {**result, "ranks": 1 if proc is None else proc.world_size})
         if hist.get("curve"):
-            plot_drift(hist["curve"], out / "drift.png", method)
+            plot_drift(hist["curve"], out / "drift.png", method, hs_label(hist["curve"][0]["judge"]))
         if ckpt.exists():
             shutil.rmtree(ckpt)  # the run is complete: its resumable checkpoint (written by us) is no longer needed
     if proc is not None:
@@ -320,11 +320,11 @@ def write_finetuned(model, tok, out: Path, ckpt: Path, sub, hist: dict, record: 
     return result
 
 
-def plot_drift(curve: list[dict], path: Path, label: str) -> None:
+def plot_drift(curve: list[dict], path: Path, label: str, hs: str = "HS") -> None:
 
     fig, ax = figure(figsize=(5, 3.5))  # HS % against step: one line, the method's
     ax.plot([c["step"] for c in curve], [c["hs"] for c in curve], "o-", label=label)
-    ax.set(xlabel="fine-tuning step", ylabel="HS % (lower is better)", ylim=(-2, 102), title="Safety drift")
+    ax.set(xlabel="fine-tuning step", ylabel=f"{hs} % (lower is better)", ylim=(-2, 102), title="Safety drift")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -424,6 +424,8 @@ def run(args) -> None:
     h = res["history"]
     say(f"{args.method}: {len(h['step'])} steps, task loss {h['task'][0]:.3f} -> {h['task'][-1]:.3f}"
         + (f", L_safety {h['safety'][-1]:.4f}" if any(h["safety"]) else "")
+        + (f", {hs_label(h['curve'][0]['judge'])} {h['curve'][0]['hs']:.1f} -> {h['curve'][-1]['hs']:.1f}"
+           if h.get("curve") else "")
         + ("" if res["ws_error"] is None else f", |W S - W0S| / |W0S| = {res['ws_error']:.1e}"))
     what = "a PEFT adapter folder" if args.save_adapter else "a Hugging Face folder"
     say(f"wrote {args.out} ({what}), history.json" + (", drift.png" if h.get("curve") else "")

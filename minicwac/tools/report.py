@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from ..core.files import write_json_atomic
+from ..core.evals import hs_label
 
 
 def figure(nrows: int = 1, ncols: int = 1, figsize=None, **kw):
@@ -42,7 +43,8 @@ def results_table(rows: list[dict]) -> str:
     def f(v):
         return "-" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))
 
-    head = "| stage | method | task | p | seed | HS % | comply % | FA % | over-refusal % | refusal score |"
+    head = (f"| stage | method | task | p | seed | {hs_label(rows[0].get('judge') if rows else None)} % | comply % "
+            "| FA % | over-refusal % | refusal score |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append("| " + " | ".join(f(r[k]) for k in TABLE_KEYS) + " |")
@@ -55,7 +57,7 @@ def plot_pipeline(rows: list[dict], path: str | Path) -> None:
     names = [r["stage"] if r["stage"] != "finetuned" else f"{r['method']} p={r['p']:g}" for r in rows]
     fig, ax = figure(figsize=(7, 3.5))
     w = 0.27
-    for j, (key, label) in enumerate((("hs", "HS"), ("comply", "compliance"), ("fa", "FA"))):
+    for j, (key, label) in enumerate((("hs", hs_label(rows[0].get("judge"))), ("comply", "compliance"), ("fa", "FA"))):
         vals = [r[key] if r[key] is not None else 0.0 for r in rows]
         ax.bar([i + (j - 1) * w for i in range(len(rows))], vals, w, label=label)
     ax.set_xticks(range(len(rows)), names)
@@ -129,20 +131,22 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
     tasks = list(dict.fromkeys(x["task"] for x in rows))
     seeds = sorted({x["seed"] for x in rows})
     steps = data["settings"]["recipe"]["finetune_steps"]
+    hs = data_hs_label(data)
     sel = lambda **kw: [x for x in rows if all(x[k] == v for k, v in kw.items())]  # noqa: E731
     L = [f"# {title}: {len(methods)} methods x tasks {', '.join(tasks)} x p {ps} x seeds {seeds}", "",
          f"Fine-tuning: {steps} AdamW steps (lr {data['settings']['recipe']['finetune_lr']}, batch "
-         f"{data['settings']['recipe']['finetune_batch']}). Cells: mean ± sd over every (task, seed) run. HS = % of "
-         "held-out harmful prompts not refused (lower is better); FA = task accuracy.", ""]
+         f"{data['settings']['recipe']['finetune_batch']}). Cells: mean ± sd over every (task, seed) run. {hs} = % of "
+         "held-out harmful prompts whose answer the judge calls harmful (the refusal matcher: any answer that is not a "
+         "refusal; lower is better); FA = task accuracy.", ""]
     base = [x for x in data["rows"] if x["stage"] == "base"]
     if base:
-        L += [f"Base model: HS {_stats([x['hs'] for x in base])}, compliance {_stats([x['comply'] for x in base])}, "
+        L += [f"Base model: {hs} {_stats([x['hs'] for x in base])}, compliance {_stats([x['comply'] for x in base])}, "
               f"over-refusal {_stats([x['over_refusal'] for x in base])}, FA {_stats([x['fa'] for x in base])}.", ""]
     aligned = [x for x in data["rows"] if x["stage"] == "aligned"]
-    L += [f"Aligned model (before fine-tuning): HS {_stats([x['hs'] for x in aligned])}, over-refusal "
+    L += [f"Aligned model (before fine-tuning): {hs} {_stats([x['hs'] for x in aligned])}, over-refusal "
           f"{_stats([x['over_refusal'] for x in aligned])}.", ""]
     head = "| method | " + " | ".join(f"HS p={p:g}" for p in ps) + " | " + " | ".join(f"FA p={p:g}" for p in ps) + " |"
-    L += ["## HS and FA by p (%)", "", head, "|" + "---|" * (1 + 2 * len(ps))]
+    L += [f"## {hs} and FA by p (%)", "", head, "|" + "---|" * (1 + 2 * len(ps))]
     for m in methods:
         L.append(f"| {m} | " + " | ".join(_stats([x["hs"] for x in sel(method=m, p=p)]) for p in ps) + " | "
                  + " | ".join(_stats([x["fa"] for x in sel(method=m, p=p)]) for p in ps) + " |")
@@ -151,32 +155,40 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
         L += ["", "The baselines, as run here (the same notes hold for every table below):", *notes]
     key_ps = [p for p in ps if p in (0.05, 0.1)] or ps
     L += ["", f"## Average over tasks at p in {key_ps}", "",
-          "| method | HS % | compliance % | FA % | over-refusal % | refusal score |", "|---|---|---|---|---|---|"]
+          f"| method | {hs} % | compliance % | FA % | over-refusal % | refusal score |", "|---|---|---|---|---|---|"]
     for m in methods:
         xs = [x for x in rows if x["method"] == m and x["p"] in key_ps]
         L.append(f"| {m} | " + " | ".join(_stats([x[k] for x in xs]) for k in
                                            ("hs", "comply", "fa", "over_refusal", "refusal_score")) + " |")
     comp = [m for m in ("sft", "weight", "activation", "cwac") if m in methods]
     if len(comp) > 1:
-        L += ["", "## Component ablation (HS %)", "", "| p | " + " | ".join(comp) + " |", "|" + "---|" * (1 + len(comp))]
+        L += ["", f"## Component ablation ({hs} %)", "", "| p | " + " | ".join(comp) + " |", "|" + "---|" * (1 + len(comp))]
         for p in ps:
             L.append(f"| {p:g} | " + " | ".join(_stats([x["hs"] for x in sel(method=m, p=p)]) for m in comp) + " |")
     if len(tasks) > 1:
-        L += ["", "## HS by task (%, all p > 0)", "", "| method | " + " | ".join(tasks) + " |", "|" + "---|" * (1 + len(tasks))]
+        L += ["", f"## {hs} by task (%, all p > 0)", "", "| method | " + " | ".join(tasks) + " |", "|" + "---|" * (1 + len(tasks))]
         for m in methods:
             L.append(f"| {m} | " + " | ".join(_stats([x["hs"] for x in sel(method=m, task=t) if x["p"] > 0])
                                                for t in tasks) + " |")
-    L += check_lines(rows, methods, key_ps, hs_goal) + drift_table(data) + artefact_lines(data)
+    L += check_lines(rows, methods, key_ps, hs_goal, hs) + drift_table(data) + artefact_lines(data)
     parts = f", summed over the {data['parts']} merged folders" if data.get("parts", 1) > 1 else ""
     L += ["", f"Wall time: {data['wall_s']:.0f} s{parts}.", ""]
     return "\n".join(L)
 
 
-def check_lines(rows: list[dict], methods: list[str], key_ps: list[float], hs_goal: float) -> list[str]:
+def data_hs_label(data: dict) -> str:
+    """HS named by the judge of an experiment's rows (settings' "judge" first; rows written before judges were
+    recorded were the refusal matcher's)."""
+    judge = data["settings"].get("judge") or next((x.get("judge") for x in data["rows"] if x.get("judge")), None)
+    return hs_label(judge)
+
+
+def check_lines(rows: list[dict], methods: list[str], key_ps: list[float], hs_goal: float,
+                hs: str = "HS") -> list[str]:
     """results.md's acceptance comparisons at each key p: CWAC against each component and baseline, against
     hs_goal x SFT, and its FA against SFT's - 2."""
     sel = lambda **kw: [x for x in rows if all(x[k] == v for k, v in kw.items())]  # noqa: E731
-    L = ["", "## Checks (averaged over tasks and seeds)", ""]
+    L = ["", f"## Checks (averaged over tasks and seeds; HS: {hs})", ""]
     for p in key_ps:
         hs = {m: mean_of([x["hs"] for x in sel(method=m, p=p)]) for m in methods}
         fa = {m: mean_of([x["fa"] for x in sel(method=m, p=p)]) for m in methods}
@@ -242,7 +254,8 @@ def drift_table(data: dict) -> list[str]:
             continue
         steps = max((c[0] for c in curves.values()), key=len)
         if not L:
-            L += ["", "## Drift: HS against fine-tuning step (%, every third held-out harmful prompt)"]
+            L += ["", f"## Drift: {data_hs_label(data)} against fine-tuning step (%, every third held-out harmful "
+                  "prompt)"]
         L += ["", f"p = {p:g}:", "", "| method | " + " | ".join(f"step {s}" for s in steps) + " |",
               "|" + "---|" * (1 + len(steps))]
         for m, (_, hs) in curves.items():
@@ -257,10 +270,11 @@ def plot_experiment(data: dict, out: Path) -> None:
     rows = [x for x in data["rows"] if x["stage"] == "finetuned"]
     methods = list(dict.fromkeys(x["method"] for x in rows))
     ps = sorted({x["p"] for x in rows})
+    hs = data_hs_label(data)
     fig, ax = figure(figsize=(6, 4))
     for m in methods:
         ax.plot(ps, [mean_of([x["hs"] for x in rows if x["method"] == m and x["p"] == p]) for p in ps], "o-", label=m)
-    ax.set(xlabel="harmful ratio p", ylabel="HS % (lower is better)", ylim=(-2, 102), title="HS against p")
+    ax.set(xlabel="harmful ratio p", ylabel=f"{hs} % (lower is better)", ylim=(-2, 102), title=f"{hs} against p")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "hs_vs_p.png", dpi=100)
@@ -270,7 +284,8 @@ def plot_experiment(data: dict, out: Path) -> None:
         pts = [(mean_of([x["hs"] for x in rows if x["method"] == m and x["p"] == p]),
                 mean_of([x["fa"] for x in rows if x["method"] == m and x["p"] == p])) for p in ps]
         ax.scatter([a for a, _ in pts], [b for _, b in pts], label=m)
-    ax.set(xlabel="HS % (lower is better)", ylabel="FA % (higher is better)", title="FA against HS (one point per p)")
+    ax.set(xlabel=f"{hs} % (lower is better)", ylabel="FA % (higher is better)",
+           title="FA against HS (one point per p)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "fa_vs_hs.png", dpi=100)
@@ -284,7 +299,8 @@ def plot_experiment(data: dict, out: Path) -> None:
             steps, hs = _drift(data, m, p)
             if steps:
                 ax.plot(steps, hs, label=m)
-        ax.set(xlabel="fine-tuning step", ylabel="HS % (every 3rd eval prompt)", ylim=(-2, 102), title=f"drift, p={p:g}")
+        ax.set(xlabel="fine-tuning step", ylabel=f"{hs} % (every 3rd eval prompt)", ylim=(-2, 102),
+               title=f"drift, p={p:g}")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out / "drift.png", dpi=100)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ..core.evals import hs_label
 from ..core.files import prepare_out, read_json, write_json_atomic
 from ..tools.report import mean_of, adaptation_notes
 from ..core.settings import methods_for
@@ -201,7 +202,7 @@ def grid_report(grid: dict, record: dict) -> str:
     def mean(name, k, p):
         return mean_of([r[k] for r in rows if r["candidate"] == name and r["p"] == p])
     L = [f"# Settings chosen by the committed rule ({record['grid_file']}, dev seeds {', '.join(map(str, seeds))})", "",
-         "HS (refusal matcher), FA and over-refusal in %, means over the dev seeds"
+         f"{hs_label()}, FA and over-refusal in %, means over the dev seeds"
          + (" and the tasks" if "tasks" in grid else "") + "; score: mean HS over p in "
          + ", ".join(f"{p:g}" for p in grid["p_hs"]) + " (docs/results.md, \"Choosing the defaults\").", "",
          "| candidate | " + " | ".join(f"HS p={p:g}" for p in grid["p_hs"]) + " | "
