@@ -54,3 +54,14 @@ def test_a_grid_with_a_reported_seed_is_refused(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps({**GRID, "dev_seeds": [0, 100], "candidates": [{"lam": 1.0}]}))
     with pytest.raises(ValueError, match="include a reported seed"):
         load_grid(tmp_path / "p.json")
+
+
+def test_select_runs_a_toy_grid_without_a_model_and_a_real_one_with_it(tmp_path):
+    from minicwac.__main__ import main
+    grids = ROOT / "docs" / "results"
+    with pytest.raises(SystemExit, match="a toy's grid: run it without --model"):
+        main(["select", "--grid", str(grids / "select-grid-toy.json"), "--model", str(tmp_path), "--out",
+              str(tmp_path / "sel")])
+    with pytest.raises(SystemExit, match="a real model's grid: give the model's folder with --model"):
+        main(["select", "--grid", str(grids / "select-grid-smollm2.json"), "--out", str(tmp_path / "sel")])
+    assert not (tmp_path / "sel").exists()  # refused before anything was written
