@@ -82,3 +82,15 @@ def main_error(argv) -> str:
     msg = e.value.code
     assert isinstance(msg, str) and msg.startswith("minicwac: error:") and "\n" not in msg, msg
     return msg
+
+
+def hs_tables_unnamed(md: str, label: str) -> list[str]:
+    """The tables of a results.md that show HS but whose header row and heading do not name its judge (`label`)."""
+    lines, bad, heading = md.splitlines(), [], ""
+    for i, line in enumerate(lines):
+        if line.startswith("#"):
+            heading = line
+        elif line.startswith("|") and not lines[i - 1].startswith("|"):  # a table's header row
+            if "HS" in line + heading and label not in line + heading:
+                bad.append(heading + " / " + line)
+    return bad

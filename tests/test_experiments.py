@@ -181,19 +181,8 @@ def test_experiment_writes_every_artefact(experiment):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def hs_tables_unnamed(md: str, label: str) -> list[str]:
-    """The tables of a results.md that show HS but whose header row and heading do not name its judge (`label`)."""
-    lines, bad, heading = md.splitlines(), [], ""
-    for i, line in enumerate(lines):
-        if line.startswith("#"):
-            heading = line
-        elif line.startswith("|") and not lines[i - 1].startswith("|"):  # a table's header row
-            if "HS" in line + heading and label not in line + heading:
-                bad.append(heading + " / " + line)
-    return bad
-
-
 def test_every_table_names_the_judge_of_its_hs(experiment):
+    from conftest import hs_tables_unnamed
     """results.md says which judge made HS wherever HS appears: the refusal matcher by default, a user's judge by
     its name (the same rows, re-labelled)."""
     from minicwac.tools.report import experiment_report

@@ -43,3 +43,11 @@ def test_the_front_page_shows_the_way_in_first():
     for line in ("make demo", "make test", "python -m minicwac calibrate", "python -m minicwac finetune"):
         assert line in first, f"{line!r} should be on the README's first screen, above the picture"
     assert text.index("## On your own model") < text.index("## Headline result")
+
+
+@pytest.mark.parametrize("name", ["README.md", "docs/results.md", "docs/method.md", "docs/performance.md"])
+def test_every_table_of_the_docs_names_the_judge_of_its_hs(name):
+    """A table that shows HS names the judge that made it (in its header row or its heading): every figure in the
+    docs is the refusal matcher's."""
+    from conftest import hs_tables_unnamed
+    assert hs_tables_unnamed((ROOT / name).read_text(), "refusal matcher") == []

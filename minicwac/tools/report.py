@@ -162,7 +162,7 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
                                            ("hs", "comply", "fa", "over_refusal", "refusal_score")) + " |")
     comp = [m for m in ("sft", "weight", "activation", "cwac") if m in methods]
     if len(comp) > 1:
-        L += ["", f"## Component ablation ({hs} %)", "", "| p | " + " | ".join(comp) + " |", "|" + "---|" * (1 + len(comp))]
+        L += ["", f"## Component ablation: {hs}, %", "", "| p | " + " | ".join(comp) + " |", "|" + "---|" * (1 + len(comp))]
         for p in ps:
             L.append(f"| {p:g} | " + " | ".join(_stats([x["hs"] for x in sel(method=m, p=p)]) for m in comp) + " |")
     if len(tasks) > 1:
