@@ -382,7 +382,7 @@ def real_prepare(grid: dict, seed: int, work: Path, cache_dir=None, model: str |
     if (folder / "data.json").is_file():
         return
     pr = preset if isinstance(preset, RealPreset) else preset_with(preset, {})
-    base, tok = load_checkpoint(model, device)
+    base, tok = load_checkpoint(model, device, torch.float32)  # as `real` runs in fp32
     rd = real_data(base, tok, selection_set() if prompts is None else prompts, pr, seed)
     aligned = clone(base)
     train(aligned, encode_chats(tok, rd.align, pr.max_len), steps=pr.align_steps, batch_size=pr.align_batch,
@@ -414,7 +414,7 @@ def real_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None,
     folder = Path(work) / f"s{seed}"
     d = read_json(folder / "data.json", "a dev seed's data (data.json)")
     pr = preset if isinstance(preset, RealPreset) else preset_with(preset, {})
-    aligned, tok = load_checkpoint(folder / "aligned", device)
+    aligned, tok = load_checkpoint(folder / "aligned", device, torch.float32)
     world = build_world(seed)
     tasks = {t: Task(t, world.tasks[t].train, world.tasks[t].test[:pr.n_fa]) for t in TASKS}
     rd = RealData(d["splits"], [Example(p, a, k, keywords=None) for p, a, k in d["align"]],
