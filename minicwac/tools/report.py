@@ -162,11 +162,13 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
                                            ("hs", "comply", "fa", "over_refusal", "refusal_score")) + " |")
     comp = [m for m in ("sft", "weight", "activation", "cwac") if m in methods]
     if len(comp) > 1:
-        L += ["", f"## Component ablation: {hs}, %", "", "| p | " + " | ".join(comp) + " |", "|" + "---|" * (1 + len(comp))]
+        L += ["", f"## Component ablation: {hs}, %", "", "| p | " + " | ".join(comp) + " |",
+              "|" + "---|" * (1 + len(comp))]
         for p in ps:
             L.append(f"| {p:g} | " + " | ".join(_stats([x["hs"] for x in sel(method=m, p=p)]) for m in comp) + " |")
     if len(tasks) > 1:
-        L += ["", f"## {hs} by task (%, all p > 0)", "", "| method | " + " | ".join(tasks) + " |", "|" + "---|" * (1 + len(tasks))]
+        L += ["", f"## {hs} by task (%, all p > 0)", "", "| method | " + " | ".join(tasks) + " |",
+              "|" + "---|" * (1 + len(tasks))]
         for m in methods:
             L.append(f"| {m} | " + " | ".join(_stats([x["hs"] for x in sel(method=m, task=t) if x["p"] > 0])
                                                for t in tasks) + " |")

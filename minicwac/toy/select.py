@@ -118,7 +118,8 @@ def toy_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None, 
     return [{"p": p, **{k: mean_of([x[k] for x in fin if x["p"] == p]) for k in RULE_KEYS}} for p in grid["p_fa"]]
 
 
-def toy_prepare(grid: dict, seed: int, work: Path, cache_dir=None, recipe: Recipe | None = None, safety: SafetyRecipe | None = None) -> None:
+def toy_prepare(grid: dict, seed: int, work: Path, cache_dir=None, recipe: Recipe | None = None,
+                safety: SafetyRecipe | None = None) -> None:
     """A dev seed's toy models and SAE, made once before its candidates run side by side (they share the cache)."""
     r = recipe or Recipe()
     toy = toy_models(seed, r, cache_dir, progress=False)
@@ -138,8 +139,8 @@ def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int =
              prepare=toy_prepare, unit=toy_unit, **opts) -> dict:
     """The committed rule (`apply_rule`) on a committed grid (`load_grid`): SFT and every candidate on every dev
     seed at every p of p_fa, `jobs` one-thread processes side by side (the seeds' models and SAEs made first).
-    prepare(grid, seed, work, cache_dir, **opts) and unit(grid, candidate, seed, work, cache_dir, **opts) -> rows: the toy
-    world's by default (opts: recipe, safety).
+    prepare(grid, seed, work, cache_dir, **opts) and unit(grid, candidate, seed, work, cache_dir, **opts) -> rows:
+    the toy world's by default (opts: recipe, safety); a real model's are `tools.real.real_prepare` and `real_unit`.
 
     Writes out/selection.json after every finished unit (a unit: one candidate on one seed; a rerun skips the
     units it holds, so an interrupted selection resumes) and, once every unit is in, the rule's verdict in it
@@ -201,7 +202,8 @@ def grid_report(grid: dict, record: dict) -> str:
 
     def mean(name, k, p):
         return mean_of([r[k] for r in rows if r["candidate"] == name and r["p"] == p])
-    L = [f"# Settings chosen by the committed rule ({record['grid_file']}, dev seeds {', '.join(map(str, seeds))})", "",
+    L = [f"# Settings chosen by the committed rule ({record['grid_file']}, dev seeds {', '.join(map(str, seeds))})",
+         "",
          f"{hs_label()}, FA and over-refusal in %, means over the dev seeds"
          + (" and the tasks" if "tasks" in grid else "") + "; score: mean HS over p in "
          + ", ".join(f"{p:g}" for p in grid["p_hs"]) + " (docs/results.md, \"Choosing the defaults\").", "",
@@ -209,7 +211,7 @@ def grid_report(grid: dict, record: dict) -> str:
          + " | ".join(f"FA p={p:g}" for p in grid["p_fa"]) + " | over-refusal | score | admissible |",
          "|---" * (len(grid["p_hs"]) + len(grid["p_fa"]) + 4) + "|"]
     sft = "sft"
-    L.append(f"| SFT | " + " | ".join(f"{mean(sft, 'hs', p):.1f}" for p in grid["p_hs"]) + " | "
+    L.append("| SFT | " + " | ".join(f"{mean(sft, 'hs', p):.1f}" for p in grid["p_hs"]) + " | "
              + " | ".join(f"{mean(sft, 'fa', p):.1f}" for p in grid["p_fa"])
              + f" | {mean_of([r['over_refusal'] for r in rows if r['candidate'] == sft]):.1f} | | |")
     for x in record["rule"]:
