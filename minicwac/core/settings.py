@@ -167,6 +167,12 @@ def methods_for(run: str) -> tuple[str, ...]:
     return tuple(name for name, m in METHODS.items() if run in m.runs)
 
 
+def cwac_method(targets: str | None) -> str:
+    """The method that runs CWAC with the weight constraint on `targets` ("down_proj", "all" or "auto"); None:
+    plain SFT (a selection grid's reference)."""
+    return "sft" if targets is None else {"down_proj": "cwac", "all": "cwac-all", "auto": "cwac-auto"}[targets]
+
+
 RUNS = {"toy": "the toy world", "real": "real checkpoints", "kit": "your model (finetune)"}
 
 

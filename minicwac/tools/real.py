@@ -35,8 +35,8 @@ from ..core.drift import probe_targets
 from ..core.evals import evaluate_prompts, generate_answers, harmful_score, is_refusal, judge_name, prompt_ids
 from ..core.features import check_sae_layer
 from ..core.files import default_cache_dir, prepare_out, read_json, write_json_atomic
-from ..core.settings import (SEED_ALIGN, SEED_FINETUNE, SEED_PROBE, TARGETS, BaselineSettings, KitSettings, method,
-                             methods_for)
+from ..core.settings import (SEED_ALIGN, SEED_FINETUNE, SEED_PROBE, TARGETS, BaselineSettings, KitSettings,
+                             cwac_method, method, methods_for)
 from ..io.fetch import fetch_prompts
 from ..io.hf import load_checkpoint, save_pretrained
 from ..io.prompts import load_prompts
@@ -410,7 +410,6 @@ def real_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None,
               preset: str | RealPreset = "cpu", device: str = "cpu", prompts: list[str] | None = None) -> list[dict]:
     """One candidate (None: SFT) on one dev seed: a fine-tune at every p of p_fa on the preset's task, from the
     seed's aligned model; one row per p with HS (the selection prompts' held-out split), FA and over-refusal."""
-    from ..toy.select import candidate_method
     folder = Path(work) / f"s{seed}"
     d = read_json(folder / "data.json", "a dev seed's data (data.json)")
     pr = preset if isinstance(preset, RealPreset) else preset_with(preset, {})
@@ -426,7 +425,7 @@ def real_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None,
     rows = []
     for p in grid["p_fa"]:
         for task in pr.tasks:
-            model, _, _ = finetune_real(candidate_method(c), aligned, tok, rd, kit, task, p, seed, pr, False)
+            model, _, _ = finetune_real(cwac_method(c and c["targets"]), aligned, tok, rd, kit, task, p, seed, pr, False)
             ev = evaluate_real(model, tok, rd, task, pr)
             rows.append({"p": p, "task": task, **{k: ev[k] for k in ("hs", "fa", "over_refusal", "comply")}})
     return [{"p": p, **{k: sum(r[k] for r in rows if r["p"] == p) / len(pr.tasks)

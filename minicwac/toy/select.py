@@ -7,7 +7,7 @@ from pathlib import Path
 from ..core.evals import hs_label
 from ..core.files import prepare_out, read_json, write_json_atomic
 from ..tools.report import mean_of, adaptation_notes
-from ..core.settings import methods_for
+from ..core.settings import cwac_method, methods_for
 from .experiments import SafetyRecipe, run_experiment, toy_safety, with_settings
 from .pipeline import Recipe, toy_models
 from .world import DEV_SEEDS_FROM, TASKS, check_p, check_task
@@ -99,11 +99,6 @@ def candidate_name(c: dict | None) -> str:
     return "-".join([c["targets"], f"lam{c['lam']:g}", *layer, f"m{c['m']}"])
 
 
-def candidate_method(c: dict | None) -> str:
-    """The method a candidate runs: sft, cwac (down_proj) or cwac-all (every linear)."""
-    return "sft" if c is None else {"down_proj": "cwac", "all": "cwac-all"}[c["targets"]]
-
-
 def toy_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None, recipe: Recipe | None = None,
              safety: SafetyRecipe | None = None) -> list[dict]:
     """One candidate (None: SFT) on one dev seed: every task at every p of p_fa, as `experiment` runs them (no
@@ -112,7 +107,7 @@ def toy_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None, 
     settings = {} if c is None else {"lam": float(c["lam"]), "m": c["m"]}
     safety = with_settings(replace(safety or SafetyRecipe(), eval_every=0), **settings)
     data = run_experiment(work / candidate_name(c) / f"s{seed}", "quick", [seed], grid["tasks"], grid["p_fa"],
-                          [candidate_method(c)], recipe, safety, cache_dir=cache_dir, save_models=False,
+                          [cwac_method(c and c["targets"])], recipe, safety, cache_dir=cache_dir, save_models=False,
                           progress=False)
     fin = [x for x in data["rows"] if x["stage"] == "finetuned"]
     return [{"p": p, **{k: mean_of([x[k] for x in fin if x["p"] == p]) for k in RULE_KEYS}} for p in grid["p_fa"]]
