@@ -106,21 +106,45 @@ def test_trainer_matches_finetune_cwac(tok, kit, seqs, tmp_path, monkeypatch):
     assert all(e["ws_error"] <= 1e-5 for e in logged)
 
 
-def test_accumulation_2x4_equals_1x8(tok, kit, seqs, tmp_path):
+@pytest.mark.parametrize("loss_kwargs", [True, False])
+def test_accumulation_2x4_equals_1x8(loss_kwargs, tok, kit, seqs, tmp_path):
     """With the safety term on: 2 micro-batches of 4 give the weights of one batch of 8 (<= 1e-5), and the same
-    L_safety per step."""
+    L_safety per step; both when the loss is normalised over the whole step (num_items_in_batch, every causal LM)
+    and when the Trainer divides each micro-batch's loss by the accumulation steps (a model without loss kwargs:
+    on sequences of one length, where the mean of the micro-batches' means is the mean; lr 1e-3 there: AdamW
+    turns the float32 rounding of that other sum order on random tokens into 2e-5 at lr 1e-2, with or without
+    the safety term, and a safety term counted twice or half into 2e-2)."""
     from minicwac.integrations import add_cwac
+    if not loss_kwargs:
+        g = torch.Generator().manual_seed(0)
+        seqs = [(torch.randint(3, tok.vocab_size, (12,), generator=g).tolist(), [1] * 12) for _ in range(16)]
     rows, out = in_order(seqs, 4, 8), []
     for micro, acc in ((8, 1), (4, 2)):
         model = llama(tok)
         trainer = trainer_on(model, tok, rows, tmp_path / str(acc), per_device_train_batch_size=micro,
-                             gradient_accumulation_steps=acc)
+                             gradient_accumulation_steps=acc, learning_rate=1e-2 if loss_kwargs else 1e-3)
+        trainer.model_accepts_loss_kwargs = loss_kwargs  # False: the Trainer divides by the accumulation steps
         run = add_cwac(trainer, kit, lam=2.0, safety_batch=8)
         trainer.train()
         out.append((model, run.history["l_safety"]))
     (one, s1), (two, s2) = out
     assert max_diff(one, two) <= 1e-5, max_diff(one, two)
-    assert s1 == pytest.approx(s2, rel=1e-5) and len(s1) == 4
+    assert s1 == pytest.approx(s2, rel=1e-5) and len(s1) == 4 and max(s1) > 1e-4
+
+
+def test_activation_checkpointing(tok, kit, seqs, tmp_path):
+    """Activation checkpointing re-runs each block in backward, reentrant or not: L_safety's hooks are removed
+    before backward, so they read each block once and the run is the one without checkpointing (<= 1e-5)."""
+    from minicwac.integrations import add_cwac
+    models = []
+    for kw in ({}, {"activation_checkpointing": True},
+               {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}}):
+        models.append(llama(tok))
+        trainer = trainer_on(models[-1], tok, in_order(seqs, 2, 8), tmp_path, max_steps=2, **kw)
+        run = add_cwac(trainer, kit, lam=2.0)
+        trainer.train()
+        assert max(run.history["l_safety"]) > 1e-4
+    assert max(max_diff(models[0], m) for m in models[1:]) <= 1e-5
 
 
 def bf16_ok() -> bool:
