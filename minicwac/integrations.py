@@ -43,7 +43,8 @@ def refusal(args, trainer=None, optimizer=None) -> str | None:
         if version == 1:
             return ("FSDP1 is not supported: it flattens the parameters, so a weight cannot be projected by its name; "
                     f"{TORCHRUN} (FSDP2, the constraint kept on each rank's rows)")
-        return f"accelerate's FSDP2 is not supported by add_cwac; {TORCHRUN} (FSDP2, the constraint on each rank's rows)"
+        return (f"accelerate's FSDP2 is not supported by add_cwac; {TORCHRUN} (FSDP2, the constraint on each rank's "
+                "rows)")
     optim = str(getattr(args, "optim", "") or "").lower().removeprefix("optimizernames.")
     while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer wraps the trainer's
         optimizer = optimizer.optimizer

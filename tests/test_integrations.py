@@ -344,7 +344,7 @@ def test_a_users_trainer_script(user_files, tmp_path):
     for constrained in (True, False):
         env = {"ALIGNED": str(d / "aligned"), "KIT": str(d / "kit"), "OUT": str(tmp_path / "out"),
                "CONVERSATIONS": conversations(), "CONSTRAINED": constrained}
-        exec(compile(USER_SCRIPT, "user_script.py", "exec"), env)
+        exec(compile(USER_SCRIPT, "<a user script>", "exec"), env)
         errs.append(Kit.load(d / "kit", env["model"]).subspace.ws_error(env["model"]) if constrained
                     else kit_error(d / "kit", env["model"]))
     assert errs[0] <= 1e-5 and errs[1] > 1e-3, errs
@@ -367,7 +367,10 @@ def test_the_docs_snippet_runs(user_files, tmp_path, monkeypatch):
     env = {}
     code = code.replace("path/to/aligned-model", str(user_files / "aligned")).replace("path/to/kit",
                                                                                          str(user_files / "kit"))
-    exec(compile(code.replace('use_cpu=False', 'use_cpu=True'), "docs/trainers.md", "exec"), env)
+    if not bf16_ok():
+        pytest.skip("the snippet trains in bf16 autocast, which this CPU's torch lacks")
+    # the snippet is written for a GPU machine; here bf16 autocast runs on the CPU
+    exec(compile(code.replace("bf16=True", "bf16=True, use_cpu=True"), "docs/trainers.md", "exec"), env)
     assert kit_error(user_files / "kit", env["model"]) <= 1e-5 and env["trainer"].state.global_step > 0
 
 
