@@ -9,6 +9,8 @@ The package by layer (each imports only the ones above it):
     toy/      the toy safety world: pretrain -> align -> fine-tune, the method experiment, settings selection
     tools/    around the method: real checkpoints, benchmarks, the memory plan, reports, the drift-map command
     cli.py, __main__.py   the command line (`python -m minicwac COMMAND`)
+    integrations.py       CWAC inside transformers' Trainer and TRL's SFTTrainer (`add_cwac`); the one module
+                          that imports transformers, so it is never loaded from here
 
 The names below are loaded on first use, so `import minicwac.core` loads the core only.
 """

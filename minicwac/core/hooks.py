@@ -80,6 +80,12 @@ def block_list(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
             continue
         if isinstance(blocks, torch.nn.ModuleList):  # a module of that name that is not the block list does not count
             return name, blocks
+    # a wrapped model (PEFT's base_model.model., DDP's module., torch.compile's _orig_mod.): the same layout one or
+    # more levels down; the shortest such name is the model's own block list
+    wrapped = sorted((n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)
+                      and any(n.endswith("." + b) for b in BLOCK_LISTS)), key=len)
+    if wrapped:
+        return wrapped[0], model.get_submodule(wrapped[0])
     raise ValueError(f"{type(model).__name__} has no decoder block list; expected one of {', '.join(BLOCK_LISTS)}")
 
 

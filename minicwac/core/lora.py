@@ -235,8 +235,9 @@ def constrain_peft_(peft_model: nn.Module, subspace) -> int:
     modules = dict(peft_model.named_modules())
     n = 0
     for name, S in subspace.S.items():
-        # PEFT prefixes the names (base_model.model....): a subspace layer is found by its name's ending
-        hits = [m for k, m in modules.items() if k.endswith("." + name) and hasattr(m, "lora_A")]
+        # PEFT prefixes the names (base_model.model....): a subspace layer is found by its name's ending (or by its
+        # own name, in the model a PeftModel wraps)
+        hits = [m for k, m in modules.items() if (k == name or k.endswith("." + name)) and hasattr(m, "lora_A")]
         if not hits:
             raise ValueError(f"no LoRA module for the subspace layer {name!r} in the PEFT model")
         for m in hits:

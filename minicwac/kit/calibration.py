@@ -36,15 +36,25 @@ KIT_VERSION = 2  # the folder layout's version, recorded in kit.json (2: kit.jso
 
 def fingerprint(model) -> dict:
     """What identifies the model a kit belongs to: its parameter names and shapes (hashed), and their count; LoRA
-    adapters (`core.lora`) are not part of it. The weights themselves are checked by W S = W0 S when the kit is
-    loaded."""
+    adapters (`core.lora`'s and PEFT's, whose base weights PEFT renames `base_layer`) are not part of it. The weights
+    themselves are checked by W S = W0 S when the kit is loaded."""
     # without the adapters: a kit made on the base weights still fits once LoRA is added
-    params = [(n, p) for n, p in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))]
+    params = [(n.replace(".base_layer.", "."), p) for n, p in model.named_parameters() if ".lora_" not in n]
     shapes = [(n, list(p.shape)) for n, p in params]  # [(name, [dims])], in module order
     # names and shapes only: any change of architecture shows here, a change of weights does not (W S = W0 S
-    # catches that, in `load`)
+    # catches that, in `load`). names_sha256 ignores the order: minicwac's GPT and transformers' class of the same
+    # checkpoint register their modules in different orders
     return {"params": sum(p.numel() for _, p in params), "n_tensors": len(shapes),
-            "shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]}
+            "shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16],
+            "names_sha256": hashlib.sha256(json.dumps(sorted(shapes)).encode()).hexdigest()[:16]}
+
+
+def same_model(fp_kit: dict, fp: dict) -> bool:
+    """Whether a kit's recorded fingerprint is that of the model with fingerprint `fp`: the same counts and the same
+    names and shapes, in module order or (a kit that records it) in any order."""
+    if fp_kit.get("params") != fp["params"] or fp_kit.get("n_tensors") != fp["n_tensors"]:
+        return False
+    return fp_kit.get("shapes_sha256") == fp["shapes_sha256"] or fp_kit.get("names_sha256") == fp["names_sha256"]
 
 
 @dataclass
@@ -119,7 +129,7 @@ class Kit:
             raise ValueError(f"{path / 'features.safetensors'} is not readable ({type(e).__name__}: {e})") from None
         device = model_device(model) if device is None else device  # beside the model unless told otherwise
         fp = fingerprint(model)
-        if fp_kit != fp:  # the cheap check first: names and shapes, before any weight is read
+        if not same_model(fp_kit, fp):  # the cheap check first: names and shapes, before any weight is read
             raise ValueError(f"kit {path} was made for another model ({fp_kit.get('params')} parameters in "
                              f"{fp_kit.get('n_tensors')} tensors, shapes {fp_kit.get('shapes_sha256')}); this one has "
                              f"{fp['params']} in {fp['n_tensors']}, shapes {fp['shapes_sha256']}")
