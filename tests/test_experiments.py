@@ -449,6 +449,7 @@ def test_run_grid_runs_every_unit_once_and_applies_the_rule(tmp_path):
     (tmp_path / "sel" / "selection.json").write_text(json.dumps(saved))
     again = run_grid(tmp_path / "p.json", tmp_path / "sel", jobs=1, **kw)
     assert sorted(map(json.dumps, again["rows"])) == sorted(map(json.dumps, res["rows"]))
+    assert 0 < res["wall_s"] <= again["wall_s"]  # the wall time adds up over the sessions
     for n in names:  # no unit was fine-tuned twice
         for s in (100, 101):
             data = json.loads((tmp_path / "sel" / "runs" / n / f"s{s}" / "results.json").read_text())

@@ -355,12 +355,14 @@ def kit_error(path, model) -> float:
     return Subspace.load(Path(path) / "subspace").ws_error(model)
 
 
-def test_the_docs_snippet_runs(user_files, tmp_path, monkeypatch):
-    """docs/trainers.md's snippet, as written, on the tiny checkpoint and kit (their paths put in): it trains with
-    SFTTrainer and add_cwac, and the constraint holds on the trained weights."""
+@pytest.mark.parametrize("name, heading", [("docs/trainers.md", "## In a few lines"),
+                                           ("README.md", "## In your trainer")])
+def test_the_docs_snippet_runs(name, heading, user_files, tmp_path, monkeypatch):
+    """The snippets of docs/trainers.md and the README, as written, on the tiny checkpoint and kit (their paths put
+    in): each trains with SFTTrainer and add_cwac, and the constraint holds on the trained weights."""
     pytest.importorskip("trl", reason="test-only dependency")
-    text = (ROOT / "docs" / "trainers.md").read_text()
-    code = re.search(r"```python\n(.*?)```", text[text.index("## In a few lines"):], re.S).group(1)
+    text = (ROOT / name).read_text()
+    code = re.search(r"```python\n(.*?)```", text[text.index(heading):], re.S).group(1)
     assert "path/to/aligned-model" in code and "path/to/kit" in code and len(code.splitlines()) <= 20
     monkeypatch.chdir(user_files)  # task.jsonl is there, as the snippet expects; out/ is written there
     env = {}
@@ -369,7 +371,7 @@ def test_the_docs_snippet_runs(user_files, tmp_path, monkeypatch):
     if not bf16_ok():
         pytest.skip("the snippet trains in bf16 autocast, which this CPU's torch lacks")
     # the snippet is written for a GPU machine; here bf16 autocast runs on the CPU
-    exec(compile(code.replace("bf16=True", "bf16=True, use_cpu=True"), "docs/trainers.md", "exec"), env)
+    exec(compile(code.replace("bf16=True", "bf16=True, use_cpu=True"), name, "exec"), env)
     assert kit_error(user_files / "kit", env["model"]) <= 1e-5 and env["trainer"].state.global_step > 0
 
 

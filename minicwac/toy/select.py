@@ -1,6 +1,7 @@
 """Choosing the constraint settings on a dev seed (a world of its own), never on the seeds that are reported."""
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -149,7 +150,8 @@ def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int =
         old = read_json(path, "a selection record (selection.json)")
         if old.get("grid") != grid:
             raise ValueError(f"{path} holds the selection of another grid than {grid_path}; choose another --out")
-        record["rows"] = old["rows"]
+        record["rows"], record["wall_s"] = old["rows"], old.get("wall_s", 0.0)
+    t0 = time.time() - record.get("wall_s", 0.0)  # the wall time counts the earlier sessions too
     done = {(r["candidate"], r["seed"]) for r in record["rows"]}
     cands = [None] + list(grid["candidates"])
     todo = [(i, c, s) for s in grid["dev_seeds"] for i, c in enumerate(cands)
@@ -158,6 +160,7 @@ def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int =
 
     def add(c, s, rows):
         record["rows"] += [{"candidate": candidate_name(c), "seed": s, **r} for r in rows]
+        record["wall_s"] = round(time.time() - t0, 1)
         write_json_atomic(path, record)
 
     if jobs <= 1:
