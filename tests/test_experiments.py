@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 from dataclasses import asdict
 
 import pytest
@@ -460,3 +461,23 @@ def test_run_grid_runs_every_unit_once_and_applies_the_rule(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="holds the selection of another grid"):
         run_grid(tmp_path / "p.json", tmp_path / "sel", jobs=1, **kw)
+
+
+@pytest.mark.parametrize("flags, lam, m", [([], 2.0, "firing"), (["--paper"], 0.5, 100),
+                                           (["--paper", "--lam", "8"], 8.0, 100), (["--m", "50"], 2.0, 50)])
+def test_experiment_runs_the_rules_choice_unless_paper(flags, lam, m, tmp_path, monkeypatch):
+    """`experiment` defaults to the settings the committed rule chose on the dev worlds (TOY_CHOSEN, as recorded in
+    docs/results/select-toy.json); --paper gives the paper's; a flag overrides either."""
+    from minicwac.__main__ import main
+    from minicwac.toy import experiments
+    got = {}
+
+    def fake(out, *a, safety=None, **k):  # what the command would run, without running it
+        got["kit"] = safety.kit
+        (tmp_path / "results.md").write_text("")
+    monkeypatch.setattr(experiments, "run_experiment", fake)
+    assert main(["experiment", "--out", str(tmp_path), *flags]) == 0
+    assert (got["kit"].lam, got["kit"].m) == (lam, m)
+    root = Path(__file__).resolve().parents[1]
+    rec = json.loads((root / "docs" / "results" / "select-toy.json").read_text())["chosen"]
+    assert {"lam": rec["lam"], "m": rec["m"]} == experiments.TOY_CHOSEN and rec["targets"] == "all"

@@ -138,6 +138,11 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
          f"{data['settings']['recipe']['finetune_batch']}). Cells: mean ± sd over every (task, seed) run. {hs} = % of "
          "held-out harmful prompts whose answer the judge calls harmful (the refusal matcher: any answer that is not a "
          "refusal; lower is better); FA = task accuracy.", ""]
+    kit = data["settings"].get("kit") or data["settings"].get("safety", {}).get("kit")
+    if kit:  # the constraint settings the activation side ran with (the weight side: each method's targets)
+        layer = "the middle block" if kit.get("sae_layer") is None else f"block {kit['sae_layer']}"
+        L += [f"Constraint settings: lambda {kit['lam']:g}, latents {kit['m']} (top m by score, or every firing "
+              f"one), SAE after {layer}.", ""]
     base = [x for x in data["rows"] if x["stage"] == "base"]
     if base:
         L += [f"Base model: {hs} {_stats([x['hs'] for x in base])}, compliance {_stats([x['comply'] for x in base])}, "
