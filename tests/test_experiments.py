@@ -95,8 +95,9 @@ def test_cli_eval_on_demo_model(demo, capsys):
     out, _, _ = demo
     assert main(["eval", "--model", str(out / "models" / "aligned")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()[:5]
-    assert [ln.split()[0] for ln in lines] == ["hs", "comply", "fa", "over_refusal", "refusal_score"]
-    assert all(math.isfinite(float(ln.split()[1])) for ln in lines)
+    assert [ln.rsplit(None, 1)[0] for ln in lines] == ["HS (refusal matcher)", "comply", "fa", "over_refusal",
+                                                      "refusal_score"]  # HS names its judge
+    assert all(math.isfinite(float(ln.split()[-1])) for ln in lines)
 
 
 def test_run_demo_checks_arguments_first(tmp_path):
@@ -275,7 +276,7 @@ def test_merge_joins_parts_with_the_same_settings(experiment, tmp_path):
 
 # ---------------------------------------------------------------- choosing the settings on the dev seed
 
-from minicwac.toy.select import DEV_SEED, choose, run_select  # noqa: E402
+from minicwac.toy.select import choose  # noqa: E402
 
 
 def test_choose_applies_the_rule_by_hand():
@@ -287,47 +288,6 @@ def test_choose_applies_the_rule_by_hand():
     assert choose(cands, fa_min=97.0, or_max=4.0)["settings"] == {"lam": 8.0}
     assert [x["ok"] for x in cands] == [True, False, False, True, True]
     assert choose(cands, fa_min=100.0, or_max=4.0) is None
-
-
-def test_select_runs_every_candidate_on_the_dev_seed(tmp_path):
-    grid = {"cwac": [{"lam": 0.0}, {"lam": 4.0, "m": 5}], "asft": [{"asft_lam": 0.5}]}
-    kw = dict(tasks=["sentiment"], p=0.5, recipe=TINY, safety=TINY_SAFETY, grid=grid, cache_dir=tmp_path / "cache",
-              progress=False)
-    res = run_select(tmp_path / "sel", **kw)
-    assert res["seed"] == DEV_SEED and res["steps"] == TINY.finetune_steps
-    assert [f.name.split("-")[:3] for f in (tmp_path / "cache").iterdir()] == [["toy", "dev", "s100"]]  # dev lexicon
-    for method, cands in grid.items():
-        rows = res["candidates"][method]
-        assert [x["settings"] for x in rows] == cands
-        for x in rows:  # each candidate is its own experiment on the dev seed, without drift curves
-            data = json.loads((tmp_path / "sel" / "runs" / (method + "".join(f"-{k}{v}" for k, v in
-                                                                                x["settings"].items())) /
-                               "results.json").read_text())
-            fin = [y for y in data["rows"] if y["stage"] == "finetuned"]
-            assert [(y["method"], y["seed"], y["p"]) for y in fin] == [(method, DEV_SEED, 0.5)]
-            assert x["hs"] == fin[0]["hs"] and x["fa"] == fin[0]["fa"] and data["settings"]["safety"]["eval_every"] == 0
-            assert x["ok"] == (x["fa"] >= res["sft"]["fa"] - 2 and
-                               x["over_refusal"] <= res["sft"]["aligned_over_refusal"] + 5)
-        ok = [x for x in rows if x["ok"]]
-        assert res["chosen"].get(method) == (min(ok, key=lambda x: x["hs"])["settings"] if ok else None)
-    for k, v in {**res["chosen"].get("cwac", {}), **res["chosen"].get("asft", {})}.items():
-        assert f"--{k.replace('_', '-')} {v:g}" in res["flags"]
-    saved = json.loads((tmp_path / "sel" / "selection.json").read_text())
-    assert saved["chosen"] == res["chosen"] and "python -m minicwac experiment --preset full" in \
-        (tmp_path / "sel" / "selection.md").read_text()
-    assert run_select(tmp_path / "sel", **kw)["candidates"] == res["candidates"]  # a rerun resumes:
-    for f in (tmp_path / "sel" / "runs").glob("*/results.json"):  # no candidate was fine-tuned twice
-        assert [y["stage"] for y in json.loads(f.read_text())["rows"]] == ["aligned", "finetuned"]
-    none = run_select(tmp_path / "sel", fa_margin=-1000.0, **kw)  # no candidate can meet the rule
-    assert none["chosen"] == {} and none["flags"] == ""
-    assert "No cwac candidate meets the rule" in (tmp_path / "sel" / "selection.md").read_text()
-
-
-def test_select_refuses_a_reported_seed_and_unknown_methods(tmp_path):
-    with pytest.raises(ValueError, match="seed 1 builds a world of the reported lexicon; choose a dev seed >= 100"):
-        run_select(tmp_path, seed=1, recipe=TINY)
-    with pytest.raises(ValueError, match="unknown method 'magic' in the grid"):
-        run_select(tmp_path, grid={"magic": [{}]}, recipe=TINY)
 
 
 def test_the_kit_targets_setting_chooses_the_calibrated_targets(experiment, tmp_path):

@@ -203,8 +203,8 @@ def overlap(dev, rep):
 
 @pytest.fixture(scope="module")
 def dev_world():
-    from minicwac.toy.select import DEV_SEED
-    return build_world(DEV_SEED)
+    from minicwac.toy.world import DEV_SEEDS_FROM
+    return build_world(DEV_SEEDS_FROM)
 
 
 @pytest.mark.parametrize("seed", PRESETS["full"]["seeds"])
