@@ -195,7 +195,7 @@ def check_lines(rows: list[dict], methods: list[str], key_ps: list[float], hs_go
     """results.md's acceptance comparisons at each key p: CWAC against each component and baseline, against
     hs_goal x SFT, and its FA against SFT's - 2."""
     sel = lambda **kw: [x for x in rows if all(x[k] == v for k, v in kw.items())]  # noqa: E731
-    L = ["", f"## Checks (averaged over tasks and seeds; HS: {hs})", ""]
+    L = ["", f"## Checks (averaged over tasks and seeds; {hs})", ""]
     for p in key_ps:
         hs = {m: mean_of([x["hs"] for x in sel(method=m, p=p)]) for m in methods}
         fa = {m: mean_of([x["fa"] for x in sel(method=m, p=p)]) for m in methods}
