@@ -292,7 +292,11 @@ def test_the_docs_tables_are_the_codes_output_and_checkpointing_changes_no_verdi
     for table in P.doc_tables():
         assert table in doc, "regenerate the tables in docs/performance.md with minicwac.tools.plan.doc_tables()"
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert P.doc_tables()[0] in readme, "regenerate the README's plan table with minicwac.tools.plan.doc_tables()[0]"
+    # the README shows some of the first table's rows, each as the code writes it
+    full = P.doc_tables()[0].splitlines()
+    shown = readme[readme.index(full[0]):].split("\n\n")[0].splitlines()
+    assert shown[:2] == full[:2] and len(shown) > 4 and set(shown[2:]) <= set(full[2:]), \
+        "regenerate the README's plan table from rows of minicwac.tools.plan.doc_tables()[0]"
     a8 = P.plan("llama-8b", 1)["activation_per_token_layer"]
     assert f"{a8} bytes per token and block" in doc
     for kw in P.DOC_CONFIGS:  # the docs show the first table without checkpointing and say why
