@@ -425,7 +425,8 @@ def real_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None,
     rows = []
     for p in grid["p_fa"]:
         for task in pr.tasks:
-            model, _, _ = finetune_real(cwac_method(c and c["targets"]), aligned, tok, rd, kit, task, p, seed, pr, False)
+            name = cwac_method(c and c["targets"])
+            model, _, _ = finetune_real(name, aligned, tok, rd, kit, task, p, seed, pr, False)
             ev = evaluate_real(model, tok, rd, task, pr)
             rows.append({"p": p, "task": task, **{k: ev[k] for k in ("hs", "fa", "over_refusal", "comply")}})
     return [{"p": p, **{k: sum(r[k] for r in rows if r["p"] == p) / len(pr.tasks)

@@ -17,9 +17,10 @@ from .world import DEV_SEEDS_FROM
 
 
 def choose(cands: list[dict], fa_min: float, or_max: float) -> dict | None:
-    """The selection rule at one p (notebook 08's): marks each candidate "ok" when fa >= fa_min and over_refusal <= or_max, and returns the
-    ok one with the lowest hs (the earliest of ties), or None when none is ok. The limits get 1e-9 of slack: they
-    compare means of percentages, and a mean exactly on the limit must not fail by a rounding error."""
+    """The selection rule at one p (notebook 08's): marks each candidate "ok" when fa >= fa_min and over_refusal
+    <= or_max, and returns the ok one with the lowest hs (the earliest of ties), or None when none is ok. The
+    limits get 1e-9 of slack: they compare means of percentages, and a mean exactly on the limit must not fail by
+    a rounding error."""
     for x in cands:
         x["ok"] = x["fa"] >= fa_min - 1e-9 and x["over_refusal"] <= or_max + 1e-9
     ok = [x for x in cands if x["ok"]]
@@ -142,8 +143,7 @@ def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int =
     t0 = time.time() - record.get("wall_s", 0.0)  # the wall time counts the earlier sessions too
     done = {(r["candidate"], r["seed"]) for r in record["rows"]}
     cands = [None] + list(grid["candidates"])
-    todo = [(i, c, s) for s in grid["dev_seeds"] for i, c in enumerate(cands)
-            if (candidate_name(c), s) not in done]
+    todo = [(c, s) for s in grid["dev_seeds"] for c in cands if (candidate_name(c), s) not in done]
     work = out / "runs"
 
     def add(c, s, rows):
@@ -152,18 +152,18 @@ def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int =
         write_json_atomic(path, record)
 
     if jobs <= 1:
-        for s in sorted({s for _, _, s in todo}):
+        for s in sorted({s for _, s in todo}):
             prepare(grid, s, work, cache_dir, **opts)
-        for _, c, s in todo:
+        for c, s in todo:
             add(c, s, unit(grid, c, s, work, cache_dir, **opts))
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
         with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), initializer=_one_thread) as ex:
-            seeds = sorted({s for _, _, s in todo})
+            seeds = sorted({s for _, s in todo})
             for f in [ex.submit(prepare, grid, s, work, cache_dir, **opts) for s in seeds]:
                 f.result()
-            futures = {ex.submit(unit, grid, c, s, work, cache_dir, **opts): (c, s) for _, c, s in todo}
+            futures = {ex.submit(unit, grid, c, s, work, cache_dir, **opts): (c, s) for c, s in todo}
             for f in as_completed(futures):
                 add(*futures[f], f.result())
     record.update(verdict(grid, record["rows"]))
