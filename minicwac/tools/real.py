@@ -167,6 +167,11 @@ class RealData:
     stats: dict = field(default_factory=dict)
 
 
+def real_tasks(world: World, n_fa: int) -> dict[str, Task]:
+    """The downstream tasks as natural-language chat: the world's training examples, its test cut to n_fa (FA)."""
+    return {t: Task(t, world.tasks[t].train, world.tasks[t].test[:n_fa]) for t in TASKS}
+
+
 def real_data(base, tok, prompts: list[str], preset: RealPreset, seed: int) -> RealData:
     """Split the prompts and let the base model write every answer (the toy world is only a source of harmless
     requests, tasks and generic text)."""
@@ -188,7 +193,7 @@ def real_data(base, tok, prompts: list[str], preset: RealPreset, seed: int) -> R
     # over-refusal: those requests are left out of alignment
     align += [Example(p, trim_answer(a), "harmless") for p, a in zip(harmless, helpful) if not is_refusal(a)]
     rng.shuffle(align)
-    tasks = {t: Task(t, world.tasks[t].train, world.tasks[t].test[:preset.n_fa]) for t in TASKS}
+    tasks = real_tasks(world, preset.n_fa)
     stats = {"attack_complied": len(pairs), "attack_total": len(attack),
              "harmless_refused": sum(map(is_refusal, helpful)), "base_answers_s": round(time.perf_counter() - t0, 1),
              "examples": {"refusal": refusals[0], "attack": pairs[0].answer}}
@@ -388,7 +393,7 @@ def real_prepare(grid: dict, seed: int, work: Path, cache_dir=None, model: str |
     train(aligned, encode_chats(tok, rd.align, pr.max_len), steps=pr.align_steps, batch_size=pr.align_batch,
           lr=pr.align_lr, pad_id=tok.pad_token_id, seed=seed + SEED_ALIGN, desc="align", progress=False)
     save_pretrained(aligned, tok, folder / "aligned")
-    for layer in sorted({c["sae_layer"] for c in grid["candidates"]}):
+    for layer in sorted({c["sae_layer"] for c in grid["candidates"]}):  # a kit per layer trains and caches its SAE
         unit_kit(aligned, tok, rd, pr, seed, folder, {"targets": "down_proj", "lam": 0.5, "m": 100,
                                                       "sae_layer": layer})
     write_json_atomic(folder / "data.json", {
@@ -415,17 +420,15 @@ def real_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None,
     pr = preset if isinstance(preset, RealPreset) else preset_with(preset, {})
     aligned, tok = load_checkpoint(folder / "aligned", device, torch.float32)
     world = build_world(seed)
-    tasks = {t: Task(t, world.tasks[t].train, world.tasks[t].test[:pr.n_fa]) for t in TASKS}
     rd = RealData(d["splits"], [Example(p, a, k, keywords=None) for p, a, k in d["align"]],
-                  [Example(p, a, "harmful", keywords=None) for p, a in d["attack"]], d["eval_harmless"], tasks,
-                  world.pretrain_docs, d["stats"])
+                  [Example(p, a, "harmful", keywords=None) for p, a in d["attack"]], d["eval_harmless"],
+                  real_tasks(world, pr.n_fa), world.pretrain_docs, d["stats"])
     kit = None if c is None else unit_kit(aligned, tok, rd, pr, seed, folder, c)
     if kit is not None:
         pr = replace(pr, kit=kit.settings)  # finetune_real reads lambda and the safety batch from the preset
-    rows = []
+    name, rows = cwac_method(c and c["targets"]), []
     for p in grid["p_fa"]:
         for task in pr.tasks:
-            name = cwac_method(c and c["targets"])
             model, _, _ = finetune_real(name, aligned, tok, rd, kit, task, p, seed, pr, False)
             ev = evaluate_real(model, tok, rd, task, pr)
             rows.append({"p": p, "task": task, **{k: ev[k] for k in ("hs", "fa", "over_refusal", "comply")}})
