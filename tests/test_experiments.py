@@ -197,6 +197,17 @@ def test_every_table_names_the_judge_of_its_hs(experiment):
     assert hs_tables_unnamed("## HS by task\n\n| method | a |\n|---|---|", "HS (x)")  # the check can fail
 
 
+def test_rank_summary_by_kind():
+    """The artefact table's ranks: each module's k/in for a small kit; per kind of module the range of k over the
+    layers for a kit on every linear (hand-computed)."""
+    from minicwac.tools.report import rank_summary
+    assert rank_summary({"model.layers.0.mlp.down_proj": (3, 8), "model.layers.1.mlp.down_proj": (5, 8)}) == "3/8, 5/8"
+    ranks = {f"model.layers.{i}.{kind}": (k + i, d) for i in range(3)
+             for kind, k, d in (("self_attn.q_proj", 10, 16), ("mlp.down_proj", 20, 64), ("mlp.up_proj", 7, 16))}
+    assert rank_summary(ranks) == "q_proj 10-12/16, down_proj 20-22/64, up_proj 7-9/16"
+    assert rank_summary({f"l.{i}.o_proj": (4, 16) for i in range(9)}) == "o_proj 4/16"
+
+
 def test_experiment_constraints_hold_in_the_saved_models(experiment):
     """The weight-constrained runs kept W S = W0 S for the saved subspace; SFT did not."""
     root, _ = experiment

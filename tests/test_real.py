@@ -281,3 +281,32 @@ def test_the_real_selection_reuses_each_seeds_data_and_sae(tiny, tok, tmp_path):
     assert isinstance(seen[0][0], KitSettings) and (tmp_path / "sel" / "runs" / "s100" / "aligned").is_dir()
     d = json.loads((tmp_path / "sel" / "runs" / "s100" / "data.json").read_text())
     assert set(d["splits"]["eval"]) <= set(PROMPTS) and d["splits"] == split_prompts(PROMPTS, SMALL.splits, 100)
+    # each fine-tune's row is kept: an interrupted unit resumes without fine-tuning again
+    c = grid["candidates"][1]
+    kept = tmp_path / "sel" / "runs" / "all-lam4-layer1-mfiring" / "s100" / "sentiment-p0.5.json"
+    assert json.loads(kept.read_text())["hs"] == res["rows"][2]["hs"]
+    with unittest.mock.patch.object(real, "finetune_real", side_effect=AssertionError("fine-tuned again")):
+        again = real.real_unit(grid, c, 100, tmp_path / "sel" / "runs", model=tmp_path / "model", preset=SMALL)
+    assert again == [{k: v for k, v in res["rows"][2].items() if k not in ("candidate", "seed")}]
+
+
+def test_the_real_selection_runs_in_the_grids_dtype(tiny, tok, tmp_path):
+    """A grid's "dtype" is `real --dtype`'s: bf16-mixed fine-tunes under bf16 autocast from float32 weights; an
+    unknown one is refused in one line before any model is loaded."""
+    save_pretrained(tiny, tok, tmp_path / "model")
+    grid = {"dev_seeds": [100], "p_fa": [0.5], "dtype": "bf16-mixed",
+            "candidates": [{"targets": "down_proj", "lam": 1.0, "sae_layer": 1, "m": 8}]}
+    real.real_prepare(grid, 100, tmp_path / "w", model=tmp_path / "model", preset=SMALL, prompts=PROMPTS)
+    finetune = real.finetune_real
+    seen = []
+
+    def spy(*a, **k):
+        seen.append(a[10])  # autocast_dtype
+        return finetune(*a, **k)
+    import unittest.mock
+    with unittest.mock.patch.object(real, "finetune_real", spy):
+        rows = real.real_unit(grid, grid["candidates"][0], 100, tmp_path / "w", model=tmp_path / "model",
+                              preset=SMALL)
+    assert seen == [torch.bfloat16] and 0 <= rows[0]["hs"] <= 100
+    with pytest.raises(ValueError, match=r"^the grid's dtype 'fp16'; expected one of fp32, bf16-mixed, bf16$"):
+        real.real_prepare({**grid, "dtype": "fp16"}, 101, tmp_path / "w", model=tmp_path / "model", preset=SMALL)

@@ -53,8 +53,9 @@ GENERATED = {  # files the package (or a notebook) writes
     # experiment / demo / real / select / merge outputs (toy/experiments.py, real.py, toy/select.py, report.py);
     # a bare "results.md" is docs/results.md, the entry is for paths like runs/demo/results.md
     "results.json", "results.md", "pipeline.png", "hs_vs_p.png", "fa_vs_hs.png", "selection.json", "selection.md",
-    # a real model's dev seed, made once for every candidate of a selection (real.py: real_prepare)
-    "data.json",
+    # a real model's dev seed, made once for every candidate of a selection (real.py: real_prepare), and the row
+    # of one of its fine-tunes, kept so that an interrupted selection resumes (real.py: real_unit)
+    "data.json", "sentiment-p0.5.json",
     # drift-map's output (__main__.py, report.py), and the README's figure as notebook 10 writes it under runs/
     # (the copy the README shows is docs/drift_map_toy.png)
     "drift_map.json", "drift_map.png", "drift_by_layer.png", "drift_map_toy.png",

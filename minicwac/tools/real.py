@@ -387,7 +387,7 @@ def real_prepare(grid: dict, seed: int, work: Path, cache_dir=None, model: str |
     if (folder / "data.json").is_file():
         return
     pr = preset if isinstance(preset, RealPreset) else preset_with(preset, {})
-    base, tok = load_checkpoint(model, device, torch.float32)  # as `real` runs in fp32
+    base, tok = load_checkpoint(model, device, grid_dtype(grid)[0])  # as `real --dtype` loads it
     rd = real_data(base, tok, selection_set() if prompts is None else prompts, pr, seed)
     aligned = clone(base)
     train(aligned, encode_chats(tok, rd.align, pr.max_len), steps=pr.align_steps, batch_size=pr.align_batch,
@@ -399,6 +399,14 @@ def real_prepare(grid: dict, seed: int, work: Path, cache_dir=None, model: str |
     write_json_atomic(folder / "data.json", {
         "splits": rd.splits, "eval_harmless": rd.eval_harmless, "stats": rd.stats,
         "align": [[e.prompt, e.answer, e.kind] for e in rd.align], "attack": [[e.prompt, e.answer] for e in rd.attack]})
+
+
+def grid_dtype(grid: dict) -> tuple:
+    """A real model's grid runs in its "dtype" (`real --dtype`, default fp32): (weights' dtype, autocast or None)."""
+    dtype = grid.get("dtype", "fp32")
+    if dtype not in REAL_DTYPES:
+        raise ValueError(f"the grid's dtype {dtype!r}; expected one of {', '.join(REAL_DTYPES)}")
+    return REAL_DTYPES[dtype]
 
 
 def unit_kit(aligned, tok, rd: RealData, pr: RealPreset, seed: int, folder: Path, c: dict) -> Kit:
@@ -414,11 +422,14 @@ def unit_kit(aligned, tok, rd: RealData, pr: RealPreset, seed: int, folder: Path
 def real_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None, model: str | Path = "",
               preset: str | RealPreset = "cpu", device: str = "cpu", prompts: list[str] | None = None) -> list[dict]:
     """One candidate (None: SFT) on one dev seed: a fine-tune at every p of p_fa on the preset's task, from the
-    seed's aligned model; one row per p with HS (the selection prompts' held-out split), FA and over-refusal."""
-    folder = Path(work) / f"s{seed}"
+    seed's aligned model; one row per p with HS (the selection prompts' held-out split), FA and over-refusal.
+    Each fine-tune's row is kept (work/<candidate>/s<seed>/<task>-p<p>.json), so an interrupted unit resumes."""
+    from ..toy.select import candidate_name
+    folder, kept = Path(work) / f"s{seed}", Path(work) / candidate_name(c) / f"s{seed}"
     d = read_json(folder / "data.json", "a dev seed's data (data.json)")
     pr = preset if isinstance(preset, RealPreset) else preset_with(preset, {})
-    aligned, tok = load_checkpoint(folder / "aligned", device, torch.float32)
+    weights, compute = grid_dtype(grid)
+    aligned, tok = load_checkpoint(folder / "aligned", device, weights)
     world = build_world(seed)
     rd = RealData(d["splits"], [Example(p, a, k, keywords=None) for p, a, k in d["align"]],
                   [Example(p, a, "harmful", keywords=None) for p, a in d["attack"]], d["eval_harmless"],
@@ -427,11 +438,16 @@ def real_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None,
     if kit is not None:
         pr = replace(pr, kit=kit.settings)  # finetune_real reads lambda and the safety batch from the preset
     name, rows = cwac_method(c and c["targets"]), []
+    kept.mkdir(parents=True, exist_ok=True)
     for p in grid["p_fa"]:
         for task in pr.tasks:
-            model, _, _ = finetune_real(name, aligned, tok, rd, kit, task, p, seed, pr, False)
-            ev = evaluate_real(model, tok, rd, task, pr)
-            rows.append({"p": p, "task": task, **{k: ev[k] for k in ("hs", "fa", "over_refusal", "comply")}})
+            f = kept / f"{task}-p{p:g}.json"
+            if not f.is_file():
+                model, _, _ = finetune_real(name, aligned, tok, rd, kit, task, p, seed, pr, False, compute)
+                ev = evaluate_real(model, tok, rd, task, pr)
+                write_json_atomic(f, {"p": p, "task": task,
+                                      **{k: ev[k] for k in ("hs", "fa", "over_refusal", "comply")}})
+            rows.append(read_json(f, "a fine-tune's row of the selection"))
     return [{"p": p, **{k: sum(r[k] for r in rows if r["p"] == p) / len(pr.tasks)
                         for k in ("hs", "fa", "over_refusal", "comply")}} for p in grid["p_fa"]]
 

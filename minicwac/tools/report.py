@@ -215,16 +215,30 @@ def check_lines(rows: list[dict], methods: list[str], key_ps: list[float], hs_go
     return L
 
 
+def rank_summary(ranks: dict) -> str:
+    """The subspace ranks of a kit, {module name: (k, input dim)}: one k/in per module for up to 8 modules, else
+    per kind of module (its last name part) the range of k over the layers, e.g. "down_proj 5-9/512"."""
+    if len(ranks) <= 8:
+        return ", ".join(f"{k}/{d}" for k, d in ranks.values())
+    kinds: dict[str, list] = {}
+    for name, (k, d) in ranks.items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append((k, d))
+    out = []
+    for kind, kd in kinds.items():
+        lo, hi, dims = min(k for k, _ in kd), max(k for k, _ in kd), sorted({d for _, d in kd})
+        out.append(f"{kind} {lo if lo == hi else f'{lo}-{hi}'}/{'|'.join(map(str, dims))}")
+    return ", ".join(out)
+
+
 def artefact_lines(data: dict) -> list[str]:
     """results.md's per-seed safety artefacts (SAE quality, features, subspace ranks) and the probes' choices."""
     L = []
     if data.get("safety"):
         L += ["", "## Safety artefacts per seed", "", "| seed | SAE L0 | FVU | dead % held-out / training | CE recovered "
-              "| features | down_proj k / in |", "|---|---|---|---|---|---|---|"]
+              "| features | subspace rank k / input dim |", "|---|---|---|---|---|---|---|"]
         for s, v in data["safety"].items():
             sae = v["sae"]
-            ranks = next(iter(v["ranks"].values()))
-            kk = ", ".join(f"{k}/{d}" for k, d in ranks.values()) if len(ranks) <= 8 else f"{len(ranks)} layers"
+            kk = rank_summary(next(iter(v["ranks"].values())))
             L.append(f"| {s} | {sae['l0']:.1f} | {sae['fvu']:.3f} | {dead_percent(sae)} | "
                      f"{sae['ce_recovered']:.3f} | {v['n_features']} | {kk} |")
     if data.get("auto"):
