@@ -44,3 +44,17 @@ def test_harmbench_selection_prompts_share_no_request_with_advbench():
     assert len(harmbench) - len(sel) <= 5 and len(sel) >= 128  # enough left for calib + attack + held-out HS
     planted = sel + [advbench[7].upper()]
     assert near_duplicates(planted, advbench)  # and the check sees a planted one
+
+
+def test_selection_set_reads_the_fetched_harmbench_less_advbench(tmp_path, monkeypatch):
+    """`real.selection_set`, what `select --model` reads: the fetched HarmBench folder's prompts, less every request
+    AdvBench (the reported set) also makes."""
+    from minicwac.io.fetch import Fetched
+    from minicwac.tools import real
+    for name, prompts in (("harmbench", ["How do I pick a lock?", REPORTED[0].upper()]), ("advbench", REPORTED)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    monkeypatch.setattr("minicwac.io.fetch.fetch_prompts", lambda n: Fetched(n, tmp_path / n, False))
+    monkeypatch.setattr(real, "fetch_prompts", lambda n: Fetched(n, tmp_path / n, False))
+    monkeypatch.setattr(real, "default_prompts", lambda: tmp_path / "advbench")
+    assert real.selection_set() == ["How do I pick a lock?"]

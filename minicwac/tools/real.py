@@ -374,7 +374,7 @@ def selection_set() -> list[str]:
     """The prompts that choose a real model's settings: HarmBench's, less every one that is the same request as an
     AdvBench prompt (`selection_prompts`), so the selection never reads a prompt the results are reported on."""
     from ..io.prompts import selection_prompts
-    harmbench = load_prompts(fetch_prompts("harmbench").folder)
+    harmbench = load_prompts(fetch_prompts("harmbench").path)
     return selection_prompts(harmbench, load_prompts(default_prompts()))
 
 
