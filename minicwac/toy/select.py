@@ -158,14 +158,20 @@ def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int =
             add(c, s, unit(grid, c, s, work, cache_dir, **opts))
     else:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
         with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), initializer=_one_thread) as ex:
-            seeds = sorted({s for _, s in todo})
-            for f in [ex.submit(prepare, grid, s, work, cache_dir, **opts) for s in seeds]:
-                f.result()
-            futures = {ex.submit(unit, grid, c, s, work, cache_dir, **opts): (c, s) for c, s in todo}
-            for f in as_completed(futures):
-                add(*futures[f], f.result())
+            # a seed's units are queued as soon as its own models are made: no process waits for another seed's
+            pending = {ex.submit(prepare, grid, s, work, cache_dir, **opts): ("prepare", s)
+                       for s in sorted({s for _, s in todo})}
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    (kind, key), res = pending.pop(f), f.result()
+                    if kind == "prepare":  # a seed's models are made: its units are queued
+                        pending.update({ex.submit(unit, grid, c, s, work, cache_dir, **opts): ("unit", (c, s))
+                                        for c, s in todo if s == key})
+                    else:
+                        add(*key, res)
     record.update(verdict(grid, record["rows"]))
     write_json_atomic(path, record)
     (out / "selection.md").write_text(grid_report(grid, record))
