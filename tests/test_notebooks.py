@@ -12,6 +12,7 @@ import contextlib
 import copy
 import io
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,51 @@ def test_the_notebook_teaches(path: Path):
     assert rn.key_figures_of(nb), f"{path.name}: its key-figures cell printed no `name = value` line"
     assert tagged(nb, "exercise") and tagged(nb, "check") and tagged(nb, "solution"), \
         f"{path.name}: needs a stub (tag 'exercise'), a check cell ('check') and a solution block ('solution')"
+
+
+JUDGE = "refusal matcher"  # the default judge's name (minicwac.core.evals.REFUSAL_MATCHER)
+PLOT_CALL = re.compile(r"set_[xy]?label|set_title|set_[xy]?ticks|label=")
+
+
+def plain_hs_in_plots(source: str) -> bool:
+    """Whether a plot's label, title or ticks is a plain (not f-) string that says HS: no judge named there."""
+    code = "\n".join("" if ln.lstrip().startswith(("%", "!")) else ln for ln in source.splitlines())  # magics
+    for t in tokenize.generate_tokens(io.StringIO(code).readline):
+        prefix = t.string[:t.string.find(t.string[-1])].lower() if t.type == tokenize.STRING else ""
+        if t.type == tokenize.STRING and "f" not in prefix and re.search(r"\bHS\b", t.string) \
+                and PLOT_CALL.search(t.line):
+            return True
+    return False
+
+
+def hs_unnamed(nb) -> list[str]:
+    """Code cells whose printed output shows HS without naming its judge, or whose plot labels HS in a plain
+    string; [] when every HS a reader sees says which judge made it."""
+    bad = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in cell.get("outputs", []))
+        if re.search(r"\bHS\b", text) and JUDGE not in text:
+            bad.append(f"cell {i + 1} prints HS without its judge")
+        if plain_hs_in_plots(cell.source):
+            bad.append(f"cell {i + 1} labels a plot HS without its judge")
+    return bad
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_every_hs_names_its_judge(path: Path):
+    assert hs_unnamed(read(path)) == [], f"{path.name}: HS shown without its judge (use evals.hs_label())"
+
+
+def test_an_unnamed_hs_is_caught():
+    printed = nbformat.v4.new_code_cell("print('HS 5.0')")
+    printed.outputs = [nbformat.v4.new_output("stream", name="stdout", text="HS 5.0\n")]
+    plotted = nbformat.v4.new_code_cell('ax.set_ylabel("HS %")')
+    named = nbformat.v4.new_code_cell('ax.set_ylabel(f"{HS} %"); print(HS)')
+    named.outputs = [nbformat.v4.new_output("stream", name="stdout", text="HS (refusal matcher)\n")]
+    nb = nbformat.v4.new_notebook(cells=[printed, plotted, named])
+    assert hs_unnamed(nb) == ["cell 1 prints HS without its judge", "cell 2 labels a plot HS without its judge"]
 
 
 def exercises(nb) -> list[tuple[str, str, str]]:

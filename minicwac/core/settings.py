@@ -173,6 +173,14 @@ def cwac_method(targets: str | None) -> str:
     return "sft" if targets is None else {"down_proj": "cwac", "all": "cwac-all", "auto": "cwac-auto"}[targets]
 
 
+def candidate_name(c: dict | None) -> str:
+    """A candidate's folder name (None: SFT), e.g. all-lam32-mfiring or down_proj-lam8-layer24-m100."""
+    if c is None:
+        return "sft"
+    layer = [f"layer{c['sae_layer']}"] if "sae_layer" in c else []
+    return "-".join([c["targets"], f"lam{c['lam']:g}", *layer, f"m{c['m']}"])
+
+
 RUNS = {"toy": "the toy world", "real": "real checkpoints", "kit": "your model (finetune)"}
 
 

@@ -36,7 +36,7 @@ from ..core.evals import evaluate_prompts, generate_answers, harmful_score, is_r
 from ..core.features import check_sae_layer
 from ..core.files import default_cache_dir, prepare_out, read_json, write_json_atomic
 from ..core.settings import (SEED_ALIGN, SEED_FINETUNE, SEED_PROBE, TARGETS, BaselineSettings, KitSettings,
-                             cwac_method, method, methods_for)
+                             candidate_name, cwac_method, method, methods_for)
 from ..io.fetch import fetch_prompts
 from ..io.hf import load_checkpoint, save_pretrained
 from ..io.prompts import load_prompts
@@ -424,7 +424,6 @@ def real_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None,
     """One candidate (None: SFT) on one dev seed: a fine-tune at every p of p_fa on the preset's task, from the
     seed's aligned model; one row per p with HS (the selection prompts' held-out split), FA and over-refusal.
     Each fine-tune's row is kept (work/<candidate>/s<seed>/<task>-p<p>.json), so an interrupted unit resumes."""
-    from ..toy.select import candidate_name
     folder, kept = Path(work) / f"s{seed}", Path(work) / candidate_name(c) / f"s{seed}"
     d = read_json(folder / "data.json", "a dev seed's data (data.json)")
     pr = preset if isinstance(preset, RealPreset) else preset_with(preset, {})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..core.evals import hs_label
 from ..core.files import prepare_out, read_json, write_json_atomic
-from ..core.settings import cwac_method
+from ..core.settings import candidate_name, cwac_method
 from ..tools.report import mean_of
 from .experiments import SafetyRecipe, run_experiment, toy_safety, with_settings
 from .pipeline import Recipe, toy_models
@@ -79,14 +79,6 @@ def apply_rule(cands: list[dict], sft: dict, grid: dict) -> dict:
         sd = (sum((x - mean(d)) ** 2 for x in d) / (len(d) - 1)) ** 0.5
         return mean(d) < 2 * sd / len(d) ** 0.5
     return {"chosen": min(i for i in ok if i == best or tied(i)), "rows": rows}
-
-
-def candidate_name(c: dict | None) -> str:
-    """A candidate's folder name (None: SFT), e.g. all-lam32-mfiring or down_proj-lam8-layer24-m100."""
-    if c is None:
-        return "sft"
-    layer = [f"layer{c['sae_layer']}"] if "sae_layer" in c else []
-    return "-".join([c["targets"], f"lam{c['lam']:g}", *layer, f"m{c['m']}"])
 
 
 def toy_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None, recipe: Recipe | None = None,
