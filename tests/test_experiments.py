@@ -432,6 +432,15 @@ def test_run_grid_runs_every_unit_once_and_applies_the_rule(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="holds the selection of another grid"):
         run_grid(tmp_path / "p.json", tmp_path / "sel", jobs=1, **kw)
+    # the grid is recorded before the first unit runs: a selection stopped before any unit ended is not resumed
+    # with another grid either (a real model's units keep each fine-tune's row under runs/)
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(tmp_path / "p.json", tmp_path / "early", jobs=1, **{**kw, "unit": stop})
+    (tmp_path / "p.json").write_text(json.dumps(grid))
+    with pytest.raises(ValueError, match="holds the selection of another grid"):
+        run_grid(tmp_path / "p.json", tmp_path / "early", jobs=1, **kw)
 
 
 @pytest.mark.parametrize("flags, lam, m", [([], 2.0, "firing"), (["--paper"], 0.5, 100),

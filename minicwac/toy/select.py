@@ -132,6 +132,8 @@ def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int =
         if old.get("grid") != grid:
             raise ValueError(f"{path} holds the selection of another grid than {grid_path}; choose another --out")
         record["rows"], record["wall_s"] = old["rows"], old.get("wall_s", 0.0)
+    else:  # written before any run: the units' kept rows under out/runs/ belong to this grid, and to no other
+        write_json_atomic(path, record)
     t0 = time.time() - record.get("wall_s", 0.0)  # the wall time counts the earlier sessions too
     done = {(r["candidate"], r["seed"]) for r in record["rows"]}
     cands = [None] + list(grid["candidates"])
