@@ -433,20 +433,19 @@ def real_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None,
     rd = RealData(d["splits"], [Example(p, a, k, keywords=None) for p, a, k in d["align"]],
                   [Example(p, a, "harmful", keywords=None) for p, a in d["attack"]], d["eval_harmless"],
                   real_tasks(world, pr.n_fa), world.pretrain_docs, d["stats"])
-    kit = None if c is None else unit_kit(aligned, tok, rd, pr, seed, folder, c)
+    missing = [(p, t) for p in grid["p_fa"] for t in pr.tasks if not (kept / f"{t}-p{p:g}.json").is_file()]
+    kit = None if c is None or not missing else unit_kit(aligned, tok, rd, pr, seed, folder, c)  # once, if needed
     if kit is not None:
         pr = replace(pr, kit=kit.settings)  # finetune_real reads lambda and the safety batch from the preset
-    name, rows = cwac_method(c and c["targets"]), []
+    name = cwac_method(c and c["targets"])
     kept.mkdir(parents=True, exist_ok=True)
-    for p in grid["p_fa"]:
-        for task in pr.tasks:
-            f = kept / f"{task}-p{p:g}.json"
-            if not f.is_file():
-                model, _, _ = finetune_real(name, aligned, tok, rd, kit, task, p, seed, pr, False, compute)
-                ev = evaluate_real(model, tok, rd, task, pr)
-                write_json_atomic(f, {"p": p, "task": task,
-                                      **{k: ev[k] for k in ("hs", "fa", "over_refusal", "comply")}})
-            rows.append(read_json(f, "a fine-tune's row of the selection"))
+    for p, task in missing:
+        model, _, _ = finetune_real(name, aligned, tok, rd, kit, task, p, seed, pr, False, compute)
+        ev = evaluate_real(model, tok, rd, task, pr)
+        write_json_atomic(kept / f"{task}-p{p:g}.json",
+                          {"p": p, "task": task, **{k: ev[k] for k in ("hs", "fa", "over_refusal", "comply")}})
+    rows = [read_json(kept / f"{t}-p{p:g}.json", "a fine-tune's row of the selection")
+            for p in grid["p_fa"] for t in pr.tasks]
     return [{"p": p, **{k: sum(r[k] for r in rows if r["p"] == p) / len(pr.tasks)
                         for k in ("hs", "fa", "over_refusal", "comply")}} for p in grid["p_fa"]]
 
