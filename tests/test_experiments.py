@@ -443,6 +443,41 @@ def test_run_grid_runs_every_unit_once_and_applies_the_rule(tmp_path):
         run_grid(tmp_path / "p.json", tmp_path / "early", jobs=1, **kw)
 
 
+def _fake_prepare(grid, seed, work, cache_dir, **kw):
+    kw["log"].append(("prepare", seed))
+
+
+def _fake_unit(grid, c, seed, work, cache_dir, **kw):  # HS falls with lambda; FA and over-refusal stay
+    kw["log"].append((candidate_name(c), seed))
+    hs = 90.0 if c is None else 40.0 / c["lam"] + seed % 7
+    return [{"p": p, "hs": hs, "fa": 70.0, "over_refusal": 1.0, "comply": hs} for p in grid["p_fa"]]
+
+
+def test_a_selection_split_over_sittings_decides_only_when_every_seed_is_in(tmp_path):
+    """`select --seeds`: a sitting runs only the named dev seeds; the record says how many units are left and holds
+    no verdict until every seed's are in; the last sitting's verdict is the one a single run gives."""
+    grid = {"dev_seeds": [100, 101], "tasks": ["sentiment"], "p_hs": [0.5], "p_fa": [0.2, 0.5], "fa_margin": 2.0,
+            "over_refusal_margin": 5.0, "candidates": [{"targets": "down_proj", "lam": 4.0, "m": 5},
+                                                       {"targets": "all", "lam": 8.0, "m": "firing"}]}
+    (tmp_path / "p.json").write_text(json.dumps(grid))
+    log = []
+    kw = dict(jobs=1, prepare=_fake_prepare, unit=_fake_unit, log=log)
+    first = run_grid(tmp_path / "p.json", tmp_path / "sel", seeds=[101], **kw)
+    assert log == [("prepare", 101), ("sft", 101), ("down_proj-lam4-m5", 101), ("all-lam8-mfiring", 101)]
+    assert first["units_left"] == 3 and "rule" not in first and "chosen" not in first
+    md = (tmp_path / "sel" / "selection.md").read_text()
+    assert "3 units" in md and "Seeds done: 101." in md and "Chosen" not in md
+    log.clear()
+    last = run_grid(tmp_path / "p.json", tmp_path / "sel", seeds=[100], **kw)
+    assert [x for x in log if x[0] != "prepare"] == [("sft", 100), ("down_proj-lam4-m5", 100),
+                                                     ("all-lam8-mfiring", 100)]
+    assert "units_left" not in last and last["chosen"] == grid["candidates"][1]
+    once = run_grid(tmp_path / "p.json", tmp_path / "once", **kw)
+    assert once["chosen"] == last["chosen"] and [x["score"] for x in once["rule"]] == [x["score"] for x in last["rule"]]
+    with pytest.raises(ValueError, match="seeds 7 are not dev seeds of .*expected some of 100, 101"):
+        run_grid(tmp_path / "p.json", tmp_path / "sel", seeds=[7, 100], **kw)
+
+
 @pytest.mark.parametrize("flags, lam, m", [([], 2.0, "firing"), (["--paper"], 0.5, 100),
                                            (["--paper", "--lam", "8"], 8.0, 100), (["--m", "50"], 2.0, 50)])
 def test_experiment_runs_the_rules_choice_unless_paper(flags, lam, m, tmp_path, monkeypatch):

@@ -113,7 +113,7 @@ def _one_thread() -> None:
 
 
 def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int = 2, cache_dir=None,
-             prepare=toy_prepare, unit=toy_unit, **opts) -> dict:
+             prepare=toy_prepare, unit=toy_unit, seeds: list[int] | None = None, **opts) -> dict:
     """The committed rule (`apply_rule`) on a committed grid (`load_grid`): SFT and every candidate on every dev
     seed at every p of p_fa, `jobs` one-thread processes side by side (the seeds' models and SAEs made first).
     prepare(grid, seed, work, cache_dir, **opts) and unit(grid, candidate, seed, work, cache_dir, **opts) -> rows:
@@ -121,8 +121,13 @@ def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int =
 
     Writes out/selection.json after every finished unit (a unit: one candidate on one seed; a rerun skips the
     units it holds, so an interrupted selection resumes) and, once every unit is in, the rule's verdict in it
-    and out/selection.md. The units' own runs go under out/runs/."""
+    and out/selection.md. The units' own runs go under out/runs/. `seeds`: run only these dev seeds' units now
+    (a selection split over several sittings); the rule decides once every dev seed's units are in."""
     grid = load_grid(grid_path)
+    bad = sorted(set(seeds or []) - set(grid["dev_seeds"]))
+    if bad:
+        raise ValueError(f"seeds {', '.join(map(str, bad))} are not dev seeds of {grid_path}; "
+                         f"expected some of {', '.join(map(str, grid['dev_seeds']))}")
     out = prepare_out(out, SELECTION_FILES)
     path = out / "selection.json"
     record = {"grid_file": Path(grid_path).name, "grid": grid,
@@ -137,7 +142,8 @@ def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int =
     t0 = time.time() - record.get("wall_s", 0.0)  # the wall time counts the earlier sessions too
     done = {(r["candidate"], r["seed"]) for r in record["rows"]}
     cands = [None] + list(grid["candidates"])
-    todo = [(c, s) for s in grid["dev_seeds"] for c in cands if (candidate_name(c), s) not in done]
+    todo = [(c, s) for s in grid["dev_seeds"] for c in cands
+            if (candidate_name(c), s) not in done and (not seeds or s in seeds)]
     work = out / "runs"
 
     def add(c, s, rows):
@@ -166,7 +172,8 @@ def run_grid(grid_path: str | Path, out: str | Path = "runs/select", jobs: int =
                                         for c, s in todo if s == key})
                     else:
                         add(*key, res)
-    record.update(verdict(grid, record["rows"]))
+    left = len(cands) * len(grid["dev_seeds"]) - len({(r["candidate"], r["seed"]) for r in record["rows"]})
+    record.update(verdict(grid, record["rows"]) if not left else {"units_left": left})
     write_json_atomic(path, record)
     (out / "selection.md").write_text(grid_report(grid, record))
     return record
@@ -188,6 +195,11 @@ def grid_report(grid: dict, record: dict) -> str:
 
     def mean(name, k, p):
         return mean_of([r[k] for r in rows if r["candidate"] == name and r["p"] == p])
+    if "rule" not in record:  # not every unit is in: means so far, no verdict
+        return (f"# Selection in progress ({record['grid_file']}): {record['units_left']} units (a candidate on a dev "
+                f"seed) left\n\nSeeds done: " + ", ".join(str(s) for s in seeds if all(
+                    (candidate_name(c), s) in {(r["candidate"], r["seed"]) for r in rows}
+                    for c in [None] + grid["candidates"])) + ". The rule decides once every unit is in.\n")
     L = [f"# Settings chosen by the committed rule ({record['grid_file']}, dev seeds {', '.join(map(str, seeds))})",
          "",
          f"{hs_label()}, FA and over-refusal in %, means over the dev seeds"
@@ -226,6 +238,8 @@ def add_arguments(p) -> None:
                    help="a real model's grid (e.g. select-grid-smollm2.json): its Hugging Face folder")
     p.add_argument("--device", default="cpu", help="with --model: cpu or cuda")
     p.add_argument("--cache", default=None, help="the toy world's cache of base/aligned models and SAEs")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run only these dev seeds' units now (the rule decides once every seed's are in)")
 
 
 def run(args) -> None:
@@ -234,11 +248,14 @@ def run(args) -> None:
         raise ValueError(f"{args.grid} is a {'toy' if toy else 'real model'}'s grid: "
                          + ("run it without --model" if toy else "give the model's folder with --model"))
     if toy:
-        res = run_grid(args.grid, args.out, args.jobs, args.cache)
+        res = run_grid(args.grid, args.out, args.jobs, args.cache, seeds=args.seeds)
     else:
         from ..tools.real import real_prepare, real_unit
-        res = run_grid(args.grid, args.out, args.jobs, args.cache, real_prepare, real_unit, model=args.model,
-                       device=args.device)
+        res = run_grid(args.grid, args.out, args.jobs, args.cache, real_prepare, real_unit, seeds=args.seeds,
+                       model=args.model, device=args.device)
     print(open(f"{args.out}/selection.md").read())
+    if "rule" not in res:
+        print(f"wrote {args.out}/selection.json; {res['units_left']} units left: run again without --seeds")
+        return
     chosen = candidate_name(res["chosen"]) if res["chosen"] else "none (the paper's defaults stay)"
     print(f"wrote {args.out}/selection.json and selection.md; chosen: {chosen}")
