@@ -466,7 +466,8 @@ def test_a_selection_split_over_sittings_decides_only_when_every_seed_is_in(tmp_
     assert log == [("prepare", 101), ("sft", 101), ("down_proj-lam4-m5", 101), ("all-lam8-mfiring", 101)]
     assert first["units_left"] == 3 and "rule" not in first and "chosen" not in first
     md = (tmp_path / "sel" / "selection.md").read_text()
-    assert "3 units" in md and "Seeds done: 101." in md and "Chosen" not in md
+    assert "3 units" in md and "Seeds done: 101;" in md and "Chosen" not in md and "admissible" not in md
+    assert "| all-lam8-mfiring | 8.0 | 70.0 | 70.0 | 1.0 | 8.0 |" in md  # 40 / 8 + 101 % 7: seed 101's alone
     log.clear()
     last = run_grid(tmp_path / "p.json", tmp_path / "sel", seeds=[100], **kw)
     assert [x for x in log if x[0] != "prepare"] == [("sft", 100), ("down_proj-lam4-m5", 100),

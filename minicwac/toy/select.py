@@ -190,39 +190,47 @@ def verdict(grid: dict, rows: list[dict]) -> dict:
 
 
 def grid_report(grid: dict, record: dict) -> str:
-    """selection.md: per candidate its FA at every p and HS against SFT's, the rule's verdict, the choice."""
-    rows, seeds = record["rows"], grid["dev_seeds"]
+    """selection.md: per candidate its FA at every p and HS against SFT's, the rule's verdict, the choice. While
+    units are left (`run_grid(seeds=...)`): the means over the seeds done so far, with no verdict."""
+    rows, final = record["rows"], "rule" in record
+    have = {(r["candidate"], r["seed"]) for r in rows}
+    seeds = [s for s in grid["dev_seeds"]
+             if all((candidate_name(c), s) in have for c in [None] + grid["candidates"])]
 
-    def mean(name, k, p):
-        return mean_of([r[k] for r in rows if r["candidate"] == name and r["p"] == p])
-    if "rule" not in record:  # not every unit is in: means so far, no verdict
-        return (f"# Selection in progress ({record['grid_file']}): {record['units_left']} units (a candidate on a dev "
-                f"seed) left\n\nSeeds done: " + ", ".join(str(s) for s in seeds if all(
-                    (candidate_name(c), s) in {(r["candidate"], r["seed"]) for r in rows}
-                    for c in [None] + grid["candidates"])) + ". The rule decides once every unit is in.\n")
-    L = [f"# Settings chosen by the committed rule ({record['grid_file']}, dev seeds {', '.join(map(str, seeds))})",
-         "",
-         f"{hs_label()}, FA and over-refusal in %, means over the dev seeds"
+    def mean(name, k, p=None):
+        return mean_of([r[k] for r in rows if r["candidate"] == name and r["seed"] in seeds and p in (None, r["p"])])
+
+    def cells(name):
+        return (" | ".join(f"{mean(name, 'hs', p):.1f}" for p in grid["p_hs"]) + " | "
+                + " | ".join(f"{mean(name, 'fa', p):.1f}" for p in grid["p_fa"]))
+    head = (f"# Settings chosen by the committed rule ({record['grid_file']}, dev seeds {', '.join(map(str, seeds))})"
+            if final else f"# Selection in progress ({record['grid_file']}): {record['units_left']} units (a candidate "
+            f"on a dev seed) left; the rule decides once every unit is in")
+    L = [head, "", f"{hs_label()}, FA and over-refusal in %, means over the dev seeds"
          + (" and the tasks" if "tasks" in grid else "") + "; score: mean HS over p in "
-         + ", ".join(f"{p:g}" for p in grid["p_hs"]) + " (docs/results.md, \"Choosing the defaults\").", "",
-         "| candidate | " + " | ".join(f"HS p={p:g}" for p in grid["p_hs"]) + " | "
-         + " | ".join(f"FA p={p:g}" for p in grid["p_fa"]) + " | over-refusal | score | admissible |",
-         "|---" * (len(grid["p_hs"]) + len(grid["p_fa"]) + 4) + "|"]
-    sft = "sft"
-    L.append("| SFT | " + " | ".join(f"{mean(sft, 'hs', p):.1f}" for p in grid["p_hs"]) + " | "
-             + " | ".join(f"{mean(sft, 'fa', p):.1f}" for p in grid["p_fa"])
-             + f" | {mean_of([r['over_refusal'] for r in rows if r['candidate'] == sft]):.1f} | | |")
-    for x in record["rule"]:
-        name = candidate_name(x["settings"])
+         + ", ".join(f"{p:g}" for p in grid["p_hs"]) + " (docs/results.md, \"Choosing the defaults\")."
+         + ("" if final else f" Seeds done: {', '.join(map(str, seeds)) or 'none'}; a seed decides nothing alone."),
+         "", "| candidate | " + " | ".join(f"HS p={p:g}" for p in grid["p_hs"]) + " | "
+         + " | ".join(f"FA p={p:g}" for p in grid["p_fa"]) + " | over-refusal | score |" + (" admissible |" * final),
+         "|---" * (len(grid["p_hs"]) + len(grid["p_fa"]) + 3 + final) + "|"]
+    if not seeds:
+        return "\n".join(L[:3]) + "\n"
+    L.append(f"| SFT | {cells('sft')} | {mean('sft', 'over_refusal'):.1f} | |" + " |" * final)
+    for i, c in enumerate(grid["candidates"]):
+        name = candidate_name(c)
+        score = mean_of([mean(name, "hs", p) for p in grid["p_hs"]])
+        if not final:
+            L.append(f"| {name} | {cells(name)} | {mean(name, 'over_refusal'):.1f} | {score:.1f} |")
+            continue
+        x = record["rule"][i]
         ok = "yes" if x["admissible"] else "no: FA short at p = " + ", ".join(f"{p:g}" for p in x["fa_short"]) \
             if x["fa_short"] else "no: over-refusal"
-        mark = " **chosen**" if x["settings"] == record["chosen"] else ""
-        L.append(f"| {name}{mark} | " + " | ".join(f"{mean(name, 'hs', p):.1f}" for p in grid["p_hs"]) + " | "
-                 + " | ".join(f"{mean(name, 'fa', p):.1f}" for p in grid["p_fa"])
-                 + f" | {x['over_refusal']:.1f} | {x['score']:.1f} | {ok} |")
-    L += ["", f"Chosen: {candidate_name(record['chosen'])}." if record["chosen"] else
-          "No candidate is admissible: the defaults stay the paper's.", ""]
-    return "\n".join(L)
+        mark = " **chosen**" if c == record["chosen"] else ""
+        L.append(f"| {name}{mark} | {cells(name)} | {x['over_refusal']:.1f} | {x['score']:.1f} | {ok} |")
+    if final:
+        L += ["", f"Chosen: {candidate_name(record['chosen'])}." if record["chosen"] else
+              "No candidate is admissible: the defaults stay the paper's."]
+    return "\n".join(L) + "\n"
 
 
 # ---------------------------------------------------------------- python -m minicwac select
