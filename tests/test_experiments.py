@@ -497,3 +497,23 @@ def test_experiment_runs_the_rules_choice_unless_paper(flags, lam, m, tmp_path, 
     root = Path(__file__).resolve().parents[1]
     rec = json.loads((root / "docs" / "results" / "select-toy.json").read_text())["chosen"]
     assert {"lam": rec["lam"], "m": rec["m"]} == experiments.TOY_CHOSEN and rec["targets"] == "all"
+
+
+def test_smollm2s_selection_record_resumes_under_its_committed_grid():
+    """docs/results/select-smollm2.json, the record of SmolLM2's dev seeds done so far, holds the committed grid (so
+    `select` resumes from it), rows only of that grid's candidates, dev seeds and p, every p of each unit it holds,
+    the count of units left, and once none is left the verdict the rule gives on its rows."""
+    from minicwac.toy.select import load_grid, verdict
+    root = Path(__file__).resolve().parents[1] / "docs" / "results"
+    grid = load_grid(root / "select-grid-smollm2.json")
+    rec = json.loads((root / "select-smollm2.json").read_text())
+    assert rec["grid"] == grid and rec["grid_file"] == "select-grid-smollm2.json"
+    names = [candidate_name(c) for c in [None] + grid["candidates"]]
+    units = {(r["candidate"], r["seed"]) for r in rec["rows"]}
+    assert {n for n, _ in units} <= set(names) and {s for _, s in units} <= set(grid["dev_seeds"])
+    for unit in units:
+        assert sorted(r["p"] for r in rec["rows"] if (r["candidate"], r["seed"]) == unit) == sorted(grid["p_fa"])
+    left = len(names) * len(grid["dev_seeds"]) - len(units)
+    assert rec.get("units_left", 0) == left
+    if not left:
+        assert rec["chosen"] == verdict(grid, rec["rows"])["chosen"]
