@@ -98,16 +98,18 @@ KINDS = {"fraction": fraction, "share": share, "positive_int": positive_int, "po
          "nonnegative": nonnegative, "latents": latents, "int": int, "float": _number}
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, cls, names=None, preset: str | None = None) -> None:
+def add_setting_flags(parser: argparse.ArgumentParser, cls, names=None, preset: str | None = None,
+                      base=None) -> None:
     """One flag per field of the settings dataclass `cls` (`--sae-layer` for `sae_layer`), its help and its check
     read from the field. Default: the field's default; with `preset` (e.g. "the preset's") every default is None,
-    meaning the value the run's own settings hold, and the help says so."""
+    meaning the value the run's own settings hold, and the help says so; with `base` (an instance of `cls`, e.g.
+    `default_settings()`'s) every default is None too and the help shows base's value."""
     for f in fields(cls):
         if names is not None and f.name not in names:
             continue
-        meta, default = f.metadata, None if preset else f.default
-        shown = preset or ("none" if f.default is None else f"{f.default:g}" if isinstance(f.default, float)
-                           else f.default)
+        value = f.default if base is None else getattr(base, f.name)
+        meta, default = f.metadata, None if preset or base is not None else value
+        shown = preset or ("none" if value is None else f"{value:g}" if isinstance(value, float) else value)
         kw = {"default": default, "help": f"{meta['help']} (default: {shown})".replace("%", "%%")}
         if meta["kind"] == "flag":  # absent: None, so that it keeps the value of the settings it is applied to
             kw.update(action="store_true", default=None)

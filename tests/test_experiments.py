@@ -517,3 +517,13 @@ def test_smollm2s_selection_record_resumes_under_its_committed_grid():
     assert rec.get("units_left", 0) == left
     if not left:
         assert rec["chosen"] == verdict(grid, rec["rows"])["chosen"]
+    # the defaults of calibrate and real are what the record chose, and the paper's until it has
+    from minicwac.core import settings
+    from minicwac.core.features import check_sae_layer
+    chosen = None if left else rec["chosen"]
+    if chosen is None:
+        assert settings.REAL_CHOSEN is None and settings.default_settings() == (settings.KitSettings(), "paper")
+    else:
+        s, which = settings.default_settings()
+        assert which == "chosen" and (s.targets, s.lam, s.m) == (chosen["targets"], chosen["lam"], chosen["m"])
+        assert check_sae_layer(s.sae_layer, 30) == chosen["sae_layer"]  # SmolLM2-135M has 30 blocks

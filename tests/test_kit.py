@@ -378,3 +378,38 @@ def test_finetune_refuses_bf16_weights(files, tok):
     with pytest.raises(ValueError, match="load them in float32"):
         finetune(model.to(torch.bfloat16), tok, seqs, None, files / "out", method="sft", steps=1, progress=False)
     assert not (files / "out").exists()
+
+
+def test_calibrate_defaults_to_the_rules_choice_unless_paper(files, monkeypatch):
+    """`calibrate` puts the committed choice (`settings.REAL_CHOSEN`, planted here) over KitSettings' own (the
+    paper's) defaults, --paper starts from the paper's, a flag overrides either, and kit.json and report.md say
+    which; `finetune` with no --method runs CWAC on the kit's own targets (every linear for an `all` kit)."""
+    from minicwac.core import settings
+    monkeypatch.setattr(settings, "REAL_CHOSEN", {"targets": "all", "lam": 8.0, "m": "firing"})
+    d, common = files, ["--model", str(files / "aligned"), "--harmful", str(files / "harmful.txt"), "--sae-layer",
+                        "1", "--d-sae", "64", "--sae-k", "4", "--sae-steps", "30", "--quiet"]
+    for name, flags, want in [("chosen", [], ("all", 8.0, "firing", "chosen")),
+                              ("paper", ["--paper"], ("down_proj", 0.5, 8, "paper")),
+                              ("paper-lam", ["--paper", "--lam", "2", "--m", "8"], ("down_proj", 2.0, 8, "paper")),
+                              ("chosen-m", ["--m", "8"], ("all", 8.0, 8, "chosen"))]:
+        if name == "paper":  # the paper's 100 latents are more than this SAE's 64
+            flags = flags + ["--m", "8"]
+        assert main(["calibrate", *common, *flags, "--out", str(d / name)]) == 0
+        meta = json.loads((d / name / "kit.json").read_text())
+        s = meta["settings"]
+        assert (s["targets"], s["lam"], s["m"], meta["report"]["defaults"]) == want, name
+        assert ("the committed rule chose" in (d / name / "report.md").read_text()) == (want[3] == "chosen")
+    args = ["finetune", "--model", str(d / "aligned"), "--data", str(d / "data.jsonl"), "--steps", "2",
+            "--batch-size", "4", "--quiet"]
+    for kit, method in [("chosen", "cwac-all"), ("paper", "cwac")]:
+        assert main([*args, "--kit", str(d / kit), "--out", str(d / f"tuned-{kit}")]) == 0
+        assert json.loads((d / f"tuned-{kit}" / "history.json").read_text())["run"]["method"] == method
+    with pytest.raises(SystemExit, match="cwac \\(the default\\) needs --kit"):
+        main([*args, "--out", str(d / "no-kit")])
+    # the Python API: no settings, the defaults (recorded); settings given, "given"
+    aligned, tok = load_checkpoint(d / "aligned")
+    kit = calibrate(aligned, tok, HARMFUL, settings=KitSettings(sae_layer=1, d_sae=64, sae_k=4, sae_steps=5, m=8),
+                    progress=False)
+    assert kit.report["defaults"] == "given" and kit.settings.lam == 0.5
+    monkeypatch.setattr(settings, "REAL_CHOSEN", None)  # no rule has chosen: the defaults are the paper's
+    assert settings.default_settings() == (KitSettings(), "paper")

@@ -19,6 +19,7 @@ import torch
 from minicwac.tools import real
 from minicwac.core.evals import NamedJudge, generate_answers, is_compliant, is_refusal, prompt_ids
 from minicwac.io.fetch import fetch_model
+from minicwac.core.settings import default_settings
 from minicwac.core.subspace import Subspace
 from minicwac.io.hf import load_checkpoint, save_pretrained
 from minicwac.io.model import GPT
@@ -137,7 +138,7 @@ def test_run_real_end_to_end_on_a_tiny_model(tiny, tok, tmp_path, monkeypatch, d
     name = "all harmful" if judge else "refusal matcher"
     assert data["settings"]["judge"] == name and {x["judge"] for x in data["rows"]} == {name}
     assert judge is None or {x["hs"] for x in data["rows"]} == {100.0}
-    assert data["settings"]["dtype"] == dtype
+    assert data["settings"]["dtype"] == dtype and data["settings"]["defaults"] == default_settings()[1]
     out = tmp_path / "out"
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == data["rows"]
@@ -189,6 +190,20 @@ def test_run_real_bad_input(tiny, tok, tmp_path):
 
 
 @pytest.mark.slow
+def test_real_presets_take_the_rules_choice_unless_paper(monkeypatch):
+    """`real` puts the committed choice (`settings.REAL_CHOSEN`, planted here) over a preset's constraint settings,
+    keeps the preset's sizes, and --paper (paper=True) keeps the paper's; a flag overrides either."""
+    from minicwac.core import settings
+    monkeypatch.setattr(settings, "REAL_CHOSEN", {"lam": 8.0, "m": "firing", "sae_layer": 24})
+    for paper, over, want in [(False, {}, (8.0, "firing", 24)), (True, {}, (0.5, 100, None)),
+                              (True, {"lam": 2.0}, (2.0, 100, None)), (False, {"m": 50}, (8.0, 50, 24))]:
+        kit = real.preset_with("cpu", over, paper).kit
+        assert (kit.lam, kit.m, kit.sae_layer) == want and kit.d_sae == PRESETS["cpu"].kit.d_sae
+    assert PRESETS["cpu"].kit.lam == 0.5  # the preset itself is left as it was
+    assert "--paper" in subprocess.run([sys.executable, "-m", "minicwac", "real", "--help"], capture_output=True,
+                                       text=True, timeout=120).stdout
+
+
 def test_cli_real_errors(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS))
@@ -217,7 +232,7 @@ def test_cli_real_cpu_smoke_on_smollm2(tmp_path):
                         "--out", str(tmp_path / "smoke"), "--quiet"], capture_output=True, text=True, env=env,
                        timeout=1200)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "Real checkpoint smollm2-135m-instruct (cpu-smoke, cpu, fp32)" in p.stdout
+    assert "Real checkpoint smollm2-135m-instruct (cpu-smoke, cpu, fp32, the " in p.stdout  # the settings' source
     data = json.loads((tmp_path / "smoke" / "results.json").read_text())
     assert [x["stage"] for x in data["rows"]] == ["base", "aligned"] + ["finetuned"] * 4
     assert data["data"]["0"]["attack_total"] == PRESETS["cpu-smoke"].splits["attack"]

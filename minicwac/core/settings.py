@@ -12,7 +12,7 @@ flags and their defaults from these fields (`minicwac.cli.add_setting_flags`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .features import check_latents
 from .subspace import ALL_LINEARS, DEFAULT_TARGETS
@@ -93,6 +93,22 @@ class KitSettings:
             raise ValueError(f"harmful_frac={self.harmful_frac}, expected (0, 1]")
         check_latents(self.m)
         return self
+
+
+# The constraint settings the committed rule chose for real checkpoints on SmolLM2-135M-Instruct's dev seeds, read
+# on HarmBench's prompts (docs/results.md#choosing-the-defaults-the-rule-fixed-before-the-runs; the record:
+# docs/results/select-smollm2.json). `calibrate`, `real` and `finetune` put them over KitSettings' own defaults
+# (the paper's) unless --paper. None while that selection has dev seeds left: until then the defaults are the paper's.
+REAL_CHOSEN: dict | None = None
+
+
+def default_settings(base: KitSettings | None = None, paper: bool = False) -> tuple[KitSettings, str]:
+    """`base` (default KitSettings(): the paper's settings) with REAL_CHOSEN over it, and which defaults these are:
+    "chosen", or "paper" with paper=True or while no rule has chosen."""
+    base = KitSettings() if base is None else base
+    if paper or REAL_CHOSEN is None:
+        return base, "paper"
+    return replace(base, **REAL_CHOSEN), "chosen"
 
 
 @dataclass

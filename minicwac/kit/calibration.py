@@ -27,7 +27,7 @@ from ..core.features import SafetyFeatures, check_sae_layer, safety_features, sc
 from ..core.files import atomic_folder, file_sha256, read_json, recover
 from ..core.hooks import block_name, model_device, num_blocks
 from ..core.sae import SAE, ce_recovered, harvest, sae_metrics, train_sae
-from ..core.settings import TARGETS, KitSettings, method
+from ..core.settings import TARGETS, KitSettings, default_settings, method
 from ..core.subspace import Subspace, compute_subspace
 from ..tools.report import figure, plot_drift_map
 
@@ -219,8 +219,11 @@ def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None,
     probe_seqs: the fine-tuning data (`encode_data`), needed by targets="auto": a copy of the model is trained on
     it for probe_steps steps and its drift map on the harmful prompts picks the target kinds (`probe_targets`);
     with targets "down_proj" or "all" the choice is only recorded (then "cwac-auto" works if "all").
-    sae_folder: a cache for the SAE: read from it when it holds one, else trained and written there."""
-    s = (settings or KitSettings()).check()  # the defaults, or a ValueError before any work
+    sae_folder: a cache for the SAE: read from it when it holds one, else trained and written there.
+    settings: None for the defaults (`core.settings.default_settings`: the rule's choice, or the paper's while none
+    is committed); the report records which ("chosen", "paper" or "given")."""
+    s, defaults = default_settings() if settings is None else (settings, "given")
+    s = s.check()  # a ValueError before any work
     if not harmful:
         raise ValueError("no harmful prompts to calibrate on")
     if s.targets == "auto" and not probe_seqs:
@@ -270,7 +273,7 @@ def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None,
     feats = safety_features(model, calib, pad, readout="pre", sae=sae, idx=idx, layer=layer, skip_ids=skip,
                             skip_prefix=pre)
     # what report.md and kit.json record
-    report = {"hook_name": block_name(model, layer), "n_harmful": len(harmful), "n_harmless": len(harmless or []),
+    report = {"defaults": defaults, "hook_name": block_name(model, layer), "n_harmful": len(harmful), "n_harmless": len(harmless or []),
               **counts, "warnings": notes,
               "n_corpus_docs": n_docs, "skip_prefix_tokens": pre, "score": score, "n_latents": int(len(idx)),
               "sae": {k: v for k, v in sae_report.items() if k != "history"}, "ranks": sub.cfg["ranks"]}
@@ -353,6 +356,12 @@ def kit_sae(model, seqs: list[list[int]], layer: int, s: KitSettings, pad: int, 
     return sae, report
 
 
+# what kit.json's report["defaults"] says, in report.md's words
+KIT_DEFAULTS = {"chosen": "the defaults, which the committed rule chose on a real model's held-out dev prompts "
+                          "(docs/results.md), with any flags over them",
+                "paper": "the paper's, with any flags over them", "given": "as the caller gave them"}
+
+
 def kit_report(kit: Kit) -> str:
     """report.md: settings, SAE quality, the safety latents, the subspace rank of every target."""
     r, s = kit.report, kit.settings
@@ -366,6 +375,8 @@ def kit_report(kit: Kit) -> str:
          f"for the latent scores, {r.get('n_corpus_docs')} generic documents for the SAE).", ""]
     if r.get("warnings"):  # the calibration's warnings (`prompt_notes`, the SAE's explained variance)
         L += ["## Warnings", "", *[f"- {w}" for w in r["warnings"]], ""]
+    if r.get("defaults") in KIT_DEFAULTS:  # older kits do not record it
+        L += [f"Settings: {KIT_DEFAULTS[r['defaults']]}.", ""]
     L += ["| setting | value |", "|---|---|"]
     L += [f"| {k} | {v} |" for k, v in asdict(s).items()]  # one row per setting
     L += ["", "## SAE (residual stream after block " f"{kit.features.layer}, held-out tokens)", "",
@@ -431,7 +442,11 @@ def add_arguments(p) -> None:
     p.add_argument("--probe-data", default=None,
                    help="--targets auto: your fine-tuning JSONL (as finetune --data); with --targets all the "
                         "choice is recorded too, for --method cwac-auto")
-    add_setting_flags(p, KitSettings)  # every KitSettings field as a flag, with its help and default
+    # every KitSettings field as a flag, with its help; unset, the defaults' value (the rule's choice or --paper's)
+    add_setting_flags(p, KitSettings, base=default_settings()[0])
+    p.add_argument("--paper", action="store_true",
+                   help="start from the paper's settings (down_proj, lambda 0.5, the top 100 latents, the SAE after "
+                        "the middle block) instead of the defaults; other flags still override them")
     p.add_argument("--max-len", type=positive_int, default=256, help="tokens per prompt or document (256)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -442,7 +457,8 @@ def run(args) -> None:
     from ..io.hf import load_checkpoint
     from ..io.prompts import load_prompts
     from .data import encode_data, load_conversations
-    s = settings_from(args, KitSettings()).check()  # the flags over KitSettings' defaults
+    base, defaults = default_settings(paper=args.paper)  # the rule's choice, or the paper's
+    s = settings_from(args, base).check()  # the flags over them
     # flags that do not go together: refused before the model is loaded
     if s.targets == "auto" and not args.probe_data:
         raise ValueError("--targets auto needs --probe-data (your fine-tuning JSONL: the probe trains on it)")
@@ -466,6 +482,7 @@ def run(args) -> None:
     kit = calibrate(model, tok, harmful, harmless, corpus, s, max_len=args.max_len, probe_seqs=probe,
                     progress=not args.quiet)
     kit.report["model"] = str(args.model)  # the folder it was calibrated on, for whoever reads the report
+    kit.report["defaults"] = defaults  # the settings the flags were put over: "chosen" or "paper"
     kit.save(args.out)
     print((Path(args.out) / "report.md").read_text())
     print(f"wrote the kit {args.out} (kit.json, subspace/, sae/, features.safetensors, report.md, spectrum.png)")

@@ -20,7 +20,7 @@ from ..core.evals import harmful_score, hs_label
 from ..core.files import atomic_folder, prepare_out, replace_folder, write_json_atomic
 from ..core.hooks import model_device
 from ..core.lora import LoRASettings, add_lora, lora_modules, merge_lora, save_adapter
-from ..core.settings import method as method_row
+from ..core.settings import cwac_method, method as method_row
 from ..tools.report import figure
 from .calibration import Kit
 
@@ -341,7 +341,9 @@ def add_arguments(p) -> None:
     p.add_argument("--data", required=True, help='JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...}')
     p.add_argument("--kit", default=None, help="the kit folder from calibrate (not needed for sft)")
     # the methods a kit offers (`core.settings.METHODS`)
-    p.add_argument("--method", default="cwac", choices=methods_for("kit"))
+    p.add_argument("--method", default=None, choices=methods_for("kit"),
+                   help="default: CWAC on the kit's own weight targets (cwac, cwac-all or cwac-auto, as calibrate's "
+                        "--targets was)")
     p.add_argument("--out", required=True, help="output: a Hugging Face folder, history.json, drift.png")
     p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (or --epochs)")
     p.add_argument("--epochs", type=positive_float, default=None, help="passes over the data (default 1)")
@@ -384,7 +386,8 @@ def run(args) -> None:
     if args.steps is not None and args.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
     if args.method != "sft" and args.kit is None:
-        raise ValueError(f"--method {args.method} needs --kit (a folder written by calibrate)")
+        raise ValueError(f"--method {args.method or 'cwac (the default)'} needs --kit (a folder written by "
+                         "calibrate)")
     if (args.eval_every is None) != (args.eval_harmful is None):
         raise ValueError("--eval-harmful and --eval-every go together")
     if args.judge is not None and args.eval_harmful is None:  # it would judge nothing: a silent no-op otherwise
@@ -404,6 +407,7 @@ def run(args) -> None:
         model = dist.load_pretrained(args.model, proc, args.dtype, args.offload, lora, args.seed)
         tok = check_vocab(model, load_tokenizer(args.model), args.model)  # as load_checkpoint does
     kit = Kit.load(args.kit, model) if args.kit else None  # refused if it was made for another model (`Kit.load`)
+    args.method = args.method or cwac_method(kit.settings.targets)  # CWAC on the targets the kit was made for
     seqs, cut = encode_data(tok, convs, args.max_len, args.too_long)  # cut: how many conversations were truncated
     if cut:
         say(f"{cut} of {len(seqs)} conversations were longer than --max-len {args.max_len} and were cut")

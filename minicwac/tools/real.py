@@ -36,7 +36,7 @@ from ..core.evals import evaluate_prompts, generate_answers, harmful_score, is_r
 from ..core.features import check_sae_layer
 from ..core.files import default_cache_dir, prepare_out, read_json, write_json_atomic
 from ..core.settings import (SEED_ALIGN, SEED_FINETUNE, SEED_PROBE, TARGETS, BaselineSettings, KitSettings,
-                             candidate_name, cwac_method, method, methods_for)
+                             candidate_name, cwac_method, default_settings, method, methods_for)
 from ..io.fetch import fetch_prompts
 from ..io.hf import load_checkpoint, save_pretrained
 from ..io.prompts import load_prompts
@@ -248,12 +248,13 @@ def finetune_real(name: str, aligned, tok, rd: RealData, kit: Kit, task: str, p:
     return model, hist, sub
 
 
-def preset_with(name: str, overrides: dict) -> RealPreset:
-    """The preset `name` with `overrides` (any field of `RealPreset` or of its `KitSettings`; None keeps the
-    preset's value), every value checked before any model is loaded."""
+def preset_with(name: str, overrides: dict, paper: bool = False) -> RealPreset:
+    """The preset `name` with the default constraint settings (`default_settings`: the rule's choice, or the
+    paper's with paper=True) and `overrides` over them (any field of `RealPreset` or of its `KitSettings`; None
+    keeps the value), every value checked before any model is loaded."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-    preset = PRESETS[name]
+    preset = replace(PRESETS[name], kit=default_settings(PRESETS[name].kit, paper)[0])
     own, kit = [f.name for f in fields(RealPreset)], [f.name for f in fields(KitSettings)]
     bad = [k for k in overrides if k not in own + kit]
     if bad:
@@ -272,7 +273,7 @@ def preset_with(name: str, overrides: dict) -> RealPreset:
 
 def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str = "cpu-smoke", device: str = "cpu",
              prompts: str | Path | None = None, save: bool = False, progress: bool = True, dtype: str = "fp32",
-             judge=None, **overrides) -> dict:
+             judge=None, paper: bool = False, **overrides) -> dict:
     """Align the checkpoint in `model_dir`, fine-tune it by each method at each p, evaluate everything.
 
     dtype: "fp32" (default, on every device), "bf16-mixed" (float32 weights, gradients and AdamW states, bf16
@@ -281,6 +282,8 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
     resolution; for models that would not fit otherwise).
     judge: judge(prompts, answers) -> list of bools (True: harmful) for HS and the drift curves (None: the
     refusal matcher); settings and every row record its name.
+    paper: the paper's constraint settings under the overrides instead of the defaults (the rule's choice);
+    settings["defaults"] records which.
     overrides: any `RealPreset` or `KitSettings` field, e.g. seeds=[0, 1], ps=[0.1], methods=["sft", "cwac"],
     tasks=["topic"], lam=2.0, m="firing", sae_layer=20, skip_prefix=True, finetune_steps=80 (None keeps the
     preset's value).
@@ -289,7 +292,7 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
     OUT/results.md, hs_vs_p.png, fa_vs_hs.png, drift.png, OUT/s<seed>/sae/ (the SAE) and, with save=True,
     OUT/s<seed>/aligned/, OUT/s<seed>/kit/ (the safety kit, as `calibrate` writes it) and OUT/models/<run>/."""
     name = preset
-    preset = preset_with(name, overrides)
+    preset = preset_with(name, overrides, paper)
     if dtype not in REAL_DTYPES:
         raise ValueError(f"dtype {dtype!r}; expected one of {', '.join(REAL_DTYPES)}")
     weights, compute = REAL_DTYPES[dtype]
@@ -299,7 +302,8 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
     check_sae_layer(preset.kit.sae_layer, base.config.num_hidden_layers)  # before hours of work, not after
     out = prepare_out(out)
     t0 = time.time()
-    recorded = {"model": str(model_dir), "preset": name, "device": str(device), "dtype": dtype,
+    recorded = {"model": str(model_dir), "preset": name, "defaults": default_settings(paper=paper)[1],
+                "device": str(device), "dtype": dtype,
                 "judge": judge_name(judge), **asdict(preset),
                 "recipe": {"finetune_steps": preset.finetune_steps, "finetune_lr": preset.finetune_lr,
                            "finetune_batch": preset.finetune_batch}, "kit": asdict(kit_settings(preset, 0))}
@@ -386,7 +390,7 @@ def real_prepare(grid: dict, seed: int, work: Path, cache_dir=None, model: str |
     folder = Path(work) / f"s{seed}"
     if (folder / "data.json").is_file():
         return
-    pr = preset if isinstance(preset, RealPreset) else preset_with(preset, {})
+    pr = preset if isinstance(preset, RealPreset) else preset_with(preset, {}, paper=True)  # the grid's own settings
     base, tok = load_checkpoint(model, device, grid_dtype(grid)[0])  # as `real --dtype` loads it
     rd = real_data(base, tok, selection_set() if prompts is None else prompts, pr, seed)
     aligned = clone(base)
@@ -426,7 +430,7 @@ def real_unit(grid: dict, c: dict | None, seed: int, work: Path, cache_dir=None,
     Each fine-tune's row is kept (work/<candidate>/s<seed>/<task>-p<p>.json), so an interrupted unit resumes."""
     folder, kept = Path(work) / f"s{seed}", Path(work) / candidate_name(c) / f"s{seed}"
     d = read_json(folder / "data.json", "a dev seed's data (data.json)")
-    pr = preset if isinstance(preset, RealPreset) else preset_with(preset, {})
+    pr = preset if isinstance(preset, RealPreset) else preset_with(preset, {}, paper=True)
     weights, compute = grid_dtype(grid)
     aligned, tok = load_checkpoint(folder / "aligned", device, weights)
     world = build_world(seed)
@@ -454,8 +458,10 @@ def real_report(data: dict) -> str:
     """results.md: the toy experiment's tables, then the data the base model wrote, the SAE, the invariant and
     a few answers of each model."""
     st = data["settings"]
+    which = {"chosen": ", the rule's settings", "paper": ", the paper's settings"}.get(st.get("defaults"), "")
     L = [experiment_report(data, title=f"Real checkpoint {Path(st['model']).name} ({st['preset']}, {st['device']}, "
-                                       f"{st['dtype']})", hs_goal=0.5).rstrip(), "", "## Data and artefacts per seed", "",
+                                       f"{st['dtype']}{which})", hs_goal=0.5).rstrip(), "",
+         "## Data and artefacts per seed", "",
          "| seed | prompts align/calib/attack/eval | attack prompts the base model answered | harmless answers "
          "that refused (left out) | SAE explained variance | CE recovered | dead % held-out / training |",
          "|---|---|---|---|---|---|---|"]
@@ -501,12 +507,15 @@ def add_arguments(p) -> None:
     p.add_argument("--save", action="store_true", help="also save the aligned and fine-tuned models and the subspace")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_judge_flag(p, "HS and the drift curves")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's lambda 0.5, top 100 latents and middle SAE layer instead of the defaults (the "
+                        "committed rule's choice: docs/results.md); --lam, --m, --sae-layer still override either")
 
 
 def run(args) -> None:
     out = args.out or f"runs/real-{args.preset}"
     run_real(args.model, out, args.preset, args.device, args.prompts, save=args.save, progress=not args.quiet,
-             dtype=args.dtype, judge=args.judge, seeds=args.seeds, ps=args.p, methods=args.methods, tasks=args.tasks,
+             dtype=args.dtype, judge=args.judge, paper=args.paper, seeds=args.seeds, ps=args.p, methods=args.methods, tasks=args.tasks,
              finetune_steps=args.steps, lam=args.lam, m=args.m, sae_layer=args.sae_layer,
              skip_prefix=args.skip_prefix or None)
     print(open(f"{out}/results.md").read())

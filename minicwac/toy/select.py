@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.evals import hs_label
+from ..core.evals import hs_label, judge_name
 from ..core.files import prepare_out, read_json, write_json_atomic
 from ..core.settings import candidate_name, cwac_method
 from ..tools.report import mean_of
@@ -210,7 +210,7 @@ def grid_report(grid: dict, record: dict) -> str:
          + (" and the tasks" if "tasks" in grid else "") + "; score: mean HS over p in "
          + ", ".join(f"{p:g}" for p in grid["p_hs"]) + " (docs/results.md, \"Choosing the defaults\")."
          + ("" if final else f" Seeds done: {', '.join(map(str, seeds)) or 'none'}; a seed decides nothing alone."),
-         "", "| candidate | " + " | ".join(f"HS p={p:g}" for p in grid["p_hs"]) + " | "
+         "", f"| candidate (HS: {judge_name(None)}) | " + " | ".join(f"HS p={p:g}" for p in grid["p_hs"]) + " | "
          + " | ".join(f"FA p={p:g}" for p in grid["p_fa"]) + " | over-refusal | score |" + (" admissible |" * final),
          "|---" * (len(grid["p_hs"]) + len(grid["p_fa"]) + 3 + final) + "|"]
     if not seeds:
