@@ -190,6 +190,30 @@ def test_run_real_bad_input(tiny, tok, tmp_path):
 
 
 @pytest.mark.slow
+def test_real_folders_of_one_seed_each_merge_into_the_run_of_all_seeds(tiny, tok, tmp_path, monkeypatch):
+    """`merge` joins `real` folders that differ only in their seeds (one process per seed) into what one run of
+    every seed writes: the same rows, per-seed data, SAE reports and invariants, and the report of both seeds."""
+    from minicwac.toy.merge import merge_results
+    save_pretrained(tiny, tok, tmp_path / "ckpt")
+    (tmp_path / "harmful.txt").write_text("\n".join(PROMPTS))
+    monkeypatch.setitem(real.PRESETS, "tiny", replace(SMALL, methods=("sft", "cwac")))
+    run = dict(prompts=tmp_path / "harmful.txt", progress=False)
+    run_real(tmp_path / "ckpt", tmp_path / "both", "tiny", seeds=[0, 1], **run)
+    both = json.loads((tmp_path / "both" / "results.json").read_text())
+    for s in (0, 1):
+        run_real(tmp_path / "ckpt", tmp_path / f"s{s}", "tiny", seeds=[s], **run)
+    merged = merge_results([tmp_path / "s0", tmp_path / "s1"], tmp_path / "merged")
+    assert merged["rows"] == both["rows"] and merged["settings"] == both["settings"]
+    for k in ("data", "leak", "safety", "samples"):
+        assert merged[k] == both[k], k
+    md = (tmp_path / "merged" / "results.md").read_text()
+    assert "## Data and artefacts per seed" in md and "| 0 |" in md and "| 1 |" in md
+    monkeypatch.setitem(real.PRESETS, "tiny", replace(SMALL, methods=("sft",)))
+    run_real(tmp_path / "ckpt", tmp_path / "other", "tiny", seeds=[2], **run)
+    with pytest.raises(ValueError, match="other settings"):
+        merge_results([tmp_path / "s0", tmp_path / "other"], tmp_path / "bad")
+
+
 def test_real_presets_take_the_rules_choice_unless_paper(monkeypatch):
     """`real` puts the committed choice (`settings.REAL_CHOSEN`, planted here) over a preset's constraint settings,
     keeps the preset's sizes, and --paper (paper=True) keeps the paper's; a flag overrides either."""

@@ -316,9 +316,15 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
 
     for seed in preset.seeds:
         run_seed(data, base, tok, harmful, preset, seed, out, save, progress, compute, write, judge)
+    write_real(out, data)
+    return data
+
+
+def write_real(out: Path, data: dict) -> None:
+    """results.json (atomically), results.md and the plots of a real-checkpoint run (or of several merged)."""
+    write_json_atomic(out / "results.json", data)
     (out / "results.md").write_text(real_report(data))
     plot_experiment(data, out)
-    return data
 
 
 def run_seed(data: dict, base, tok, harmful: list[str], preset: RealPreset, seed: int, out: Path, save: bool,

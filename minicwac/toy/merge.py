@@ -1,5 +1,6 @@
 """`python -m minicwac merge`: one results folder from several `experiment` folders with the same settings (parts
-of a long grid run side by side as separate processes)."""
+of a long grid run side by side as separate processes), or from several `real` folders that differ only in their
+seeds (one seed per process)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,12 @@ from ..tools.report import run_name, write_results
 
 RESULTS_KEYS = {"settings": dict, "rows": list, "curves": dict, "safety": dict, "wall_s": (int, float)}
 ROW_KEYS = ("stage", "method", "task", "p", "seed")
+REAL_PARTS = ("data", "leak", "samples", "losses", "auto")  # what a `real` folder adds, keyed by seed or run
+
+
+def _same(settings: dict) -> dict:
+    """What must agree for two folders to merge: every setting but a `real` run's seeds (its rows name theirs)."""
+    return {k: v for k, v in settings.items() if not (k == "seeds" and "preset" in settings)}
 
 
 def _read_results(path: Path) -> dict:
@@ -44,10 +51,13 @@ def merge_results(srcs: list[str | Path], out: str | Path) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found; expected a folder written by experiment")
         datas.append(_read_results(path))
-        if datas[-1].get("settings") != datas[0].get("settings"):
+        if _same(datas[-1]["settings"]) != _same(datas[0]["settings"]):
             raise ValueError(f"{src} holds results of other settings than {srcs[0]}; only runs with the same "
                              "settings can be merged")
-    merged = {"settings": datas[0]["settings"], "rows": [], "curves": {}, "safety": {},
+    settings = dict(datas[0]["settings"])
+    if "preset" in settings:  # `real` folders: the seeds of them all
+        settings["seeds"] = sorted({s for d in datas for s in d["settings"].get("seeds", [])})
+    merged = {"settings": settings, "rows": [], "curves": {}, "safety": {},
               "wall_s": round(sum(d["wall_s"] for d in datas), 1), "parts": len(datas)}
     seen = {}
     for src, d in zip(srcs, datas):
@@ -60,14 +70,20 @@ def merge_results(srcs: list[str | Path], out: str | Path) -> dict:
                 raise ValueError(f"{src} has another result for the run {run_name(*key[1:])}")
         merged["curves"].update(d["curves"])
         merged["safety"].update(d["safety"])
-        if d.get("auto"):
-            merged.setdefault("auto", {}).update(d["auto"])
-    write_results(prepare_out(out), merged)
+        for k in REAL_PARTS:
+            if isinstance(d.get(k), dict):
+                merged.setdefault(k, {}).update(d[k])
+    out = prepare_out(out)
+    if "preset" in settings:  # a real checkpoint's report: its data, SAE and invariant per seed too
+        from ..tools.real import write_real
+        write_real(out, merged)
+    else:
+        write_results(out, merged)
     return merged
 
 
 def add_arguments(p) -> None:
-    p.add_argument("srcs", nargs="+", metavar="DIR", help="folders written by experiment")
+    p.add_argument("srcs", nargs="+", metavar="DIR", help="folders written by experiment (or by real)")
     p.add_argument("--out", required=True, help="output folder for results.json, results.md and the plots")
 
 
