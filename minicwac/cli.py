@@ -93,7 +93,7 @@ def add_judge_flag(parser: argparse.ArgumentParser, what: str = "HS") -> None:
 
 
 # the constraint settings the run commands (`experiment`, `real`) take as flags; the others: the Python API
-RUN_FLAGS = ("lam", "m", "sae_layer", "skip_prefix")
+RUN_FLAGS = ("lam", "m", "sae_layer", "sae_depth", "skip_prefix")
 KINDS = {"fraction": fraction, "share": share, "positive_int": positive_int, "positive_float": positive_float,
          "nonnegative": nonnegative, "latents": latents, "int": int, "float": _number}
 

@@ -526,4 +526,4 @@ def test_smollm2s_selection_record_resumes_under_its_committed_grid():
     else:
         s, which = settings.default_settings()
         assert which == "chosen" and (s.targets, s.lam, s.m) == (chosen["targets"], chosen["lam"], chosen["m"])
-        assert check_sae_layer(s.sae_layer, 30) == chosen["sae_layer"]  # SmolLM2-135M has 30 blocks
+        assert check_sae_layer(s.sae_layer, 30, s.sae_depth) == chosen["sae_layer"]  # SmolLM2-135M has 30 blocks

@@ -168,3 +168,13 @@ def test_mean_diff_directions_by_hand(model):
     for j, g in enumerate((a, b)):
         v = mean(g) - mean(harmless)
         torch.testing.assert_close(D[:, j], v / v.norm(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer, n, depth, want", [(None, 30, 0.5, 15), (None, 7, 0.5, 3), (None, 30, 0.8, 24),
+                                                   (None, 10, 0.7, 7), (None, 4, 0.8, 3), (None, 4, 0.1, 1),
+                                                   (None, 4, 1.0, 4), (3, 30, 0.8, 3)])
+def test_sae_layer_from_a_share_of_the_blocks(layer, n, depth, want):
+    """Without a layer the SAE reads after a share `depth` of the blocks, rounded down (0.5: n // 2, the middle
+    block, whatever n), at least after the first; a layer given wins. 0.8 of SmolLM2's 30 blocks is block 24."""
+    from minicwac.core.features import check_sae_layer
+    assert check_sae_layer(layer, n, depth) == want

@@ -408,8 +408,11 @@ def test_calibrate_defaults_to_the_rules_choice_unless_paper(files, monkeypatch)
         main([*args, "--out", str(d / "no-kit")])
     # the Python API: no settings, the defaults (recorded); settings given, "given"
     aligned, tok = load_checkpoint(d / "aligned")
-    kit = calibrate(aligned, tok, HARMFUL, settings=KitSettings(sae_layer=1, d_sae=64, sae_k=4, sae_steps=5, m=8),
+    kit = calibrate(aligned, tok, HARMFUL, settings=KitSettings(d_sae=64, sae_k=4, sae_steps=5, m=8),
                     progress=False)
-    assert kit.report["defaults"] == "given" and kit.settings.lam == 0.5
+    assert kit.report["defaults"] == "given" and kit.settings.lam == 0.5 and kit.features.layer == 1  # 2 // 2
+    deep = calibrate(aligned, tok, HARMFUL, settings=KitSettings(sae_depth=1.0, d_sae=64, sae_k=4, sae_steps=5, m=8),
+                     progress=False)
+    assert deep.features.layer == 2  # after every block of 2: a share of the blocks, not a layer number
     monkeypatch.setattr(settings, "REAL_CHOSEN", None)  # no rule has chosen: the defaults are the paper's
     assert settings.default_settings() == (KitSettings(), "paper")

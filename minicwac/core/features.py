@@ -73,10 +73,11 @@ def check_latents(m: int | str) -> int | str:
     return m
 
 
-def check_sae_layer(layer: int | None, n_layers: int) -> int:
-    """The SAE layer (None: the middle one), checked against the model's depth."""
+def check_sae_layer(layer: int | None, n_layers: int, depth: float = 0.5) -> int:
+    """The SAE layer, checked against the model's depth; None: after a share `depth` of the blocks, rounded down
+    (0.5: the middle block, n_layers // 2), and at least after the first."""
     if layer is None:
-        return n_layers // 2
+        return max(1, int(depth * n_layers + 1e-9))  # + 1e-9: 0.8 * 30 is 24.000000000000004, 0.7 * 10 is 7 - 1e-15
     if not 1 <= layer <= n_layers:
         raise ValueError(f"sae_layer={layer}, expected 1..{n_layers} (the residual stream after that many blocks)")
     return layer

@@ -45,8 +45,11 @@ class KitSettings:
                            choices=TARGET_CHOICES)
     energy: float = setting(0.99, "subspace rank: the share of trace(C) the kept eigenvectors hold [ours]",
                             kind="fraction")
-    sae_layer: int | None = setting(None, "the SAE reads the residual stream after this many blocks (None: the "
-                                    "middle one) [ours]", kind="positive_int")
+    sae_layer: int | None = setting(None, "the SAE reads the residual stream after this many blocks (None: after "
+                                    "sae_depth of them) [ours]", kind="positive_int")
+    sae_depth: float = setting(0.5, "without --sae-layer, the SAE reads after this share of the blocks, rounded "
+                               "down (0.5: the middle block [paper]; a share carries over to models of any depth)",
+                               kind="fraction")
     d_sae: int | None = setting(None, "SAE width (None: 8 x hidden) [ours]", kind="positive_int")
     sae_k: int = setting(32, "SAE L0: latents kept by TopK [ours]", kind="positive_int")
     sae_steps: int = setting(2000, "SAE training steps [ours]", kind="positive_int")

@@ -250,7 +250,7 @@ def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None,
     # weight side: S and W0S of every target, from the inputs those layers see on the harmful prompts
     sub = compute_subspace(model, calib, pad, patterns=patterns, energy=s.energy, skip_ids=skip,
                            skip_prefix=pre, progress=progress)
-    layer = check_sae_layer(s.sae_layer, num_blocks(model))  # None: the middle block
+    layer = check_sae_layer(s.sae_layer, num_blocks(model), s.sae_depth)  # None: after sae_depth of the blocks
     n_docs = None
     if sae_seqs is None:  # the harmful prompts (~harmful_frac of the tokens) and generic documents (the rest)
         docs = [ids for ids, _ in encode_docs(tok, corpus if corpus is not None else generic_corpus(), max_len)]

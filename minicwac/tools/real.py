@@ -515,14 +515,14 @@ def add_arguments(p) -> None:
     add_judge_flag(p, "HS and the drift curves")
     p.add_argument("--paper", action="store_true",
                    help="the paper's lambda 0.5, top 100 latents and middle SAE layer instead of the defaults (the "
-                        "committed rule's choice: docs/results.md); --lam, --m, --sae-layer still override either")
+                        "committed rule's choice: docs/results.md); the flags above still override either")
 
 
 def run(args) -> None:
     out = args.out or f"runs/real-{args.preset}"
     run_real(args.model, out, args.preset, args.device, args.prompts, save=args.save, progress=not args.quiet,
-             dtype=args.dtype, judge=args.judge, paper=args.paper, seeds=args.seeds, ps=args.p, methods=args.methods, tasks=args.tasks,
-             finetune_steps=args.steps, lam=args.lam, m=args.m, sae_layer=args.sae_layer,
-             skip_prefix=args.skip_prefix or None)
+             dtype=args.dtype, judge=args.judge, paper=args.paper, seeds=args.seeds, ps=args.p, methods=args.methods,
+             tasks=args.tasks, finetune_steps=args.steps, lam=args.lam, m=args.m, sae_layer=args.sae_layer,
+             sae_depth=args.sae_depth, skip_prefix=args.skip_prefix or None)
     print(open(f"{out}/results.md").read())
     print(f"wrote {out}/results.json, results.md and the plots")

@@ -140,7 +140,9 @@ def experiment_report(data: dict, title: str = "Toy-world experiment", hs_goal: 
          "refusal; lower is better); FA = task accuracy.", ""]
     kit = data["settings"].get("kit") or data["settings"].get("safety", {}).get("kit")
     if kit:  # the constraint settings the activation side ran with (the weight side: each method's targets)
-        layer = "the middle block" if kit.get("sae_layer") is None else f"block {kit['sae_layer']}"
+        depth = kit.get("sae_depth", 0.5)  # where the SAE reads without sae_layer (older runs: the middle block)
+        layer = (f"block {kit['sae_layer']}" if kit.get("sae_layer") is not None else "the middle block"
+                 if depth == 0.5 else f"{depth:g} of the blocks")
         L += [f"Constraint settings: lambda {kit['lam']:g}, latents {kit['m']} (top m by score, or every firing "
               f"one), SAE after {layer}.", ""]
     base = [x for x in data["rows"] if x["stage"] == "base"]

@@ -54,7 +54,7 @@ class SafetyRecipe:
     def key(self) -> str:
         """The SAE cache's key: what the SAE depends on."""
         # the SAE's own hyper-parameters and its training mix; the seed is part of the toy folder's name
-        keep = ("sae_layer", "d_sae", "sae_k", "sae_steps", "sae_lr", "harmful_frac")
+        keep = ("sae_layer", "sae_depth", "d_sae", "sae_k", "sae_steps", "sae_lr", "harmful_frac")
         d = {k: getattr(self.kit, k) for k in keep}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:10]
 
