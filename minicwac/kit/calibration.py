@@ -273,8 +273,8 @@ def calibrate(model, tok, harmful: list[str], harmless: list[str] | None = None,
     feats = safety_features(model, calib, pad, readout="pre", sae=sae, idx=idx, layer=layer, skip_ids=skip,
                             skip_prefix=pre)
     # what report.md and kit.json record
-    report = {"defaults": defaults, "hook_name": block_name(model, layer), "n_harmful": len(harmful), "n_harmless": len(harmless or []),
-              **counts, "warnings": notes,
+    report = {"defaults": defaults, "hook_name": block_name(model, layer), "n_harmful": len(harmful),
+              "n_harmless": len(harmless or []), **counts, "warnings": notes,
               "n_corpus_docs": n_docs, "skip_prefix_tokens": pre, "score": score, "n_latents": int(len(idx)),
               "sae": {k: v for k, v in sae_report.items() if k != "history"}, "ranks": sub.cfg["ranks"]}
     if auto is not None:
