@@ -189,7 +189,6 @@ def test_run_real_bad_input(tiny, tok, tmp_path):
     assert not (tmp_path / "o").exists()  # nothing written before the input was checked
 
 
-@pytest.mark.slow
 def untimed(d):
     """A results.json part without its wall times (keys ending in _s), which differ from run to run."""
     if isinstance(d, dict):
@@ -235,6 +234,7 @@ def test_real_presets_take_the_rules_choice_unless_paper(monkeypatch):
                                        text=True, timeout=120).stdout
 
 
+@pytest.mark.slow
 def test_cli_real_errors(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS))
