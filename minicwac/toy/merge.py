@@ -54,8 +54,8 @@ def merge_results(srcs: list[str | Path], out: str | Path) -> dict:
         if _same(datas[-1]["settings"]) != _same(datas[0]["settings"]):
             raise ValueError(f"{src} holds results of other settings than {srcs[0]}; only runs with the same "
                              "settings can be merged")
-    settings = dict(datas[0]["settings"])
-    if "preset" in settings:  # `real` folders: the seeds of them all
+    settings, real = dict(datas[0]["settings"]), "preset" in datas[0]["settings"]  # `real` folders name a preset
+    if real:  # the seeds of them all
         settings["seeds"] = sorted({s for d in datas for s in d["settings"].get("seeds", [])})
     merged = {"settings": settings, "rows": [], "curves": {}, "safety": {},
               "wall_s": round(sum(d["wall_s"] for d in datas), 1), "parts": len(datas)}
@@ -74,7 +74,7 @@ def merge_results(srcs: list[str | Path], out: str | Path) -> dict:
             if isinstance(d.get(k), dict):
                 merged.setdefault(k, {}).update(d[k])
     out = prepare_out(out)
-    if "preset" in settings:  # a real checkpoint's report: its data, SAE and invariant per seed too
+    if real:  # a real checkpoint's report: its data, SAE and invariant per seed too
         from ..tools.real import write_real
         write_real(out, merged)
     else:
