@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from .core.cwac import warn_low_precision
 from .core.features import SafetyFeatures
 from .core.lora import constrain_peft_
-from .core.settings import SEED_SAFETY
+from .core.settings import SEED_SAFETY, cwac_method
 from .core.subspace import Subspace, project_out_
 from .kit.calibration import Kit, fingerprint, same_model
 
@@ -285,11 +285,13 @@ class CWACRun:
         return None if self.weight is None else self.weight.ws_error()
 
 
-def add_cwac(trainer, kit: Kit, method: str = "cwac", lam: float | None = None, safety_batch: int = 8) -> CWACRun:
+def add_cwac(trainer, kit: Kit, method: str | None = None, lam: float | None = None,
+             safety_batch: int = 8) -> CWACRun:
     """Make `trainer.train()` a CWAC run: a transformers `Trainer` or any subclass (TRL's `SFTTrainer`), already
     built, and the kit of its model (`Kit.load(path, model)`). method: a row of `core.settings.METHODS` that a kit
-    serves ("cwac", "weight", "activation", "cwac-all", ...). lam: the weight of L_safety (None: the kit's).
-    safety_batch: calibration prompts per optimizer step for L_safety.
+    serves ("cwac", "weight", "activation", "cwac-all", ...; None: CWAC on the targets the kit was made for, as
+    `finetune`'s default). lam: the weight of L_safety (None: the kit's). safety_batch: calibration prompts per
+    optimizer step for L_safety.
 
     The setups where the method cannot be exact are refused here, in one line (`refusal`); so is a kit of another
     model. Adds l_safety and ws_error to the trainer's training logs. Returns a `CWACRun`."""
@@ -299,6 +301,7 @@ def add_cwac(trainer, kit: Kit, method: str = "cwac", lam: float | None = None, 
         raise ValueError("this trainer already has CWAC (add_cwac was called on it before)")
     if not hasattr(trainer, "compute_loss") or not hasattr(trainer, "add_callback"):
         raise ValueError(f"add_cwac takes a transformers Trainer (or a subclass), got {type(trainer).__name__}")
+    method = cwac_method(kit.settings.targets) if method is None else method
     lam = kit.settings.lam if lam is None else lam
     if not lam >= 0:  # NaN too
         raise ValueError(f"lam={lam}, expected >= 0")

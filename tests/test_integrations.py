@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -271,6 +272,21 @@ def test_refusals(tok, kit, seqs, tmp_path, monkeypatch):
     from minicwac.integrations import add_cwac
     add_cwac(t, kit)
     refused(t, kit, "already has CWAC")
+
+
+def test_without_a_method_add_cwac_constrains_what_the_kit_was_made_for(tok, seqs, tmp_path):
+    """add_cwac(trainer, kit) runs CWAC on the kit's own targets, as `finetune` does: every linear from a kit
+    calibrated with targets="all" (not only its down_proj), and W S = W0 S holds on all of them after training."""
+    from minicwac.integrations import add_cwac
+    model = llama(tok)
+    with pytest.warns(UserWarning):  # a random model's SAE explains little
+        kit_all = calibrate(model, tok, HARMFUL, settings=replace(SMALL_KIT, targets="all"), progress=False)
+    trainer = trainer_on(model, tok, seqs, tmp_path, max_steps=2)
+    run = add_cwac(trainer, kit_all)
+    assert sorted(run.weight.subspace.S) == sorted(kit_all.subspace.S)
+    assert len({n.rsplit(".", 1)[1] for n in run.weight.subspace.S}) == 7 and run.safety is not None
+    trainer.train()
+    assert kit_all.subspace.ws_error(model) <= 1e-5
 
 
 def test_the_callback_alone_refuses_a_layerwise_optimizer_before_any_step(tok, kit, seqs, tmp_path):

@@ -66,7 +66,7 @@ def test_calibrate_finetune_eval_through_the_cli(files, capsys):
     assert set(meta["report"]["sae"]) >= {"explained_variance", "ce_recovered", "dead_fraction", "l0"}
     assert meta["report"]["ranks"] and meta["fingerprint"]["params"] > 0
     assert main(["finetune", "--model", str(d / "aligned"), "--data", str(d / "data.jsonl"), "--kit", str(d / "kit"),
-                 "--method", "cwac", "--out", str(d / "tuned"), "--steps", "4", "--batch-size", "4", "--lr", "1e-2",
+                 "--out", str(d / "tuned"), "--steps", "4", "--batch-size", "4", "--lr", "1e-2",  # CWAC on its targets
                  "--eval-harmful", str(d / "harmful.txt"), "--eval-every", "2", "--quiet"]) == 0
     for f in ("model.safetensors", "config.json", "tokenizer.json", "history.json", "drift.png"):
         assert (d / "tuned" / f).is_file(), f
@@ -127,7 +127,8 @@ def test_calibrate_targets_auto_through_the_cli(files):
     with pytest.raises(SystemExit, match="needs --probe-data"):
         main(["calibrate", *common, "--out", str(d / "k2"), "--targets", "auto"])
     with pytest.raises(SystemExit, match="--probe-data is for --targets auto"):
-        main(["calibrate", *common, "--out", str(d / "k2"), "--probe-data", str(d / "data.jsonl")])
+        main(["calibrate", *common, "--out", str(d / "k2"), "--targets", "down_proj", "--probe-data",
+              str(d / "data.jsonl")])
     assert not (d / "k2").exists()
     assert main(["calibrate", *common, "--out", str(d / "kit-all"), "--targets", "all", "--probe-data",
                  str(d / "data.jsonl")]) == 0
@@ -315,6 +316,12 @@ def test_each_method_gets_exactly_its_constraints(files, tok):
                 f"{name}: constrained {sorted(sub.S) if sub else None}, expected {sorted(want[targets])}"
         assert (feats is kit.features) if act else (feats is None), \
             f"{name}: features {'missing' if act else 'given, but the method has no activation side'}"
+    # finetune without a method: CWAC on the kit's own targets, here every linear (the CLI's default too)
+    seqs, _ = encode_data(tok, load_conversations(files / "data.jsonl"), max_len=64)
+    res = finetune(copy.deepcopy(aligned), tok, seqs, kit, files / "default-method", steps=1, batch_size=4, lr=1e-2,
+                   progress=False)
+    tuned, _ = load_checkpoint(files / "default-method")
+    assert res["run"]["method"] == "cwac-all" and kit.subspace.ws_error(tuned) <= 1e-5
 
 
 def test_finetune_uses_and_records_the_lam_it_is_given(files, tok, monkeypatch):

@@ -157,12 +157,15 @@ class RunOptions:
         return self
 
 
-def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, method: str = "cwac",
+def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, method: str | None = None,
              steps: int | None = None, epochs: float | None = None, lr: float = 2e-5, batch_size: int = 8,
              seed: int = 0, lam: float | None = None, dtype: str = "fp32", lora: LoRASettings | None = None,
              run: RunOptions | None = None, progress: bool = True) -> dict:
     """Fine-tune `model` on `seqs` with `method` and the kit's constraints (lam: the kit's unless given); write OUT
     as a Hugging Face folder (model + tokenizer), OUT/history.json and, with a drift curve, OUT/drift.png.
+
+    method: a row of `core.settings.METHODS` that a kit serves; None: CWAC on the targets the kit was made for
+    (`cwac`, `cwac-all` or `cwac-auto`), as the CLI's default.
 
     steps, or epochs: passes over the data. dtype "bf16-mixed": float32 weights, bf16 autocast.
     lora: train LoRA adapters only (`core.lora`), the weight constraint made exact on them (A S = 0); OUT is the
@@ -172,6 +175,8 @@ def finetune(model, tok, seqs: list[Seq], kit: Kit | None, out: str | Path, *, m
     process, `dist.init()`) the model is sharded with FSDP2 (`dist.shard_model`), each rank trains on its part of
     every global batch, the checkpoint is sharded and rank 0 writes the folder."""
     run = (run or RunOptions()).check(lora)
+    if method is None:  # CWAC on the kit's own targets (no kit: "cwac", refused below for want of one)
+        method = cwac_method(kit.settings.targets if kit is not None else "down_proj")
     # everything checked before OUT is touched
     steps = check_finetune(model, seqs, kit, method, steps, epochs, batch_size, lr, dtype, lora, run)
     # the method's constraints from the kit (sft: none)
