@@ -19,7 +19,7 @@ import torch
 from minicwac.tools import real
 from minicwac.core.evals import NamedJudge, generate_answers, is_compliant, is_refusal, prompt_ids
 from minicwac.io.fetch import fetch_model
-from minicwac.core.settings import default_settings
+from minicwac.core.settings import cwac_method, default_settings
 from minicwac.core.subspace import Subspace
 from minicwac.io.hf import load_checkpoint, save_pretrained
 from minicwac.io.model import GPT
@@ -139,6 +139,9 @@ def test_run_real_end_to_end_on_a_tiny_model(tiny, tok, tmp_path, monkeypatch, d
     assert data["settings"]["judge"] == name and {x["judge"] for x in data["rows"]} == {name}
     assert judge is None or {x["hs"] for x in data["rows"]} == {100.0}
     assert data["settings"]["dtype"] == dtype and data["settings"]["defaults"] == default_settings()[1]
+    default_method = cwac_method(default_settings()[0].targets)  # the row a user's default kit and finetune give
+    assert data["settings"]["default_method"] == default_method
+    assert f"without `--targets` or `--method`: `{default_method}`." in (tmp_path / "out" / "results.md").read_text()
     out = tmp_path / "out"
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == data["rows"]

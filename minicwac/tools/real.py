@@ -302,7 +302,9 @@ def run_real(model_dir: str | Path, out: str | Path = "runs/real", preset: str =
     check_sae_layer(preset.kit.sae_layer, base.config.num_hidden_layers)  # before hours of work, not after
     out = prepare_out(out)
     t0 = time.time()
-    recorded = {"model": str(model_dir), "preset": name, "defaults": default_settings(paper=paper)[1],
+    defaults, which = default_settings(paper=paper)
+    recorded = {"model": str(model_dir), "preset": name, "defaults": which,
+                "default_method": cwac_method(defaults.targets),  # what `finetune` runs on a default kit
                 "device": str(device), "dtype": dtype,
                 "judge": judge_name(judge), **asdict(preset),
                 "recipe": {"finetune_steps": preset.finetune_steps, "finetune_lr": preset.finetune_lr,
@@ -466,8 +468,11 @@ def real_report(data: dict) -> str:
     st = data["settings"]
     which = {"chosen": ", the rule's settings", "paper": ", the paper's settings"}.get(st.get("defaults"), "")
     L = [experiment_report(data, title=f"Real checkpoint {Path(st['model']).name} ({st['preset']}, {st['device']}, "
-                                       f"{st['dtype']}{which})", hs_goal=0.5).rstrip(), "",
-         "## Data and artefacts per seed", "",
+                                       f"{st['dtype']}{which})", hs_goal=0.5).rstrip(), ""]
+    if st.get("default_method"):
+        L += [f"The row of these settings' CWAC, as `calibrate` and then `finetune` run it without `--targets` or "
+              f"`--method`: `{st['default_method']}`.", ""]
+    L += ["## Data and artefacts per seed", "",
          "| seed | prompts align/calib/attack/eval | attack prompts the base model answered | harmless answers "
          "that refused (left out) | SAE explained variance | CE recovered | dead % held-out / training |",
          "|---|---|---|---|---|---|---|"]
