@@ -89,9 +89,13 @@ def test_calibrate_finetune_eval_through_the_cli(files, capsys):
                  "bf16-mixed", "--quiet"]) == 0
     mixed, _ = load_checkpoint(d / "mixed")
     assert next(mixed.parameters()).dtype == torch.float32 and sub.ws_error(mixed) <= 1e-5
-    with pytest.raises(SystemExit, match="--targets all"):
+    # a method the default kit cannot serve is refused in one line: every linear from a down_proj kit, or the
+    # probe's kinds from a kit made without a probe
+    bad, need = ("cwac-all", "--targets all") if meta["settings"]["targets"] == "down_proj" else ("cwac-auto",
+                                                                                                "--targets auto")
+    with pytest.raises(SystemExit, match=need):
         main(["finetune", "--model", str(d / "aligned"), "--data", str(d / "data.jsonl"), "--kit", str(d / "kit"),
-              "--method", "cwac-all", "--out", str(d / "all"), "--steps", "1"])
+              "--method", bad, "--out", str(d / "all"), "--steps", "1"])
     transformers = pytest.importorskip("transformers", reason="the load check uses transformers (test-only)")
     hf = transformers.AutoModelForCausalLM.from_pretrained(d / "tuned", attn_implementation="eager").eval()
     ids = torch.tensor([tok.encode_chat([{"role": "user", "content": HARMFUL[0]}], add_generation_prompt=True)[0]])

@@ -98,11 +98,13 @@ class KitSettings:
         return self
 
 
-# The constraint settings the committed rule chose for real checkpoints on SmolLM2-135M-Instruct's dev seeds, read
-# on HarmBench's prompts (docs/results.md#choosing-the-defaults-the-rule-fixed-before-the-runs; the record:
-# docs/results/select-smollm2.json). `calibrate`, `real` and `finetune` put them over KitSettings' own defaults
-# (the paper's) unless --paper. None while that selection has dev seeds left: until then the defaults are the paper's.
-REAL_CHOSEN: dict | None = None
+# The constraint settings the committed rule chose for real checkpoints on SmolLM2-135M-Instruct's dev seeds
+# 100-102, read on HarmBench's prompts (docs/results.md#choosing-the-defaults-the-rule-fixed-before-the-runs; the
+# record: docs/results/select-smollm2.json): every linear as weight targets, lambda 0.5 and
+# every firing latent, the SAE after 0.8 of the blocks (block 24 of 30). `calibrate`
+# and `real` put them over KitSettings' own defaults (the paper's) unless --paper, and `finetune` then runs CWAC
+# on the chosen targets (`cwac-all`). None would mean that no rule has chosen: the defaults are then the paper's.
+REAL_CHOSEN: dict | None = {"targets": "all", "m": "firing", "sae_depth": 0.8}
 
 
 def default_settings(base: KitSettings | None = None, paper: bool = False) -> tuple[KitSettings, str]:
