@@ -412,7 +412,6 @@ def run(args) -> None:
         model = dist.load_pretrained(args.model, proc, args.dtype, args.offload, lora, args.seed)
         tok = check_vocab(model, load_tokenizer(args.model), args.model)  # as load_checkpoint does
     kit = Kit.load(args.kit, model) if args.kit else None  # refused if it was made for another model (`Kit.load`)
-    args.method = args.method or cwac_method(kit.settings.targets)  # CWAC on the targets the kit was made for
     seqs, cut = encode_data(tok, convs, args.max_len, args.too_long)  # cut: how many conversations were truncated
     if cut:
         say(f"{cut} of {len(seqs)} conversations were longer than --max-len {args.max_len} and were cut")
@@ -431,7 +430,7 @@ def run(args) -> None:
         if proc is not None:
             dist.close()
     h = res["history"]
-    say(f"{args.method}: {len(h['step'])} steps, task loss {h['task'][0]:.3f} -> {h['task'][-1]:.3f}"
+    say(f"{res['run']['method']}: {len(h['step'])} steps, task loss {h['task'][0]:.3f} -> {h['task'][-1]:.3f}"
         + (f", L_safety {h['safety'][-1]:.4f}" if any(h["safety"]) else "")
         + (f", {hs_label(h['curve'][0]['judge'])} {h['curve'][0]['hs']:.1f} -> {h['curve'][-1]['hs']:.1f}"
            if h.get("curve") else "")
