@@ -527,3 +527,30 @@ def test_smollm2s_selection_record_resumes_under_its_committed_grid():
         s, which = settings.default_settings()
         assert which == "chosen" and (s.targets, s.lam, s.m) == (chosen["targets"], chosen["lam"], chosen["m"])
         assert check_sae_layer(s.sae_layer, 30, s.sae_depth) == chosen["sae_layer"]  # SmolLM2-135M has 30 blocks
+
+
+def test_smollm2s_advbench_report_records_ran_the_defaults_and_the_papers_settings():
+    """docs/results/report-smollm2-{paper,chosen}.json, the 3-seed AdvBench report in docs/results.md: the chosen
+    record ran today's defaults (the rule's choice), the paper record the paper's settings, both in the dtype of the
+    selection, on the same seeds, with the same aligned model per seed (its rows agree), and every method's row on
+    every seed."""
+    from minicwac.core import settings
+    root = Path(__file__).resolve().parents[1] / "docs" / "results"
+    paper = json.loads((root / "report-smollm2-paper.json").read_text())
+    chosen = json.loads((root / "report-smollm2-chosen.json").read_text())
+    defaults, which = settings.default_settings()
+    assert which == "chosen" and chosen["settings"]["defaults"] == "chosen" and paper["settings"]["defaults"] == "paper"
+    for key in ("targets", "lam", "m", "sae_layer", "sae_depth"):
+        assert chosen["settings"]["kit"][key] == getattr(defaults, key), key
+    paper_kit = settings.KitSettings()
+    assert (paper["settings"]["kit"]["lam"], paper["settings"]["kit"]["m"]) == (paper_kit.lam, paper_kit.m)
+    assert paper["settings"]["kit"]["sae_depth"] == paper_kit.sae_depth
+    for rec in (paper, chosen):
+        assert rec["settings"]["dtype"] == "bf16-mixed" and rec["settings"]["seeds"] == [0, 1, 2]
+    ran = {(r["method"], r["seed"]) for r in paper["rows"] if r["stage"] == "finetuned"}
+    assert ran == {(m, s) for m in ("sft", "cwac", "cwac-all") for s in (0, 1, 2)}
+    assert {(r["method"], r["seed"]) for r in chosen["rows"] if r["stage"] == "finetuned"} == {
+        ("cwac-all", s) for s in (0, 1, 2)}
+    keys = ("hs", "comply", "fa", "over_refusal")
+    aligned = {r["seed"]: [r[k] for k in keys] for r in paper["rows"] if r["stage"] == "aligned"}
+    assert aligned == {r["seed"]: [r[k] for k in keys] for r in chosen["rows"] if r["stage"] == "aligned"}
